@@ -1,0 +1,28 @@
+"""sparse_plugin: sparse fine-tuning (SpIEL, SMT, SIFT) for Hugging Face Trainer, TRL and Axolotl.
+
+Example:
+    ```python
+    >>> import sparse_plugin
+    >>> model = sparse_plugin.prepare_model(model, sparse_plugin.SparseConfig(lora_rank_equivalent=16))
+    >>> sparse_plugin.save_adapter(model, "out/adapter")
+    ```
+"""
+
+from .config import SparseConfig
+from .io import AdapterError, load_adapter, read_adapter, save_adapter
+from .layer import SparseDeltaLinear
+from .model import iter_sparse_layers, merge_adapter, prepare_model, print_trainable_parameters, unmerge_adapter
+
+__all__ = [
+    "AdapterError",
+    "SparseConfig",
+    "SparseDeltaLinear",
+    "iter_sparse_layers",
+    "load_adapter",
+    "merge_adapter",
+    "prepare_model",
+    "print_trainable_parameters",
+    "read_adapter",
+    "save_adapter",
+    "unmerge_adapter",
+]

@@ -1,0 +1,140 @@
+"""`SparseConfig`: what to train sparsely, how much of it, and how to pick the positions.
+
+One dataclass is the single source of truth for every option: the Axolotl args model and the
+adapter's `sparse_config.json` are derived from its fields, never copied by hand.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from dataclasses import dataclass
+from typing import Any
+
+METHODS = ("spiel", "smt", "sift")
+VALUES_DTYPES = ("float32", "bfloat16", "float16")
+FORWARD_STRATEGIES = ("auto", "additive", "merged")
+ALL_LINEAR = "all-linear"
+
+
+@dataclass
+class SparseConfig:
+    """Configuration of a sparse fine-tune.
+
+    Give exactly one budget: `density`, `num_params` or `lora_rank_equivalent`.
+
+    Args:
+        method (`str`, defaults to `"spiel"`): selection method, one of `"spiel"`, `"smt"`, `"sift"`.
+        density (`float`, *optional*): share of each targeted weight matrix that is trained, in (0, 1].
+        num_params (`int`, *optional*): total trainable values, spread over the targets in proportion
+            to their size.
+        lora_rank_equivalent (`int`, *optional*): set `num_params` to what LoRA of this rank would train
+            on the same targets, `r * (in + out)` summed over them.
+        target_modules (`str` or `list[str]`, defaults to `"all-linear"`): a list of module-name suffixes
+            (`["q_proj", "v_proj"]`), a regular expression matched against the full module name, or
+            `"all-linear"` for every `nn.Linear` except the output head.
+        values_dtype (`str`, defaults to `"float32"`): dtype of the trained values; fp32 keeps tiny
+            updates that a bf16 copy of the base would round away.
+        seed (`int`, defaults to `0`): seed of the random initial indices.
+        forward_strategy (`str`, defaults to `"auto"`): `"additive"` (y = base(x) + x·Δᵀ), `"merged"`
+            (W0 + Δ for the call) or `"auto"` (a rule measured by `tools/bench_layer.py`).
+        store_base_values (`bool`, defaults to `True`): save the base weight's entries at the indices in the
+            adapter, so `sparse-merge unmerge` restores the base bit for bit.
+
+    Example:
+        ```python
+        >>> from sparse_plugin import SparseConfig
+        >>> SparseConfig(lora_rank_equivalent=16, target_modules=["q_proj", "v_proj"]).method
+        'spiel'
+        ```
+    """
+
+    method: str = "spiel"
+    density: float | None = None
+    num_params: int | None = None
+    lora_rank_equivalent: int | None = None
+    target_modules: str | list[str] = ALL_LINEAR
+    values_dtype: str = "float32"
+    seed: int = 0
+    forward_strategy: str = "auto"
+    store_base_values: bool = True
+
+    def __post_init__(self) -> None:
+        _check_choice("method", self.method, METHODS)
+        _check_choice("values_dtype", self.values_dtype, VALUES_DTYPES)
+        _check_choice("forward_strategy", self.forward_strategy, FORWARD_STRATEGIES)
+        self._check_budget()
+        self._check_targets()
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ValueError(f"`seed` must be an int, got {self.seed!r}.")
+        if not isinstance(self.store_base_values, bool):
+            raise ValueError(f"`store_base_values` must be true or false, got {self.store_base_values!r}.")
+
+    def _check_budget(self) -> None:
+        given = [k for k in ("density", "num_params", "lora_rank_equivalent") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "Give exactly one of `density`, `num_params`, `lora_rank_equivalent` "
+                f"(got {', '.join(f'`{k}`' for k in given) or 'none'}); e.g. `density=0.01`."
+            )
+        if self.density is not None:
+            if isinstance(self.density, bool) or not isinstance(self.density, (int, float)) or not 0 < self.density <= 1:
+                raise ValueError(f"`density` must be a number in (0, 1], got {self.density!r}.")
+            self.density = float(self.density)
+        for name in ("num_params", "lora_rank_equivalent"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
+
+    def _check_targets(self) -> None:
+        targets = self.target_modules
+        if isinstance(targets, str):
+            if targets == ALL_LINEAR:
+                return
+            try:
+                re.compile(targets)
+            except re.error as err:
+                raise ValueError(
+                    f"`target_modules` {targets!r} is neither 'all-linear' nor a valid regular expression ({err}); "
+                    "pass a list of module-name suffixes such as ['q_proj', 'v_proj']."
+                ) from None
+            return
+        if isinstance(targets, (list, tuple)) and targets and all(isinstance(t, str) and t for t in targets):
+            self.target_modules = list(targets)
+            return
+        raise ValueError(
+            f"`target_modules` must be 'all-linear', a regex string, or a non-empty list of module-name suffixes; "
+            f"got {targets!r}."
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-json dict of every field."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "SparseConfig":
+        """Build from `to_dict()` output; unknown keys are an error naming them."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(
+                f"Unknown SparseConfig field(s) {unknown}; allowed: {sorted(names)}. "
+                "Was this written by a newer sparse_plugin? Upgrade it."
+            )
+        return cls(**data)
+
+    def to_json_file(self, path: str | os.PathLike) -> None:
+        with open(path, "w", encoding="utf-8") as fh:
+            json.dump(self.to_dict(), fh, indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike) -> "SparseConfig":
+        with open(path, encoding="utf-8") as fh:
+            return cls.from_dict(json.load(fh))
+
+
+def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"`{name}` must be one of {', '.join(map(repr, allowed))}; got {value!r}.")

@@ -1,0 +1,142 @@
+"""Scatter of sparse values into a dense weight: the merge (`W[idx] += alpha * v`) and the exact restore
+(`W[idx] = v`).
+
+Both paths compute in fp32 and round once to the weight's dtype, so the Triton kernel (CUDA, or CPU
+under `TRITON_INTERPRET=1`) and the torch reference (the CPU path) agree bit for bit. Indices are unique,
+so each program writes disjoint positions and needs no atomics.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:  # Triton is optional: it is absent on macOS/Windows wheels and unused on CPU.
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised only where triton is missing
+    triton = None
+
+BACKENDS = ("auto", "triton", "torch")
+_BLOCK = 1024
+
+if triton is not None:
+
+    @triton.jit
+    def _scatter_kernel(
+        weight_ptr, indices_ptr, values_ptr, n, alpha, ADD: tl.constexpr, BF16: tl.constexpr, BLOCK: tl.constexpr
+    ):
+        """Write `weight[indices[p]] = weight[...] * ADD + alpha * values[p]` for p in one block.
+
+        Parameters:
+            weight_ptr: flat dense weight, modified in place (fp32/bf16/fp16).
+            indices_ptr: flat positions, unique, int32 or int64.
+            values_ptr: one value per position, any float dtype.
+            n: number of positions.
+            alpha: scale of the values (1 to merge, -1 to subtract); ignored when ADD is false.
+            ADD: add to the current entry (merge) or overwrite it (exact restore).
+            BF16: the weight is bf16, rounded here by hand (see below).
+            BLOCK: positions per program.
+        """
+        offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offsets < n
+        idx = tl.load(indices_ptr + offsets, mask=mask, other=0).to(tl.int64)
+        vals = tl.load(values_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        if ADD:
+            current = tl.load(weight_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+            vals = current + alpha * vals
+        if BF16:
+            # Round to nearest even by integer arithmetic, as torch does: Triton's interpreter truncates a
+            # plain fp32->bf16 cast, which would break bit-exact agreement with the CPU path.
+            bits = vals.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+            out = bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        else:
+            out = vals.to(weight_ptr.dtype.element_ty)
+        tl.store(weight_ptr + idx, out, mask=mask)
+
+
+def _launch(weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, alpha: float, add: bool) -> None:
+    n = indices.numel()
+    if n == 0:
+        return
+    grid = (triton.cdiv(n, _BLOCK),)
+    _scatter_kernel[grid](
+        weight, indices, values, n, float(alpha), ADD=add, BF16=weight.dtype == torch.bfloat16, BLOCK=_BLOCK
+    )
+
+
+def scatter_add_reference(weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, alpha: float = 1.0) -> None:
+    """Torch reference and CPU path of the merge: one fp32 add, one rounding to `weight.dtype`."""
+    flat = weight.view(-1)
+    current = flat.index_select(0, indices).float()
+    flat.index_copy_(0, indices, current.add_(values.float(), alpha=alpha).to(weight.dtype))
+
+
+def scatter_set_reference(weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> None:
+    """Torch reference and CPU path of the exact restore."""
+    weight.view(-1).index_copy_(0, indices, values.to(weight.dtype))
+
+
+def _pick_backend(backend: str, weight: torch.Tensor) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"`backend` must be one of {BACKENDS}, got {backend!r}.")
+    if backend == "auto":
+        return "triton" if triton is not None and weight.is_cuda else "torch"
+    if backend == "triton" and triton is None:
+        raise RuntimeError("backend='triton' needs the `triton` package: pip install triton.")
+    if backend == "triton" and not weight.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("The Triton scatter runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1.")
+    return backend
+
+
+def _check(weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> None:
+    if not weight.is_contiguous():
+        raise ValueError("scatter needs a contiguous weight; call .contiguous() first.")
+    if indices.dim() != 1 or values.dim() != 1 or indices.numel() != values.numel():
+        raise ValueError(
+            f"indices and values must be 1-D and of equal length, got {tuple(indices.shape)} and {tuple(values.shape)}."
+        )
+    if indices.device != weight.device or values.device != weight.device:
+        raise ValueError(f"weight, indices and values must share a device, got {weight.device}, {indices.device}, {values.device}.")
+
+
+def scatter_add_(
+    weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, alpha: float = 1.0, backend: str = "auto"
+) -> torch.Tensor:
+    """Add `alpha * values` to `weight` at the flat `indices`, in place.
+
+    Args:
+        weight (`torch.Tensor`): dense contiguous weight of any shape, modified in place.
+        indices (`torch.Tensor`): unique flat positions (int32 or int64), 1-D.
+        values (`torch.Tensor`): one value per position, 1-D, any float dtype.
+        alpha (`float`, defaults to 1.0): 1 merges, -1 subtracts.
+        backend (`str`, defaults to `"auto"`): `"triton"` on CUDA, `"torch"` otherwise.
+
+    Returns:
+        `weight`.
+
+    Example:
+        ```python
+        >>> w = torch.zeros(2, 3)
+        >>> scatter_add_(w, torch.tensor([1, 5]), torch.tensor([1.0, 2.0])).tolist()
+        [[0.0, 1.0, 0.0], [0.0, 0.0, 2.0]]
+        ```
+    """
+    _check(weight, indices, values)
+    if _pick_backend(backend, weight) == "triton":
+        _launch(weight, indices, values, alpha, add=True)
+    else:
+        scatter_add_reference(weight, indices.long(), values, alpha)
+    return weight
+
+
+def scatter_set_(weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """Overwrite `weight` at the flat `indices` with `values`, in place (the bit-exact unmerge)."""
+    _check(weight, indices, values)
+    if _pick_backend(backend, weight) == "triton":
+        _launch(weight, indices, values, 0.0, add=False)
+    else:
+        scatter_set_reference(weight, indices.long(), values)
+    return weight

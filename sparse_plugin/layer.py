@@ -1,0 +1,175 @@
+"""`SparseDeltaLinear`: a frozen linear layer plus a trainable sparse delta, and its autograd Function.
+
+The effective weight is W0 + scatter(indices, values). The layer asks its base module two things only:
+`base_layer(x)` (additive forward) and, for the merged forward and in-memory merge, its dense weight.
+Backward returns the input gradient and the values' gradient (an SDDMM at the indices), nothing dense
+survives it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .kernels.scatter import scatter_add_, scatter_set_
+from .kernels.sddmm import SparsePattern, delta_matmul, delta_matmul_t, values_grad
+
+# Measured by tools/bench_layer.py on 2 CPU cores: one dense matmul over W0 + Δ beats base(x) plus a CSR
+# product once the CSR product costs more than the weight copy, i.e. above ~2% density at SmolLM2 shapes.
+MERGED_MIN_DENSITY = 0.02
+
+
+class SparseLinearFunction(torch.autograd.Function):
+    """y = x · Δᵀ (additive, `base_weight is None`) or y = x · (W0 + Δ)ᵀ + b (merged).
+
+    Only `x` and `values` get gradients: dx, and dvalues[p] = Σ_t dy[t, i_p] · x[t, j_p]. The merged
+    weight is rebuilt in backward rather than saved, so no dense weight copy outlives the call.
+    """
+
+    @staticmethod
+    def forward(ctx, x, values, pattern, base_weight, bias, grad_path):
+        x2 = x.reshape(-1, x.shape[-1])
+        if base_weight is None:
+            out = delta_matmul(x2, values, pattern).to(x.dtype)
+        else:
+            out = F.linear(x2, _merged_weight(base_weight, values, pattern, x.dtype), bias)
+        ctx.save_for_backward(x, values, base_weight)
+        ctx.pattern, ctx.grad_path = pattern, grad_path
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, values, base_weight = ctx.saved_tensors
+        x2 = x.reshape(-1, x.shape[-1])
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        dx = dvalues = None
+        if ctx.needs_input_grad[0]:
+            if base_weight is None:
+                dx2 = delta_matmul_t(dy2, values, ctx.pattern)
+            else:
+                dx2 = dy2 @ _merged_weight(base_weight, values, ctx.pattern, dy.dtype)
+            dx = dx2.to(x.dtype).view_as(x)
+        if ctx.needs_input_grad[1]:
+            dvalues = values_grad(dy2, x2, ctx.pattern, ctx.grad_path).to(values.dtype)
+        return dx, dvalues, None, None, None, None
+
+
+def _merged_weight(base_weight: torch.Tensor, values: torch.Tensor, pattern: SparsePattern, dtype) -> torch.Tensor:
+    weight = base_weight.to(dtype=dtype, copy=True)
+    return scatter_add_(weight, pattern.indices, values.detach())
+
+
+def dense_base_weight(base_layer: nn.Module) -> torch.Tensor:
+    """The base's dense (out × in) weight, or a `TypeError` saying the base cannot give one."""
+    weight = getattr(base_layer, "weight", None)
+    if type(base_layer) is nn.Linear and weight is not None:
+        return weight
+    raise TypeError(
+        f"{type(base_layer).__name__} does not expose a dense floating-point weight; use the additive forward "
+        "(forward_strategy='additive') and merge with `sparse-merge` on the full-precision checkpoint."
+    )
+
+
+class SparseDeltaLinear(nn.Module):
+    """A frozen `base_layer` plus a trainable sparse delta at flat positions `indices` of its weight.
+
+    Args:
+        base_layer (`nn.Module`): the frozen linear module (`nn.Linear` or a quantised variant) it wraps.
+        indices (`torch.Tensor`): sorted unique flat positions in the (out × in) weight.
+        values_dtype (`torch.dtype`, defaults to `torch.float32`): dtype of the trained values.
+        forward_strategy (`str`, defaults to `"auto"`): `"additive"`, `"merged"` or `"auto"`.
+
+    Attributes:
+        base_layer: the wrapped module. indices: `int64` buffer. values: the `nn.Parameter` of the delta,
+        initialised to zero so a freshly prepared model equals its base.
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        indices: torch.Tensor,
+        values_dtype: torch.dtype = torch.float32,
+        forward_strategy: str = "auto",
+    ):
+        super().__init__()
+        self.base_layer = base_layer
+        self.in_features = base_layer.in_features
+        self.out_features = base_layer.out_features
+        self.forward_strategy = forward_strategy
+        device = base_layer.weight.device
+        self.register_buffer("indices", indices.to(device=device, dtype=torch.int64))
+        self.values = nn.Parameter(torch.zeros(indices.numel(), dtype=values_dtype, device=device))
+        self.merged = False
+        self._merged_base_values: torch.Tensor | None = None
+        self._pattern_key: tuple | None = None
+        self._pattern: SparsePattern | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.out_features, self.in_features)
+
+    def pattern(self) -> SparsePattern:
+        """CSR structure of the current indices, rebuilt only when they change (in place or replaced)."""
+        key = (self.indices.data_ptr(), self.indices._version, self.indices.numel())
+        if key != self._pattern_key:
+            self._pattern, self._pattern_key = SparsePattern(self.indices, self.shape), key
+        return self._pattern
+
+    def strategy(self, compute_dtype: torch.dtype) -> str:
+        """The forward strategy for this call: the configured one, or the measured rule for `"auto"`.
+
+        Merged only where it is exact and allowed: a plain fp32 `nn.Linear` (bf16/fp16 W0 + Δ would round
+        small deltas away), fp32 compute, a frozen bias, and a density where it is faster.
+        """
+        if self.forward_strategy != "auto":
+            return self.forward_strategy
+        base = self.base_layer
+        mergeable = (
+            type(base) is nn.Linear
+            and base.weight.dtype == torch.float32
+            and compute_dtype == torch.float32
+            and (base.bias is None or not base.bias.requires_grad)
+        )
+        return "merged" if mergeable and self.pattern().density >= MERGED_MIN_DENSITY else "additive"
+
+    def forward(self, x: torch.Tensor, grad_path: str = "auto") -> torch.Tensor:
+        if self.merged:
+            return self.base_layer(x)
+        device_type = x.device.type
+        # Under autocast the base runs as autocast says; the delta runs in the autocast dtype explicitly.
+        compute_x = x.to(torch.get_autocast_dtype(device_type)) if torch.is_autocast_enabled(device_type) else x
+        if self.strategy(compute_x.dtype) == "merged":
+            base = self.base_layer
+            return SparseLinearFunction.apply(x, self.values, self.pattern(), dense_base_weight(base), base.bias, grad_path)
+        base_out = self.base_layer(x)
+        with torch.autocast(device_type, enabled=False):
+            delta = SparseLinearFunction.apply(compute_x, self.values, self.pattern(), None, None, grad_path)
+        return base_out + delta.to(base_out.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """Dense Δ (out × in) in the values' dtype; for tests and inspection, not for training."""
+        delta = torch.zeros(self.shape, dtype=self.values.dtype, device=self.values.device)
+        delta.view(-1)[self.indices] = self.values.detach()
+        return delta
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold Δ into the base weight in place; `unmerge` restores the old entries bit for bit."""
+        if self.merged:
+            return
+        weight = dense_base_weight(self.base_layer)
+        self._merged_base_values = weight.view(-1)[self.indices].clone()
+        scatter_add_(weight.data, self.indices, self.values.detach())
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            return
+        scatter_set_(dense_base_weight(self.base_layer).data, self.indices, self._merged_base_values)
+        self._merged_base_values = None
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, trained={self.indices.numel()}"

@@ -1,0 +1,245 @@
+"""Streaming merge and unmerge of an adapter into a safetensors checkpoint on disk.
+
+One shard is in memory at a time; deltas are scattered with the Triton kernel on CUDA and the torch
+path on CPU. Output is built in a temporary directory beside the target and renamed into place only when
+complete, so a failure or a kill never leaves a partial model where one is expected.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .io import Adapter, AdapterError, TargetDelta, dtype_code, read_adapter
+from .kernels.scatter import scatter_add_, scatter_set_
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+# Weight files of other formats would hold stale, unmerged weights in the output: never copied.
+_OTHER_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".safetensors")
+
+
+@dataclass
+class Checkpoint:
+    """A safetensors checkpoint directory: its shard files and which shard holds each tensor."""
+
+    directory: Path
+    shards: list[str]
+    weight_map: dict[str, str]
+
+    def header(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        """(shape, dtype code) of every tensor, read from the shard headers without loading data.
+
+        Raises `AdapterError` where a shard holds a tensor that the index places elsewhere or omits.
+        """
+        info = {}
+        for shard in self.shards:
+            try:
+                with safe_open(self.directory / shard, framework="pt") as fh:
+                    pieces = {key: fh.get_slice(key) for key in fh.keys()}
+                    entries = {key: (tuple(piece.get_shape()), piece.get_dtype()) for key, piece in pieces.items()}
+            except Exception as err:  # safetensors raises several types for malformed headers
+                raise AdapterError(
+                    f"{self.directory / shard}: not a readable safetensors file ({type(err).__name__}: {err}); re-download or re-save the model"
+                ) from None
+            for key, entry in entries.items():
+                if self.weight_map.get(key) != shard:  # else the merge would look for it in the wrong shard
+                    raise AdapterError(
+                        f"{self.directory / shard}: holds `{key}`, which {INDEX_FILE} puts in {self.weight_map.get(key)!r}; "
+                        "the index is inconsistent, re-save the model with save_pretrained"
+                    )
+                info[key] = entry
+        return info
+
+
+def open_checkpoint(directory: str | os.PathLike) -> Checkpoint:
+    """Find the shards of a checkpoint (`model.safetensors` or an index with shards), or raise `AdapterError`."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise AdapterError(f"{directory}: model directory not found")
+    index = directory / INDEX_FILE
+    try:
+        if index.is_file():
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            if not isinstance(weight_map, dict):
+                raise TypeError("weight_map is not an object")
+        elif (directory / SINGLE_FILE).is_file():
+            with safe_open(directory / SINGLE_FILE, framework="pt") as fh:
+                weight_map = {key: SINGLE_FILE for key in fh.keys()}
+        else:
+            raise AdapterError(
+                f"{directory}: no {SINGLE_FILE} or {INDEX_FILE}; save the model with save_pretrained(safe_serialization=True)"
+            )
+    except AdapterError:
+        raise
+    except Exception as err:
+        raise AdapterError(f"{directory}: unreadable checkpoint ({type(err).__name__}: {err}); re-save it with save_pretrained") from None
+    shards = sorted(set(weight_map.values()))
+    for shard in shards:
+        if not (directory / shard).is_file():
+            raise AdapterError(f"{directory / shard}: shard listed in {INDEX_FILE} is missing; re-download or re-save the model")
+    return Checkpoint(directory, shards, weight_map)
+
+
+def check_targets(adapter: Adapter, header: dict[str, tuple[tuple[int, ...], str]], force: bool) -> None:
+    """Refuse a base that lacks a target, has another shape, or (unless `force`) another dtype/fingerprint."""
+    for key, target in adapter.targets.items():
+        if key not in header:
+            raise AdapterError(f"{adapter.path}: the base has no tensor `{key}`; pass the base model the adapter was trained on")
+        shape, dtype = header[key]
+        if tuple(shape) != target.shape:
+            raise AdapterError(f"{adapter.path}: `{key}` is {list(shape)} in the base but {list(target.shape)} in the adapter; pass the matching base model")
+        if dtype not in ("F32", "BF16", "F16", "F64"):
+            raise AdapterError(f"{adapter.path}: `{key}` is {dtype} in the base, not a float weight; merge into the unquantised checkpoint")
+        if dtype != target.base_dtype and not force:
+            raise AdapterError(
+                f"{adapter.path}: base fingerprint differs: `{key}` is {dtype} in the base but was {target.base_dtype} in training; "
+                "pass --force to merge anyway (deltas are rounded to the base dtype)"
+            )
+
+
+@contextmanager
+def atomic_directory(output: Path, overwrite: bool) -> Iterator[Path]:
+    """Yield a temporary directory beside `output` that becomes `output` only if the block succeeds."""
+    if output.exists() and not overwrite:
+        raise AdapterError(f"{output}: output directory exists; choose another path or pass --overwrite")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
+    try:
+        yield tmp
+        if output.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".old", dir=output.parent))
+            os.replace(output, trash / "old")
+            os.replace(tmp, output)
+            shutil.rmtree(trash)
+        else:
+            os.replace(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _copy_non_weights(source: Path, dest: Path, shards: list[str]) -> list[str]:
+    """Copy config, tokenizer and other files; return the weight files of other formats left out."""
+    skipped = []
+    for entry in sorted(source.iterdir()):
+        if entry.name in shards or entry.name.startswith("."):
+            continue
+        if entry.name.endswith(_OTHER_WEIGHT_SUFFIXES):
+            skipped.append(entry.name)
+        elif entry.is_dir():
+            shutil.copytree(entry, dest / entry.name)
+        else:
+            shutil.copy2(entry, dest / entry.name)
+    return skipped
+
+
+def _resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise AdapterError("--device cuda: no CUDA device is available; use --device cpu or auto")
+    return torch.device(device)
+
+
+def _merge_tensor(weight: torch.Tensor, target: TargetDelta, force: bool, where: Path) -> None:
+    indices, values = target.indices.to(weight.device), target.values.to(weight.device)
+    if target.base_values is not None and not force:
+        stored = target.base_values.to(device=weight.device, dtype=weight.dtype)
+        if not torch.equal(weight.view(-1)[indices], stored):
+            raise AdapterError(f"{where}: `{target.key}` differs from the base the adapter was trained on; pass the right base or --force")
+    scatter_add_(weight, indices, values)
+
+
+def _unmerge_tensor(weight: torch.Tensor, target: TargetDelta, force: bool, where: Path) -> None:
+    indices, values = target.indices.to(weight.device), target.values.to(weight.device)
+    if target.base_values is None:
+        scatter_add_(weight, indices, values, alpha=-1.0)
+        return
+    base_values = target.base_values.to(device=weight.device, dtype=weight.dtype)
+    if not force:
+        expected = scatter_add_(base_values.clone(), torch.arange(len(indices), device=weight.device), values)
+        if not torch.equal(weight.view(-1)[indices], expected):
+            raise AdapterError(f"{where}: `{target.key}` is not this adapter merged into its base; pass the merged model this adapter made, or --force")
+    scatter_set_(weight, indices, base_values)
+
+
+def apply_adapter(
+    model_dir: str | os.PathLike,
+    adapter_dir: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    *,
+    unmerge: bool = False,
+    device: str = "auto",
+    force: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Merge (or unmerge) an adapter into a checkpoint directory, writing a new directory atomically.
+
+    Args:
+        model_dir: base checkpoint (merge) or merged checkpoint (unmerge), safetensors, single or sharded.
+        adapter_dir: directory written by `save_adapter`.
+        output_dir: new checkpoint directory; must not exist unless `overwrite`.
+        unmerge (`bool`, defaults to `False`): subtract instead of add; exact when the adapter holds base values.
+        device (`str`, defaults to `"auto"`): `"cuda"` (Triton scatter), `"cpu"` or `"auto"`.
+        force (`bool`, defaults to `False`): accept a base whose dtypes or weights differ from training.
+        overwrite (`bool`, defaults to `False`): replace an existing `output_dir`.
+
+    Returns:
+        A summary: tensors changed, values applied, shards, seconds, device and, for unmerge, `exact`.
+    """
+    started = time.perf_counter()
+    adapter = read_adapter(adapter_dir)
+    checkpoint = open_checkpoint(model_dir)
+    output = Path(output_dir).absolute()
+    source = checkpoint.directory.resolve()
+    if output.resolve() == source or source in output.resolve().parents or output.resolve() in source.parents:
+        raise AdapterError(f"{output}: output must be a new directory outside {source}")
+    check_targets(adapter, checkpoint.header(), force)
+    torch_device = _resolve_device(device)
+    by_shard: dict[str, list[TargetDelta]] = {}
+    for key, target in adapter.targets.items():
+        by_shard.setdefault(checkpoint.weight_map[key], []).append(target)
+    apply = _unmerge_tensor if unmerge else _merge_tensor
+    # disable=None draws the bar only on a terminal, so piped stderr holds nothing but a refusal's one line;
+    # the `with` closes (leave=False: erases) the bar before an error propagates to be printed.
+    with atomic_directory(output, overwrite) as tmp, tqdm(
+        total=len(adapter.targets), desc="unmerge" if unmerge else "merge", unit="tensor",
+        disable=None if progress else True, leave=False,
+    ) as bar:
+        for shard in checkpoint.shards:
+            path = checkpoint.directory / shard
+            with safe_open(path, framework="pt") as fh:
+                metadata = fh.metadata()
+            tensors = load_file(path)
+            for target in by_shard.get(shard, []):
+                weight = tensors[target.key].to(torch_device).contiguous()
+                apply(weight, target, force, path)
+                tensors[target.key] = weight.cpu()
+                bar.update(1)
+            save_file(tensors, tmp / shard, metadata=metadata)
+            del tensors
+        bar.close()
+        skipped = _copy_non_weights(checkpoint.directory, tmp, checkpoint.shards)
+    return {
+        "tensors": len(adapter.targets),
+        "values": sum(t.indices.numel() for t in adapter.targets.values()),
+        "shards": len(checkpoint.shards),
+        "seconds": time.perf_counter() - started,
+        "device": str(torch_device),
+        "exact": adapter.has_base_values if unmerge else None,
+        "skipped_files": skipped,
+    }

@@ -1,0 +1,41 @@
+"""Put the repo's tools/ dir on sys.path so tests can `import data` and `import bundled_model`."""
+
+import sys
+from pathlib import Path
+
+TOOLS_DIR = str(Path(__file__).resolve().parent.parent / "tools")
+if TOOLS_DIR not in sys.path:
+    sys.path.insert(0, TOOLS_DIR)
+
+import os
+
+# Triton kernels are tested on CPU tensors through the interpreter; it must be set before triton is imported.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+
+def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) -> LlamaForCausalLM:
+    """A 2-layer random Llama with awkward (non-power-of-two) sizes, built in code: no download."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False, **overrides,
+    )
+    return LlamaForCausalLM(config).to(dtype).eval()
+
+
+@pytest.fixture
+def tiny_model() -> LlamaForCausalLM:
+    return tiny_llama()
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path):
+    """A saved tiny Llama (model.safetensors + config) and the model object it came from."""
+    model = tiny_llama()
+    path = tmp_path / "base"
+    model.save_pretrained(path)
+    return path, model
