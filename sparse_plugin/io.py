@@ -303,7 +303,8 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike, check_base: b
             raise _fail(adapter.path, f"target `{key}` has shape {list(target.shape)} but the model's is {list(layer.shape)}")
         if check_base and target.base_values is not None:
             _check_base_values(adapter.path, key, layer.base_layer, target)
-        _set_delta(layer, target)
+    for key, layer in layers.items():  # only once every target passed, so a refusal changes nothing
+        _set_delta(layer, adapter.targets[key])
     model.sparse_config = adapter.config
     return model
 

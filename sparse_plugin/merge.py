@@ -22,7 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .io import Adapter, AdapterError, TargetDelta, dtype_code, read_adapter
+from .io import Adapter, AdapterError, TargetDelta, fingerprint, read_adapter
 from .kernels.scatter import scatter_add_, scatter_set_
 
 SINGLE_FILE = "model.safetensors"
@@ -94,7 +94,14 @@ def open_checkpoint(directory: str | os.PathLike) -> Checkpoint:
 
 
 def check_targets(adapter: Adapter, header: dict[str, tuple[tuple[int, ...], str]], force: bool) -> None:
-    """Refuse a base that lacks a target, has another shape, or (unless `force`) another dtype/fingerprint."""
+    """Refuse a base that lacks a target, has another shape, or (unless `force`) another dtype.
+
+    The adapter's `base_fingerprint` (names, shapes, dtypes of the targets) is the quick test; only when it
+    differs are the targets compared one by one, to name the first difference.
+    """
+    targeted = {key: header[key] for key in adapter.targets if key in header}
+    if len(targeted) == len(adapter.targets) and fingerprint(targeted) == adapter.meta.get("base_fingerprint"):
+        return
     for key, target in adapter.targets.items():
         if key not in header:
             raise AdapterError(f"{adapter.path}: the base has no tensor `{key}`; pass the base model the adapter was trained on")

@@ -1,0 +1,367 @@
+"""`sparse-merge` (sparse_plugin.cli): merge / unmerge / inspect in-process, and every refusal: exit code 2, one
+line on stderr naming the problem, and no output directory (nor temporary directory) left behind."""
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from adapter_utils import HOSTILE_ADAPTERS, KEY, dense_reference, hostile_copy, read_checkpoint, saved_setup
+from conftest import tiny_llama
+from sparse_plugin import iter_sparse_layers
+from sparse_plugin.cli import main
+from sparse_plugin.io import WEIGHTS_NAME
+from sparse_plugin.merge import INDEX_FILE, SINGLE_FILE
+
+
+def _run(capsys, *argv) -> tuple[int, str, str]:
+    capsys.readouterr()  # drop what the setup printed (save_pretrained's progress bar)
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _merge(base, adapter, out, *extra):
+    return ["merge", "--base", base, "--adapter", adapter, "--output", out, "--device", "cpu", *extra]
+
+
+def _unmerge(merged, adapter, out, *extra):
+    return ["unmerge", "--merged", merged, "--adapter", adapter, "--output", out, "--device", "cpu", *extra]
+
+
+def _leftovers(out: Path) -> list[str]:
+    """Temporary (`.OUT.*.tmp`) or trash (`.OUT.*.old`) directories of an atomic write beside `out`."""
+    return sorted(p.name for p in out.parent.glob(f".{out.name}.*"))
+
+
+def _assert_refused(code: int, out: str, err: str, message: str) -> None:
+    assert code == 2
+    assert out == ""
+    lines = err.splitlines()  # splits on "\r" too, so a stray progress bar would show up here
+    assert len(lines) == 1 and err.endswith("\n"), err
+    assert lines[0].startswith("sparse-merge: error: "), err
+    assert re.search(message, lines[0]), (message, err)
+
+
+def _snapshot(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+# --------------------------------------------------------------------------------------------- success
+
+
+@pytest.mark.parametrize("store_base_values", [True, False])
+def test_merge_then_unmerge(tmp_path, capsys, store_base_values):
+    saved = saved_setup(tmp_path, store_base_values=store_base_values)
+    counts = sum(layer.indices.numel() for _, layer in iter_sparse_layers(saved.model))
+
+    code, out, err = _run(capsys, *_merge(saved.base, saved.adapter, tmp_path / "merged"))
+    assert code == 0 and err == ""  # no progress bar when stderr is not a terminal
+    assert re.fullmatch(rf"merged {counts:,d} values in 14 tensors over 1 shard\(s\) on cpu in [\d.]+s -> .*merged\n", out), out
+    expected = dense_reference(saved.base_state, load_file(saved.adapter / WEIGHTS_NAME))
+    merged = read_checkpoint(tmp_path / "merged")
+    assert all(torch.equal(merged[k], expected[k]) for k in expected)
+
+    code, out, err = _run(capsys, *_unmerge(tmp_path / "merged", saved.adapter, tmp_path / "restored"))
+    assert code == 0 and err == ""
+    how = "exactly, from stored base values" if store_base_values else r"by subtraction \(approximate: the adapter has no base values\)"
+    assert re.fullmatch(rf"unmerged {counts:,d} values in 14 tensors over 1 shard\(s\) {how} on cpu in [\d.]+s -> .*restored\n", out), out
+    restored, base = read_checkpoint(tmp_path / "restored"), read_checkpoint(saved.base)
+    assert restored.keys() == base.keys()
+    for key in base:
+        if store_base_values:
+            assert torch.equal(restored[key], base[key]), key
+        else:  # (w + v) - v rounds twice in fp32: see test_merge.test_unmerge_without_base_values_is_approximate
+            torch.testing.assert_close(restored[key], base[key], atol=1e-7, rtol=0)
+    assert _leftovers(tmp_path / "merged") == [] and _leftovers(tmp_path / "restored") == []
+
+
+def test_merge_copies_other_files_and_reports_other_weight_formats(tmp_path, capsys):
+    saved = saved_setup(tmp_path)
+    (saved.base / "tokenizer.json").write_text('{"version": "1.0"}')
+    torch.save({"stale": torch.zeros(1)}, saved.base / "pytorch_model.bin")
+    code, out, _ = _run(capsys, *_merge(saved.base, saved.adapter, tmp_path / "out"))
+    assert code == 0
+    assert out.splitlines()[1] == "note: pytorch_model.bin (another weight format) was not copied; it would hold unmerged weights"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json", "generation_config.json", SINGLE_FILE, "tokenizer.json"]
+    for name in ("config.json", "generation_config.json", "tokenizer.json"):
+        assert (tmp_path / "out" / name).read_bytes() == (saved.base / name).read_bytes()
+
+
+def test_overwrite_replaces_existing_output(tmp_path, capsys):
+    saved = saved_setup(tmp_path)
+    out = tmp_path / "out"
+    (out / "old-subdir").mkdir(parents=True)
+    (out / "stale.txt").write_text("old")
+    code, _, err = _run(capsys, *_merge(saved.base, saved.adapter, out, "--overwrite"))
+    assert code == 0 and err == ""
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", SINGLE_FILE]
+    assert _leftovers(out) == []
+
+
+# --------------------------------------------------------------------------------------------- refusals
+
+
+def _edited_base(saved, tmp_path: Path, edit) -> Path:
+    base = tmp_path / "edited-base"
+    shutil.copytree(saved.base, base)
+    with safe_open(base / SINGLE_FILE, framework="pt") as fh:
+        metadata = fh.metadata()
+    tensors = load_file(base / SINGLE_FILE)
+    edit(tensors)
+    save_file(tensors, base / SINGLE_FILE, metadata=metadata)
+    return base
+
+
+def _sharded_base(tmp_path: Path, edit) -> Path:
+    base = tmp_path / "sharded-base"
+    tiny_llama(0).save_pretrained(base, max_shard_size="60KB")
+    shards = sorted(base.glob("model-*.safetensors"))
+    assert len(shards) >= 2
+    edit(base, shards)
+    return base
+
+
+def _drop_from_index(base: Path, shards) -> None:
+    index = json.loads((base / INDEX_FILE).read_text())
+    del index["weight_map"][KEY]
+    (base / INDEX_FILE).write_text(json.dumps(index))
+
+
+def _to_bf16(tensors):
+    tensors.update({k: v.to(torch.bfloat16) for k, v in tensors.items()})
+
+
+def _other_seed_base(saved, tmp_path):
+    tiny_llama(seed=1).save_pretrained(tmp_path / "other-base")
+    return tmp_path / "other-base"
+
+
+def _no_safetensors_base(saved, tmp_path):
+    base = tmp_path / "no-weights"
+    base.mkdir()
+    shutil.copy(saved.base / "config.json", base)
+    return base
+
+
+# id -> (build(saved, tmp_path) -> argv, regex the one-line refusal must match)
+BASE_REFUSALS = {}
+
+
+def _refusal(case: str, message: str):
+    def register(build):
+        BASE_REFUSALS[case] = (build, message)
+        return build
+
+    return register
+
+
+@_refusal("base-dir-missing", "model directory not found")
+def _(saved, tmp_path):
+    return _merge(tmp_path / "nowhere", saved.adapter, tmp_path / "out")
+
+
+@_refusal("base-without-safetensors", f"no {SINGLE_FILE} or {INDEX_FILE}; save the model with save_pretrained")
+def _(saved, tmp_path):
+    return _merge(_no_safetensors_base(saved, tmp_path), saved.adapter, tmp_path / "out")
+
+
+@_refusal("base-missing-target", f"the base has no tensor `{KEY}`")
+def _(saved, tmp_path):
+    return _merge(_edited_base(saved, tmp_path, lambda t: t.pop(KEY)), saved.adapter, tmp_path / "out")
+
+
+@_refusal("base-other-shape", rf"`{KEY}` is \[48, 47\] in the base but \[48, 48\] in the adapter")
+def _(saved, tmp_path):
+    base = _edited_base(saved, tmp_path, lambda t: t.update({KEY: torch.zeros(48, 47)}))
+    return _merge(base, saved.adapter, tmp_path / "out")
+
+
+@_refusal("base-other-dtype", r"`model\.layers\.\S+` is BF16 in the base but was F32 in training; pass --force")
+def _(saved, tmp_path):
+    return _merge(_edited_base(saved, tmp_path, _to_bf16), saved.adapter, tmp_path / "out")
+
+
+@_refusal("base-other-weights", "differs from the base the adapter was trained on; pass the right base or --force")
+def _(saved, tmp_path):
+    return _merge(_other_seed_base(saved, tmp_path), saved.adapter, tmp_path / "out")
+
+
+@_refusal("sharded-base-missing-shard", rf"model-00002-of-\d+\.safetensors: shard listed in {INDEX_FILE} is missing")
+def _(saved, tmp_path):
+    return _merge(_sharded_base(tmp_path, lambda base, shards: shards[1].unlink()), saved.adapter, tmp_path / "out")
+
+
+@_refusal("sharded-base-truncated-shard", r"model-00001-of-\d+\.safetensors: not a readable safetensors file")
+def _(saved, tmp_path):
+    base = _sharded_base(tmp_path, lambda base, shards: shards[0].write_bytes(shards[0].read_bytes()[:500]))
+    return _merge(base, saved.adapter, tmp_path / "out")
+
+
+@_refusal("sharded-base-index-omits-tensor", f"holds `{KEY}`, which {INDEX_FILE} puts in None; the index is inconsistent")
+def _(saved, tmp_path):
+    return _merge(_sharded_base(tmp_path, _drop_from_index), saved.adapter, tmp_path / "out")
+
+
+@_refusal("unmerge-of-unmerged-base", r"`model\.layers\.\S+` is not this adapter merged into its base")
+def _(saved, tmp_path):
+    return _unmerge(saved.base, saved.adapter, tmp_path / "out")
+
+
+@_refusal("output-inside-base", "output must be a new directory outside")
+def _(saved, tmp_path):
+    return _merge(saved.base, saved.adapter, saved.base / "merged")
+
+
+def _output(argv) -> Path:
+    return Path(argv[argv.index("--output") + 1])
+
+
+ADAPTER_COMMANDS = {
+    "merge": lambda s, bad, t: _merge(s.base, bad, t / "out"),
+    "unmerge": lambda s, bad, t: _unmerge(s.base, bad, t / "out"),
+    "inspect": lambda s, bad, t: ["inspect", bad],
+}
+
+
+@pytest.mark.parametrize("case", sorted(BASE_REFUSALS))
+def test_refuses_bad_base_or_output(tmp_path, capsys, case):
+    saved = saved_setup(tmp_path)
+    build, message = BASE_REFUSALS[case]
+    argv = build(saved, tmp_path)
+    out = _output(argv)
+    base_before = _snapshot(saved.base)
+    _assert_refused(*_run(capsys, *argv), message)
+    assert not out.exists()
+    assert _leftovers(out) == []
+    assert _snapshot(saved.base) == base_before
+
+
+@pytest.mark.parametrize("command", sorted(ADAPTER_COMMANDS))
+@pytest.mark.parametrize("case", sorted(HOSTILE_ADAPTERS))
+def test_refuses_hostile_adapter(tmp_path, capsys, case, command):
+    saved = saved_setup(tmp_path)
+    bad = hostile_copy(saved.adapter, tmp_path / "bad-adapter", case)
+    _assert_refused(*_run(capsys, *ADAPTER_COMMANDS[command](saved, bad, tmp_path)), HOSTILE_ADAPTERS[case][1])
+    assert not (tmp_path / "out").exists()
+    assert _leftovers(tmp_path / "out") == []
+
+
+def test_refuses_existing_output_and_leaves_it_alone(tmp_path, capsys):
+    saved = saved_setup(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    message = "output directory exists; choose another path or pass --overwrite"
+    _assert_refused(*_run(capsys, *_merge(saved.base, saved.adapter, out)), message)
+    assert _snapshot(out) == {"keep.txt": b"mine"}
+    assert _leftovers(out) == []
+
+
+@pytest.mark.parametrize("case", ["base-other-dtype", "base-other-weights"])
+def test_force_accepts_other_dtype_or_weights(tmp_path, capsys, case):
+    saved = saved_setup(tmp_path)
+    argv = BASE_REFUSALS[case][0](saved, tmp_path)
+    out = _output(argv)
+    code, _, err = _run(capsys, *argv, "--force")
+    assert code == 0 and err == ""
+    base = Path(argv[argv.index("--base") + 1])
+    # Deltas added in fp32 and rounded once to the base's dtype (bf16 for the dtype case), as plain torch does.
+    expected = dense_reference(read_checkpoint(base), load_file(saved.adapter / WEIGHTS_NAME))
+    merged = read_checkpoint(out)
+    assert merged.keys() == expected.keys()
+    assert all(merged[k].dtype == expected[k].dtype and torch.equal(merged[k], expected[k]) for k in expected)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_device_cuda_without_cuda_is_refused(tmp_path, capsys):
+    saved = saved_setup(tmp_path)
+    argv = _merge(saved.base, saved.adapter, tmp_path / "out")
+    argv[argv.index("--device") + 1] = "cuda"
+    _assert_refused(*_run(capsys, *argv), "--device cuda: no CUDA device is available; use --device cpu or auto")
+    assert not (tmp_path / "out").exists() and _leftovers(tmp_path / "out") == []
+
+
+# --------------------------------------------------------------------------------------------- inspect
+
+
+def _expected_summary(saved) -> tuple[list[dict], dict]:
+    rows = []
+    for key, layer in iter_sparse_layers(saved.model):
+        values = layer.values.detach().double().abs()
+        rows.append({"name": key, "shape": list(layer.shape), "count": values.numel(),
+                     "density": values.numel() / (layer.shape[0] * layer.shape[1]),
+                     "abs_mean": float(values.mean()), "abs_max": float(values.max())})
+    every = torch.cat([layer.values.detach().double().abs() for _, layer in iter_sparse_layers(saved.model)])
+    size = sum(r["shape"][0] * r["shape"][1] for r in rows)
+    total = {"count": every.numel(), "size": size, "density": every.numel() / size,
+             "abs_mean": float(every.mean()), "abs_max": float(every.max())}
+    return rows, total
+
+
+def test_inspect_json(tmp_path, capsys):
+    saved = saved_setup(tmp_path)
+    code, out, err = _run(capsys, "inspect", saved.adapter, "--json")
+    assert code == 0 and err == ""
+    summary = json.loads(out)
+    rows, total = _expected_summary(saved)
+    assert summary["base_model"] == "tiny/base" and summary["method"] == "spiel"
+    assert summary["format"] == 1 and summary["has_base_values"] is True
+    assert sorted(t["name"] for t in summary["targets"]) == sorted(r["name"] for r in rows)
+    by_name = {t["name"]: t for t in summary["targets"]}
+    for row in rows:
+        got = by_name[row["name"]]
+        assert got["shape"] == row["shape"] and got["count"] == row["count"]
+        for field in ("density", "abs_mean", "abs_max"):  # fp32 statistics vs fp64 here: 1e-6 relative
+            assert got[field] == pytest.approx(row[field], rel=1e-6), (row["name"], field)
+    assert summary["total"]["count"] == total["count"] and summary["total"]["size"] == total["size"]
+    for field in ("density", "abs_mean", "abs_max"):
+        assert summary["total"][field] == pytest.approx(total[field], rel=1e-6), field
+
+
+def test_inspect_table(tmp_path, capsys):
+    saved = saved_setup(tmp_path)
+    code, out, err = _run(capsys, "inspect", saved.adapter)
+    assert code == 0 and err == ""
+    lines = out.splitlines()
+    assert "method: spiel" in lines[0] and "base model: tiny/base" in lines[0]
+    rows, total = _expected_summary(saved)
+    body = lines[2:]
+    assert len(body) == len(rows) + 1
+    printed = {line.split()[0]: line.split() for line in body[:-1]}
+    assert sorted(printed) == sorted(r["name"] for r in rows)
+    for row in rows:
+        assert printed[row["name"]][1:4] == ["x".join(map(str, row["shape"])), f"{row['count']:,d}", f"{row['density']:.4f}"]
+    fields = body[-1].split()
+    assert fields[:3] == ["total", f"{total['count']:,d}", f"{total['density']:.4f}"]
+    assert float(fields[-1]) == pytest.approx(total["abs_max"], rel=1e-3)  # printed with 4 significant digits
+
+
+# --------------------------------------------------------------------------------------------- console script
+
+
+def test_console_script_help():
+    script = Path(sys.executable).parent / "sparse-merge"
+    if not script.exists():
+        pytest.skip("the sparse-merge console script is not installed in this environment")
+    expected = {
+        ("merge",): ["--base", "--adapter", "--output", "--device", "--force", "--overwrite", "--quiet"],
+        ("unmerge",): ["--merged", "--adapter", "--output", "--device", "--force", "--overwrite", "--quiet"],
+        ("inspect",): ["ADAPTER_DIR", "--json"],
+    }
+    # Started together: each process pays the torch import, so running them side by side saves seconds.
+    procs = {args: subprocess.Popen([script, *args, "--help"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for args in expected}
+    for args, proc in procs.items():
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        assert out.startswith(f"usage: sparse-merge {args[0]}"), out
+        for word in expected[args]:
+            assert word in out, (args, word)

@@ -1,0 +1,214 @@
+"""sparse_plugin.io: the adapter file format (save_adapter / read_adapter / load_adapter), against plain torch."""
+
+import hashlib
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from adapter_utils import (
+    HOSTILE_ADAPTERS,
+    KEY,
+    base_state,
+    dense_reference,
+    hostile_copy,
+    logits,
+    model_with_state,
+    target_keys,
+    trained_model,
+)
+from conftest import tiny_llama
+from sparse_plugin import (
+    AdapterError,
+    SparseConfig,
+    iter_sparse_layers,
+    load_adapter,
+    merge_adapter,
+    prepare_model,
+    read_adapter,
+    save_adapter,
+)
+from sparse_plugin.io import CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME
+
+# Loading the adapter into a different base and running the delta sparsely (additive: base(x) + x·Δᵀ) is compared
+# with a dense fp32 model holding W0 + Δ. The two sum the same products in another order, so each layer differs by
+# a few fp32 ulps; with logits of magnitude < 1 the measured gap is ~1.6e-7, so 1e-5 leaves ~60x headroom, while
+# dropping a single trained value moves logits by 3e-4.
+LOGITS_TOL = {"atol": 1e-5, "rtol": 1e-5}
+
+
+def _layers(model):
+    return dict(iter_sparse_layers(model))
+
+
+def test_save_names_tensors_by_base_key_with_int32_indices_and_base_values(tmp_path):
+    model = trained_model()
+    base = base_state()
+    save_adapter(model, tmp_path, base_model_name_or_path="tiny/base")
+
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([CONFIG_NAME, WEIGHTS_NAME])  # no temporary files left
+    tensors = load_file(tmp_path / WEIGHTS_NAME)
+    keys = target_keys(tiny_llama())
+    assert "model.layers.0.self_attn.q_proj.weight" in keys and len(keys) == 14
+    assert set(tensors) == {f"{k}.{part}" for k in keys for part in ("indices", "values", "base_values")}
+    layers = _layers(model)
+    for key in keys:
+        indices = tensors[f"{key}.indices"]
+        assert indices.dtype == torch.int32  # int32 on disk: every matrix has < 2^31 entries
+        assert torch.equal(indices.long(), layers[key].indices)
+        assert bool((indices[1:] > indices[:-1]).all())
+        assert torch.equal(tensors[f"{key}.values"], layers[key].values.detach())
+        assert bool((tensors[f"{key}.values"] != 0).all())
+        assert torch.equal(tensors[f"{key}.base_values"], base[key].view(-1)[indices.long()])
+
+    meta = json.loads((tmp_path / CONFIG_NAME).read_text())
+    with safe_open(tmp_path / WEIGHTS_NAME, framework="pt") as fh:
+        assert fh.metadata()["save_id"] == meta["save_id"]
+    assert meta["format"] == FORMAT_VERSION and meta["has_base_values"] is True
+    assert meta["base_model"] == "tiny/base" and meta["method"] == "spiel"
+    assert meta["config"] == SparseConfig(density=0.05).to_dict()
+    assert meta["targets"] == {
+        k: {"shape": list(base[k].shape), "count": layers[k].indices.numel(), "dtype": "F32"} for k in keys
+    }
+    counts = sum(layers[k].indices.numel() for k in keys)
+    assert meta["num_params"] == counts
+    assert meta["density"] == pytest.approx(counts / sum(base[k].numel() for k in keys))
+    rows = sorted((k, list(base[k].shape), "F32") for k in keys)
+    assert meta["base_fingerprint"] == hashlib.sha256(json.dumps(rows).encode()).hexdigest()
+
+
+def test_base_model_defaults_to_the_models_name_or_path(tiny_checkpoint, tmp_path):
+    path, _ = tiny_checkpoint
+    model = LlamaForCausalLM.from_pretrained(path)
+    prepare_model(model, SparseConfig(density=0.05))
+    save_adapter(model, tmp_path / "adapter")
+    assert read_adapter(tmp_path / "adapter").base_model == str(path)
+
+
+@pytest.mark.parametrize("strategy", ["additive", "merged"])
+def test_round_trip_into_unprepared_base_gives_identical_logits(tmp_path, strategy):
+    model = trained_model(forward_strategy=strategy)
+    save_adapter(model, tmp_path)
+    fresh = load_adapter(tiny_llama(), tmp_path)
+
+    trained, loaded = _layers(model), _layers(fresh)
+    assert set(loaded) == set(trained)
+    for key, layer in loaded.items():
+        assert layer.forward_strategy == strategy
+        assert torch.equal(layer.indices, trained[key].indices) and layer.indices.dtype == torch.int64
+        assert torch.equal(layer.values, trained[key].values)
+    # Same base, indices, values and code path: the logits agree bit for bit.
+    assert torch.equal(logits(fresh), logits(model))
+    # And both equal a plain dense model holding W0 + scatter(Δ), up to summation order.
+    reference = model_with_state(dense_reference(base_state(), load_file(tmp_path / WEIGHTS_NAME)))
+    torch.testing.assert_close(logits(fresh), logits(reference), **LOGITS_TOL)
+
+
+@pytest.mark.parametrize("prepared", [SparseConfig(density=0.05, seed=7), SparseConfig(density=0.1)], ids=["same-budget", "other-budget"])
+def test_load_into_prepared_model(tmp_path, prepared):
+    model = trained_model()
+    save_adapter(model, tmp_path)
+    other = prepare_model(tiny_llama(), prepared)
+    params = {key: layer.values for key, layer in _layers(other).items()}
+    assert not torch.equal(_layers(other)[KEY].indices, _layers(model)[KEY].indices)  # other positions before loading
+
+    load_adapter(other, tmp_path)
+    for key, layer in _layers(other).items():
+        assert layer.values is params[key]  # the same Parameter, so an optimizer built on it keeps working
+        assert torch.equal(layer.indices, _layers(model)[key].indices)
+        assert torch.equal(layer.values, _layers(model)[key].values)
+    assert torch.equal(logits(other), logits(model))
+
+
+def test_store_base_values_false_writes_none(tmp_path):
+    model = trained_model(store_base_values=False)
+    save_adapter(model, tmp_path)
+    assert not any(name.endswith(".base_values") for name in load_file(tmp_path / WEIGHTS_NAME))
+    assert json.loads((tmp_path / CONFIG_NAME).read_text())["has_base_values"] is False
+    adapter = read_adapter(tmp_path)
+    assert adapter.has_base_values is False
+    assert all(t.base_values is None for t in adapter.targets.values())
+    assert torch.equal(logits(load_adapter(tiny_llama(), tmp_path)), logits(model))
+
+
+@pytest.mark.parametrize("prepare_first", [False, True], ids=["unprepared", "prepared"])
+def test_load_refuses_other_base_unless_check_base_false(tmp_path, prepare_first):
+    save_adapter(trained_model(), tmp_path)
+    other = tiny_llama(seed=1)
+    if prepare_first:
+        prepare_model(other, SparseConfig(density=0.05))
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(AdapterError, match="differs from the base the adapter was trained on; load that base, or pass check_base=False"):
+        load_adapter(other, tmp_path)
+    # The refusal changed nothing: no layer was wrapped, no value was set.
+    assert other.state_dict().keys() == before.keys()
+    assert all(torch.equal(v, before[k]) for k, v in other.state_dict().items())
+    assert bool(_layers(other)) == prepare_first
+
+    load_adapter(other, tmp_path, check_base=False)
+    other.eval()
+    for layer in _layers(other).values():
+        layer.forward_strategy = "additive"  # the sparse path, compared with the dense reference below
+    reference = model_with_state(dense_reference(base_state(seed=1), load_file(tmp_path / WEIGHTS_NAME)))
+    torch.testing.assert_close(logits(other), logits(reference), **LOGITS_TOL)
+
+
+def test_load_refuses_model_without_matching_targets(tmp_path):
+    save_adapter(trained_model(), tmp_path)
+    config = LlamaConfig(vocab_size=97, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    with pytest.raises(AdapterError, match=r"target `model.layers.0.mlp.\w+_proj.weight` \(shape \[\d+, \d+\]\) has no matching Linear"):
+        load_adapter(LlamaForCausalLM(config), tmp_path)
+    only_q = prepare_model(tiny_llama(), SparseConfig(density=0.05, target_modules=["q_proj"]))
+    with pytest.raises(AdapterError, match="targets differ from the model's sparse layers"):
+        load_adapter(only_q, tmp_path)
+
+
+def test_save_of_merged_model_keeps_pre_merge_base_values(tmp_path):
+    model = trained_model()
+    save_adapter(model, tmp_path / "before")
+    merge_adapter(model)
+    save_adapter(model, tmp_path / "merged")
+    before, merged = load_file(tmp_path / "before" / WEIGHTS_NAME), load_file(tmp_path / "merged" / WEIGHTS_NAME)
+    assert before.keys() == merged.keys()
+    assert all(torch.equal(before[k], merged[k]) for k in before)
+
+
+def test_two_saves_mixed_are_refused(tmp_path):
+    model = trained_model()
+    save_adapter(model, tmp_path / "a")
+    save_adapter(model, tmp_path / "b")
+    shutil.copy(tmp_path / "a" / CONFIG_NAME, tmp_path / "b" / CONFIG_NAME)
+    with pytest.raises(AdapterError, match="differs from sparse_config.json's .* the two files come from different saves"):
+        read_adapter(tmp_path / "b")
+
+
+def test_saving_again_replaces_the_adapter_atomically(tmp_path):
+    model = trained_model()
+    save_adapter(model, tmp_path)
+    first = read_adapter(tmp_path).meta["save_id"]
+    with torch.no_grad():
+        _layers(model)[KEY].values.mul_(2)
+    save_adapter(model, tmp_path)
+    adapter = read_adapter(tmp_path)
+    assert adapter.meta["save_id"] != first
+    assert torch.equal(adapter.targets[KEY].values, _layers(model)[KEY].values.detach())
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([CONFIG_NAME, WEIGHTS_NAME])
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_ADAPTERS))
+def test_hostile_adapter_is_refused_by_readers(tmp_path, case):
+    model = trained_model()
+    save_adapter(model, tmp_path / "good")
+    bad = hostile_copy(tmp_path / "good", tmp_path / "bad", case)
+    message = HOSTILE_ADAPTERS[case][1]
+    with pytest.raises(AdapterError, match=message):
+        read_adapter(bad)
+    fresh = tiny_llama()
+    with pytest.raises(AdapterError, match=message):
+        load_adapter(fresh, bad)
+    assert not _layers(fresh)
