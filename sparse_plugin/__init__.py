@@ -9,12 +9,19 @@ Example:
 """
 
 from .config import SparseConfig
+from .integrations.hf import SparseCallback, register_optimizers
 from .io import AdapterError, load_adapter, read_adapter, save_adapter
 from .layer import SparseDeltaLinear
 from .model import iter_sparse_layers, merge_adapter, prepare_model, print_trainable_parameters, unmerge_adapter
+from .optim import SM3, SparseAdamW
+
+register_optimizers()  # TrainingArguments(optim="spiel_sm3" | "spiel_adamw")
 
 __all__ = [
+    "SM3",
     "AdapterError",
+    "SparseAdamW",
+    "SparseCallback",
     "SparseConfig",
     "SparseDeltaLinear",
     "iter_sparse_layers",
@@ -23,6 +30,7 @@ __all__ = [
     "prepare_model",
     "print_trainable_parameters",
     "read_adapter",
+    "register_optimizers",
     "save_adapter",
     "unmerge_adapter",
 ]

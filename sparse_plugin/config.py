@@ -16,6 +16,8 @@ from typing import Any
 METHODS = ("spiel", "smt", "sift")
 VALUES_DTYPES = ("float32", "bfloat16", "float16")
 FORWARD_STRATEGIES = ("auto", "additive", "merged")
+REGROW_METHODS = ("ma", "ag")
+RESELECTION_SCHEDULES = ("linear", "cosine")
 ALL_LINEAR = "all-linear"
 
 
@@ -42,6 +44,16 @@ class SparseConfig:
             (W0 + Δ for the call) or `"auto"` (a rule measured by `tools/bench_layer.py`).
         store_base_values (`bool`, defaults to `True`): save the base weight's entries at the indices in the
             adapter, so `sparse-merge unmerge` restores the base bit for bit.
+        regrow (`str`, defaults to `"ma"`): SpIEL's regrowth criterion: `"ma"` scores inactive positions by
+            the SM3 row/column accumulators (needs `optim="spiel_sm3"`), `"ag"` by gradients accumulated over
+            the gathering steps for the top candidates of the first gathering micro-batch.
+        reselection_steps (`int`, defaults to `20`): optimizer steps between prune/regrow rounds.
+        selection_accumulation_steps (`int`, defaults to `5`): optimizer steps of gradient gathering before
+            each round (AG only); must be at most `reselection_steps`.
+        initial_reselection_rate (`float`, defaults to `0.2`): share of each matrix's positions replaced in
+            the first round, in [0, 1]; it decays to 0 at the end of training.
+        reselection_schedule (`str`, defaults to `"linear"`): decay of that share, `"linear"` (the SpIEL
+            reference) or `"cosine"`.
 
     Example:
         ```python
@@ -60,6 +72,11 @@ class SparseConfig:
     seed: int = 0
     forward_strategy: str = "auto"
     store_base_values: bool = True
+    regrow: str = "ma"
+    reselection_steps: int = 20
+    selection_accumulation_steps: int = 5
+    initial_reselection_rate: float = 0.2
+    reselection_schedule: str = "linear"
 
     def __post_init__(self) -> None:
         _check_choice("method", self.method, METHODS)
@@ -71,6 +88,7 @@ class SparseConfig:
             raise ValueError(f"`seed` must be an int, got {self.seed!r}.")
         if not isinstance(self.store_base_values, bool):
             raise ValueError(f"`store_base_values` must be true or false, got {self.store_base_values!r}.")
+        self._check_selection()
 
     def _check_budget(self) -> None:
         given = [k for k in ("density", "num_params", "lora_rank_equivalent") if getattr(self, k) is not None]
@@ -87,6 +105,23 @@ class SparseConfig:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
+
+    def _check_selection(self) -> None:
+        _check_choice("regrow", self.regrow, REGROW_METHODS)
+        _check_choice("reselection_schedule", self.reselection_schedule, RESELECTION_SCHEDULES)
+        for name in ("reselection_steps", "selection_accumulation_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
+        if self.selection_accumulation_steps > self.reselection_steps:
+            raise ValueError(
+                f"`selection_accumulation_steps` ({self.selection_accumulation_steps}) must not exceed "
+                f"`reselection_steps` ({self.reselection_steps}): gathering happens within each reselection period."
+            )
+        rate = self.initial_reselection_rate
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate <= 1:
+            raise ValueError(f"`initial_reselection_rate` must be a number in [0, 1], got {rate!r}.")
+        self.initial_reselection_rate = float(rate)
 
     def _check_targets(self) -> None:
         targets = self.target_modules

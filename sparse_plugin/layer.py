@@ -15,27 +15,33 @@ from torch import nn
 from .kernels.scatter import scatter_add_, scatter_set_
 from .kernels.sddmm import SparsePattern, delta_matmul, delta_matmul_t, values_grad
 
-# Measured by tools/bench_layer.py on 2 CPU cores: one dense matmul over W0 + Δ beats base(x) plus a CSR
-# product once the CSR product costs more than the weight copy, i.e. above ~2% density at SmolLM2 shapes.
-MERGED_MIN_DENSITY = 0.02
+# Measured by tools/bench_layer.py (torch 2.13 CPU, 2 cores, fp32, fwd+bwd): merged costs two copies of
+# W0 per step, additive two CSR products costing ~density·tokens·out·in. At 0.5% merged was 0.55-0.79× the
+# additive step on all six shapes (SmolLM2 at 512 tokens, 4096×4096 / 4096×11008 at 2048); at 0.05-0.2%
+# it still won on SmolLM2 shapes but lost 1.3-1.4× on 4096×4096 at 256 tokens. The true crossover moves
+# with tokens and matrix size (4096×4096: ~0.1% at 2048 tokens, ~1% at 512, ~2-4.6% at 256), so a density
+# threshold alone is a compromise aimed at training batches of >= 512 tokens.
+MERGED_MIN_DENSITY = 0.004
 
 
 class SparseLinearFunction(torch.autograd.Function):
     """y = x · Δᵀ (additive, `base_weight is None`) or y = x · (W0 + Δ)ᵀ + b (merged).
 
     Only `x` and `values` get gradients: dx, and dvalues[p] = Σ_t dy[t, i_p] · x[t, j_p]. The merged
-    weight is rebuilt in backward rather than saved, so no dense weight copy outlives the call.
+    weight is rebuilt in backward rather than saved, so no dense weight copy outlives the call. With a
+    `collector` (set on selection-gathering steps only) backward forms this layer's dense weight gradient
+    dyᵀx once, hands it to the collector, gathers the values' gradient from it and frees it.
     """
 
     @staticmethod
-    def forward(ctx, x, values, pattern, base_weight, bias, grad_path):
+    def forward(ctx, x, values, pattern, base_weight, bias, grad_path, collector=None):
         x2 = x.reshape(-1, x.shape[-1])
         if base_weight is None:
             out = delta_matmul(x2, values, pattern).to(x.dtype)
         else:
             out = F.linear(x2, _merged_weight(base_weight, values, pattern, x.dtype), bias)
         ctx.save_for_backward(x, values, base_weight)
-        ctx.pattern, ctx.grad_path = pattern, grad_path
+        ctx.pattern, ctx.grad_path, ctx.collector = pattern, grad_path, collector
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
@@ -50,9 +56,14 @@ class SparseLinearFunction(torch.autograd.Function):
             else:
                 dx2 = dy2 @ _merged_weight(base_weight, values, ctx.pattern, dy.dtype)
             dx = dx2.to(x.dtype).view_as(x)
-        if ctx.needs_input_grad[1]:
+        if ctx.collector is not None:
+            dense = (dy2.t() @ x2).float()
+            ctx.collector(dense)
+            dvalues = dense.view(-1).index_select(0, ctx.pattern.indices).to(values.dtype)
+            del dense
+        elif ctx.needs_input_grad[1]:
             dvalues = values_grad(dy2, x2, ctx.pattern, ctx.grad_path).to(values.dtype)
-        return dx, dvalues, None, None, None, None
+        return dx, dvalues, None, None, None, None, None
 
 
 def _merged_weight(base_weight: torch.Tensor, values: torch.Tensor, pattern: SparsePattern, dtype) -> torch.Tensor:
@@ -101,6 +112,8 @@ class SparseDeltaLinear(nn.Module):
         self.register_buffer("indices", indices.to(device=device, dtype=torch.int64))
         self.values = nn.Parameter(torch.zeros(indices.numel(), dtype=values_dtype, device=device))
         self.merged = False
+        # Called with the dense weight gradient inside backward while a selection method gathers statistics.
+        self.grad_collector = None
         self._merged_base_values: torch.Tensor | None = None
         self._pattern_key: tuple | None = None
         self._pattern: SparsePattern | None = None
@@ -141,10 +154,11 @@ class SparseDeltaLinear(nn.Module):
         compute_x = x.to(torch.get_autocast_dtype(device_type)) if torch.is_autocast_enabled(device_type) else x
         if self.strategy(compute_x.dtype) == "merged":
             base = self.base_layer
-            return SparseLinearFunction.apply(x, self.values, self.pattern(), dense_base_weight(base), base.bias, grad_path)
+            weight = dense_base_weight(base)
+            return SparseLinearFunction.apply(x, self.values, self.pattern(), weight, base.bias, grad_path, self.grad_collector)
         base_out = self.base_layer(x)
         with torch.autocast(device_type, enabled=False):
-            delta = SparseLinearFunction.apply(compute_x, self.values, self.pattern(), None, None, grad_path)
+            delta = SparseLinearFunction.apply(compute_x, self.values, self.pattern(), None, None, grad_path, self.grad_collector)
         return base_out + delta.to(base_out.dtype)
 
     def delta_weight(self) -> torch.Tensor:

@@ -39,3 +39,15 @@ def tiny_checkpoint(tmp_path):
     path = tmp_path / "base"
     model.save_pretrained(path)
     return path, model
+
+
+@pytest.fixture
+def tiny_tokenizer():
+    """A word-level tokenizer over `w0`..`w89` plus specials, sized for `tiny_llama`'s 97-token vocabulary."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3} | {f"w{i}": i + 4 for i in range(90)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>")

@@ -17,22 +17,23 @@ import warnings
 import torch
 
 GRAD_PATHS = ("dense", "sampled")
-# Measured by tools/bench_layer.py on 2 CPU cores (SmolLM2 576×576 … 576×1536 and 4096×4096, 512-2048
-# tokens): sampled_addmm beats dense-then-gather below ~3% density and loses above.
-SAMPLED_MAX_DENSITY = 0.03
+# Measured by tools/bench_layer.py (torch 2.13 CPU, 2 cores, fp32, SmolLM2 shapes at 128-512 tokens and
+# 4096×4096 at 512-2048): sampled÷dense step time 0.5-0.98 up to 4.6% density, 0.95-1.06 at 7%, 1.02-1.2
+# at 10%, so the crossover is ~6%. Exception: 192×576 (k/v) where dense wins by ~10% at every density.
+SAMPLED_MAX_DENSITY = 0.05
 
 
 class SparsePattern:
-    """CSR structure (row pointers, column ids) of sorted flat indices, computed once per index set."""
+    """Row ids, column ids and CSR row pointers of sorted flat indices, computed once per index set."""
 
     def __init__(self, indices: torch.Tensor, shape: tuple[int, int]):
         out_features, in_features = shape
         self.indices = indices
         self.shape = shape
-        rows = torch.div(indices, in_features, rounding_mode="floor")
-        self.cols = indices - rows * in_features
+        self.rows = torch.div(indices, in_features, rounding_mode="floor")
+        self.cols = indices - self.rows * in_features
         self.crow = torch.zeros(out_features + 1, dtype=torch.int64, device=indices.device)
-        self.crow[1:] = torch.bincount(rows, minlength=out_features).cumsum(0)
+        self.crow[1:] = torch.bincount(self.rows, minlength=out_features).cumsum(0)
 
     @property
     def density(self) -> float:

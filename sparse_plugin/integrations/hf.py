@@ -1,0 +1,141 @@
+"""Hugging Face Trainer integration: the `spiel_sm3` / `spiel_adamw` optimizer names and `SparseCallback`.
+
+Transformers has no public way to add an optimizer name: `TrainingArguments` converts `optim` to the enum
+`OptimizerNames` and `Trainer` looks the member up in `transformers.trainer_optimizer._OPTIMIZER_HANDLERS`.
+`register_optimizers` adds our two members and handlers there, once, on `import sparse_plugin`.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+from ..io import save_adapter
+from ..model import iter_sparse_layers
+from ..optim import SM3, SparseAdamW
+
+logger = logging.getLogger(__name__)
+
+SPARSE_OPTIMIZERS = {"spiel_sm3": SM3, "spiel_adamw": SparseAdamW}
+# optim_args keys each optimizer accepts, with their types (everything else comes from TrainingArguments).
+_OPTIM_ARGS = {
+    SM3: {"momentum": float, "beta": float, "eps": float},
+    SparseAdamW: {"eps": float},
+}
+
+
+def _parse_optim_args(cls, optim_args: dict[str, str]) -> dict:
+    allowed = _OPTIM_ARGS[cls]
+    parsed = {}
+    for key, text in optim_args.items():
+        if key not in allowed:
+            raise ValueError(f"`optim_args` key {key!r} is not understood by {cls.__name__}; allowed: {sorted(allowed)}.")
+        try:
+            parsed[key] = allowed[key](text)
+        except ValueError:
+            raise ValueError(f"`optim_args` {key}={text!r} is not a valid {allowed[key].__name__}.") from None
+    return parsed
+
+
+def _handler(cls):
+    def build(ctx):
+        model = ctx.model
+        if model is None or not any(True for _ in iter_sparse_layers(model)):
+            raise ValueError(
+                f"optim={ctx.args.optim.value!r} trains sparse deltas, but the model has none: call "
+                "`model = sparse_plugin.prepare_model(model, SparseConfig(...))` before building the Trainer."
+            )
+        kwargs = dict(ctx.optimizer_kwargs)
+        if cls is SparseAdamW:
+            kwargs.update(ctx.adam_kwargs)
+        kwargs.update(_parse_optim_args(cls, ctx.optim_args))
+        kwargs["weight_decay"] = ctx.args.weight_decay
+        # Trainer passes a `model` kwarg as the params argument (its LOMO convention): our optimizers take the
+        # prepared model there and train its sparse values, all of which get weight decay (there is no bias
+        # or norm among them).
+        kwargs["model"] = model
+        kwargs["total_steps"] = ctx.args.max_steps if ctx.args.max_steps > 0 else None
+        return cls, kwargs
+
+    return build
+
+
+def register_optimizers() -> None:
+    """Make `TrainingArguments(optim="spiel_sm3" | "spiel_adamw")` valid and buildable by `Trainer`.
+
+    Adds members to the `OptimizerNames` str-Enum (to its value and name maps, which is what lookups use)
+    and a handler per name to the Trainer's handler table. Idempotent.
+    """
+    from transformers import trainer_optimizer
+    from transformers.training_args import OptimizerNames
+
+    for name, cls in SPARSE_OPTIMIZERS.items():
+        member = OptimizerNames._value2member_map_.get(name)
+        if member is None:
+            member = str.__new__(OptimizerNames, name)
+            member._name_, member._value_ = name.upper(), name
+            OptimizerNames._value2member_map_[name] = member
+            OptimizerNames._member_map_[name.upper()] = member
+            OptimizerNames._member_names_.append(name.upper())
+        trainer_optimizer._OPTIMIZER_HANDLERS[member] = _handler(cls)
+
+
+def _sparse_optimizer(optimizer):
+    """Our optimizer behind accelerate's wrapper, or None."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    return inner if isinstance(inner, (SM3, SparseAdamW)) else None
+
+
+class SparseCallback(TrainerCallback):
+    """Trainer hooks for sparse fine-tuning: schedule length, adapter files, and selection metrics in the logs.
+
+    The optimizer runs prune/regrow itself; this callback gives it the run's length at train begin (from
+    `state.max_steps`, also under epoch-based training), writes the adapter into every `checkpoint-N` and into
+    `output_dir` at the end (rank 0 only), and adds `sparse/*` metrics to the Trainer's logs.
+
+    Example:
+        ```python
+        >>> trainer = Trainer(model, TrainingArguments("out", optim="spiel_sm3"), train_dataset=ds,
+        ...                   callbacks=[SparseCallback()])
+        ```
+    """
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if model is None or not any(True for _ in iter_sparse_layers(model)):
+            raise ValueError("SparseCallback: the model has no sparse layers; call `sparse_plugin.prepare_model` first.")
+        sparse = _sparse_optimizer(optimizer)
+        if sparse is not None and sparse.selector is not None:
+            sparse.selector.total_steps = state.max_steps
+            sparse.selector.prepare_next_step()
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        if state.is_world_process_zero:
+            save_adapter(model, Path(args.output_dir) / f"checkpoint-{state.global_step}")
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        if state.is_world_process_zero:
+            save_adapter(model, args.output_dir)
+
+    def on_log(self, args, state, control, logs=None, model=None, optimizer=None, **kwargs):
+        if logs is None or model is None or "loss" not in logs:
+            return
+        metrics = {"sparse/mean_abs_delta": _mean_abs_delta(model)}
+        sparse = _sparse_optimizer(optimizer)
+        if sparse is not None and sparse.selector is not None and sparse.selector.last_round:
+            metrics.update(sparse.selector.last_round)
+            sparse.selector.last_round = {}
+        logs.update(metrics)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(metrics)
+
+
+@torch.no_grad()
+def _mean_abs_delta(model) -> float:
+    total = count = 0.0
+    for _, layer in iter_sparse_layers(model):
+        total += float(layer.values.float().abs().sum())
+        count += layer.values.numel()
+    return total / max(count, 1)

@@ -1,0 +1,93 @@
+"""What the sparse optimizers share: finding each values tensor's layer, the step counter, the selection
+hook after each step, and remapping per-position state when indices change."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..layer import SparseDeltaLinear
+from ..model import iter_sparse_layers
+
+
+class SparseOptimizer(torch.optim.Optimizer):
+    """Base of `SM3` and `SparseAdamW`: a plain `torch.optim.Optimizer` that also owns the selection schedule.
+
+    `params` is either a model prepared with `prepare_model` (its `values` are trained) or the usual
+    iterable of parameters / param groups, with `model=` naming the model they belong to. With a model whose
+    `sparse_config.method` is `"spiel"`, every `step()` ends by advancing the prune/regrow schedule, so a
+    plain training loop (or the HF Trainer) needs nothing else; `total_steps` sets the horizon over which the
+    reselection rate decays (the `SparseCallback` fills it in from the Trainer).
+    """
+
+    # Names of the state tensors with one entry per trained position (subclasses set them); `_update(param,
+    # group)` is the subclass's per-parameter update.
+    per_position_state: tuple[str, ...] = ()
+
+    def __init__(self, params, defaults: dict, model: nn.Module | None = None, total_steps: int | None = None):
+        if isinstance(params, nn.Module):
+            model, params = params, [layer.values for _, layer in iter_sparse_layers(params)]
+            if not params:
+                raise ValueError(
+                    f"{type(self).__name__} found no sparse layers in the model; call "
+                    "`sparse_plugin.prepare_model(model, SparseConfig(...))` first."
+                )
+        super().__init__(params, defaults)
+        self._layers: dict[int, SparseDeltaLinear] = {}
+        if model is not None:
+            self._layers = {id(layer.values): layer for _, layer in iter_sparse_layers(model)}
+        for group in self.param_groups:
+            group.setdefault("sparse_step", 0)
+        self.selector = None
+        config = getattr(model, "sparse_config", None)
+        if model is not None and config is not None and config.method == "spiel" and self._layers:
+            from ..selection.spiel import SpielSelector
+
+            self.selector = SpielSelector(model, config, self, total_steps)
+
+    def layer_of(self, param: torch.Tensor) -> SparseDeltaLinear | None:
+        """The `SparseDeltaLinear` whose `values` this is, or None for a plain parameter."""
+        return self._layers.get(id(param))
+
+    @property
+    def completed_steps(self) -> int:
+        """Optimizer steps taken, restored with the state dict, so the schedule resumes where it stopped."""
+        return self.param_groups[0]["sparse_step"]
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:  # state dicts written before the counter existed
+            group.setdefault("sparse_step", 0)
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        if self.selector is not None:
+            self.selector.prepare_next_step()
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.grad is not None:
+                    self._update(param, group)
+            group["sparse_step"] += 1
+        if self.selector is not None:
+            self.selector.after_step()
+        return loss
+
+    @torch.no_grad()
+    def remap_state(self, param: torch.Tensor, source: torch.Tensor) -> None:
+        """Follow new indices: slot j of every per-position state takes old slot `source[j]`, or 0 where -1."""
+        state = self.state.get(param)
+        if not state:
+            return
+        new = source < 0
+        for key in self.per_position_state:
+            if key in state:
+                moved = state[key][source.clamp(min=0)]
+                moved[new] = 0
+                state[key] = moved

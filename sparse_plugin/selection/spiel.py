@@ -1,0 +1,233 @@
+"""SpIEL's prune/regrow (Ansell et al., arXiv:2401.16405), as vectorised tensor ops on the indices' device.
+
+Each round, per matrix with k trained positions and rate p: prune the n = ⌊p·k⌋ positions with the smallest
+|Δ|, then regrow the n best-scoring positions not among those that remain. A pruned position that is
+also regrown never leaves: it keeps its value and optimizer state (and is not counted as regrown). New
+positions start at Δ = 0 with zeroed per-position optimizer state. Scores:
+
+* MA: r_i · c_j from the SM3 accumulators, computed in row chunks so no dense (out × in) score matrix exists.
+* AG: gradients summed over the gathering micro-batches for the top-k |g| candidates of the first one; the
+  dense per-layer gradient exists only inside that layer's backward (see `SparseLinearFunction`).
+
+Under torch.distributed the first gathering gradient and the sums are all-reduced, so every rank takes the
+same decision; MA's accumulators are identical on all ranks already, since DDP reduces gradients first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..config import SparseConfig
+from ..layer import SparseDeltaLinear
+from ..model import iter_sparse_layers
+from .schedule import is_gathering_step, is_reselection_step, reselection_rate
+
+# Elements of one chunk of MA scores (16 MiB of fp32): bounds memory for any matrix size.
+_SCORE_CHUNK = 1 << 22
+
+
+@dataclass
+class Regrowth:
+    """New sorted indices, and for each new slot its old slot (-1 for a regrown position)."""
+
+    indices: torch.Tensor
+    source: torch.Tensor
+    regrown: int
+
+
+CandidateFn = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
+
+
+def prune_regrow(indices: torch.Tensor, values: torch.Tensor, count: int, candidates: CandidateFn) -> Regrowth:
+    """One round on one matrix.
+
+    Args:
+        indices: sorted unique flat positions (k,). values: their Δ (k,).
+        count: positions to prune and regrow (clamped to k).
+        candidates: `fn(remaining, n) -> (positions, scores)`, the n best positions outside the sorted
+            `remaining` set (active minus pruned), or fewer if fewer exist.
+    """
+    k = indices.numel()
+    slots = torch.arange(k, device=indices.device)
+    count = min(count, k)
+    if count == 0:
+        return Regrowth(indices, slots, 0)
+    pruned = torch.topk(values.detach().abs().float(), count, largest=False, sorted=True).indices  # smallest first
+    remaining_mask = torch.ones(k, dtype=torch.bool, device=indices.device)
+    remaining_mask[pruned] = False
+    positions, scores = candidates(indices[remaining_mask], count)
+    incoming = positions[torch.topk(scores, min(count, positions.numel()), sorted=True).indices]
+    pruned_positions = indices[pruned]
+    new_positions = incoming[~torch.isin(incoming, pruned_positions)]
+    leaving = pruned[~torch.isin(pruned_positions, incoming)][: new_positions.numel()]
+    keep = torch.ones(k, dtype=torch.bool, device=indices.device)
+    keep[leaving] = False
+    merged = torch.cat([indices[keep], new_positions])
+    source = torch.cat([slots[keep], torch.full_like(new_positions, -1)])
+    order = torch.argsort(merged)
+    return Regrowth(merged[order], source[order], int(new_positions.numel()))
+
+
+def top_outer_scores(row: torch.Tensor, col: torch.Tensor, exclude: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `count` largest r_i·c_j over flat positions not in the sorted `exclude`, in row chunks."""
+    out_features, in_features = row.numel(), col.numel()
+    rows_per_chunk = max(1, _SCORE_CHUNK // in_features)
+    best_pos = torch.empty(0, dtype=torch.int64, device=row.device)
+    best_score = torch.empty(0, dtype=torch.float32, device=row.device)
+    for start in range(0, out_features, rows_per_chunk):
+        stop = min(out_features, start + rows_per_chunk)
+        scores = (row[start:stop, None].float() * col[None, :].float()).view(-1)
+        lo, hi = torch.searchsorted(exclude, torch.tensor([start * in_features, stop * in_features], device=exclude.device)).tolist()
+        scores[exclude[lo:hi] - start * in_features] = -torch.inf
+        top = torch.topk(scores, min(count, scores.numel()))
+        best_pos = torch.cat([best_pos, top.indices + start * in_features])
+        best_score = torch.cat([best_score, top.values])
+        if best_pos.numel() > count:
+            keep = torch.topk(best_score, count).indices
+            best_pos, best_score = best_pos[keep], best_score[keep]
+    valid = best_score > -torch.inf
+    return best_pos[valid], best_score[valid]
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _all_reduce(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks in place (a copy is the caller's business); identity in a single process."""
+    if _distributed():
+        dist.all_reduce(tensor)
+    return tensor
+
+
+class GradientGatherer:
+    """AG statistics of one layer, fed the dense weight gradient of each gathering micro-batch.
+
+    The first call fixes the candidates (top-k |g|, k = trained positions, over all positions); every call
+    adds the gradient at the candidates. It also sums ‖g_active‖² and ‖g‖² for the logged share of the
+    gradient that the trained positions capture.
+    """
+
+    def __init__(self, layer: SparseDeltaLinear):
+        self.layer = layer
+        self.candidates: torch.Tensor | None = None
+        self.sums: torch.Tensor | None = None
+        self.active_sq = 0.0
+        self.total_sq = 0.0
+
+    @torch.no_grad()
+    def __call__(self, dense_grad: torch.Tensor) -> None:
+        flat = dense_grad.view(-1)
+        if self.candidates is None:
+            global_grad = _all_reduce(flat.clone()) if _distributed() else flat
+            self.candidates = torch.topk(global_grad.abs(), self.layer.indices.numel(), sorted=False).indices.sort().values
+            self.sums = torch.zeros(self.candidates.numel(), dtype=torch.float32, device=flat.device)
+        self.sums += flat[self.candidates]
+        self.active_sq += float(flat[self.layer.indices].square().sum())
+        self.total_sq += float(flat.square().sum())
+
+    def candidate_fn(self) -> CandidateFn:
+        sums = _all_reduce(self.sums.clone())
+        scores = sums.abs()
+
+        def candidates(remaining: torch.Tensor, count: int):
+            outside = ~torch.isin(self.candidates, remaining)
+            return self.candidates[outside], scores[outside]
+
+        return candidates
+
+
+class SpielSelector:
+    """Runs SpIEL's schedule for an optimizer: gathering on AG steps, prune/regrow every R steps.
+
+    Owned by `SM3`/`SparseAdamW` (created when the model's `sparse_config.method` is `"spiel"`) and advanced
+    by their `step()`, so the schedule counts optimizer steps whatever the gradient accumulation.
+    """
+
+    def __init__(self, model: nn.Module, config: SparseConfig, optimizer, total_steps: int | None = None):
+        if config.regrow == "ma" and not hasattr(optimizer, "row_col_accumulators"):
+            raise ValueError(
+                f"`regrow='ma'` scores positions by SM3's accumulators, which {type(optimizer).__name__} does not keep; "
+                "use optim='spiel_sm3' (sparse_plugin.optim.SM3) or set `regrow='ag'`."
+            )
+        self.layers = list(iter_sparse_layers(model))
+        self.config = config
+        self.optimizer = optimizer
+        self.total_steps = total_steps
+        self.gatherers: dict[str, GradientGatherer] = {}
+        self.last_round: dict[str, float] = {}
+        self.prepare_next_step()
+
+    def prepare_next_step(self) -> None:
+        """Switch AG gathering on for the coming step's micro-batches if it is a gathering step, else off."""
+        step = self.optimizer.completed_steps + 1
+        period = self.config.reselection_steps
+        next_round = -(-step // period) * period
+        gather = (
+            self.config.regrow == "ag"
+            and is_gathering_step(step, self.config)
+            and (self.total_steps is None or is_reselection_step(next_round, self.config, self.total_steps))
+        )
+        for key, layer in self.layers:
+            if gather:
+                layer.grad_collector = self.gatherers.setdefault(key, GradientGatherer(layer))
+            else:
+                layer.grad_collector = None
+
+    def after_step(self) -> None:
+        step = self.optimizer.completed_steps
+        if self.total_steps is None:
+            raise RuntimeError(
+                "SpIEL needs the training length to decay its reselection rate: pass `total_steps=` to the optimizer, "
+                "set TrainingArguments.max_steps, or add `sparse_plugin.SparseCallback()` to the Trainer."
+            )
+        if is_reselection_step(step, self.config, self.total_steps):
+            self.reselect(reselection_rate(step, self.config, self.total_steps))
+        self.prepare_next_step()
+
+    @torch.no_grad()
+    def reselect(self, rate: float) -> dict[str, float]:
+        """Prune and regrow `rate` of every matrix now; returns (and keeps for logging) the round's metrics."""
+        regrown = trained = 0
+        active_sq = total_sq = 0.0
+        for key, layer in self.layers:
+            count = int(rate * layer.indices.numel())
+            candidates = self._candidates(key, layer)
+            if candidates is None or count == 0:
+                continue
+            result = prune_regrow(layer.indices, layer.values, count, candidates)
+            self._apply(layer, result)
+            regrown += result.regrown
+            trained += layer.indices.numel()
+        for gatherer in self.gatherers.values():
+            active_sq, total_sq = active_sq + gatherer.active_sq, total_sq + gatherer.total_sq
+        self.gatherers.clear()
+        self.last_round = {"sparse/reselection_rate": rate, "sparse/regrown": regrown}
+        if total_sq > 0:
+            self.last_round["sparse/active_grad_share"] = active_sq / total_sq
+        return self.last_round
+
+    def _candidates(self, key: str, layer: SparseDeltaLinear) -> CandidateFn | None:
+        if self.config.regrow == "ag":
+            gatherer = self.gatherers.get(key)
+            return gatherer.candidate_fn() if gatherer is not None and gatherer.candidates is not None else None
+        accumulators = self.optimizer.row_col_accumulators(layer.values)
+        if accumulators is None:
+            return None
+        row, col = accumulators
+        return lambda remaining, count: top_outer_scores(row, col, remaining, count)
+
+    def _apply(self, layer: SparseDeltaLinear, result: Regrowth) -> None:
+        source = result.source
+        new = source < 0
+        values = layer.values.detach()[source.clamp(min=0)]
+        values[new] = 0
+        layer.indices.copy_(result.indices)
+        layer.values.copy_(values)
+        layer.values.grad = None
+        self.optimizer.remap_state(layer.values, source)

@@ -1,0 +1,127 @@
+"""`optim="spiel_sm3"|"spiel_adamw"` through the stock Trainer and TRL's SFTTrainer, with SparseCallback."""
+
+import json
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import Trainer, TrainingArguments
+
+import sparse_plugin
+from sparse_plugin import SM3, SparseAdamW, SparseCallback, SparseConfig, iter_sparse_layers, prepare_model
+from sparse_plugin.io import CONFIG_NAME, WEIGHTS_NAME
+
+from conftest import tiny_llama
+
+
+def _dataset(rows=24, length=12, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 97, (rows, length), generator=gen)
+    return Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
+
+
+def _args(tmp_path, **overrides):
+    base = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, max_steps=6, learning_rate=1e-2,
+                logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=0, data_seed=0,
+                disable_tqdm=True, optim="spiel_sm3")
+    return TrainingArguments(**(base | overrides))
+
+
+def _prepared(**config):
+    return prepare_model(tiny_llama(), SparseConfig(**({"density": 0.05, "reselection_steps": 2, "selection_accumulation_steps": 1} | config)))
+
+
+@pytest.mark.parametrize("name, cls", [("spiel_sm3", SM3), ("spiel_adamw", SparseAdamW)])
+def test_trainer_builds_our_optimizer_from_the_name(tmp_path, name, cls):
+    model = _prepared(regrow="ma" if cls is SM3 else "ag")
+    args = _args(tmp_path, optim=name, adam_beta1=0.8, weight_decay=0.01,
+                 optim_args="momentum=0.9,beta=0.5" if cls is SM3 else "eps=1e-7")
+    trainer = Trainer(model=model, args=args, train_dataset=_dataset())
+    optimizer = trainer.create_optimizer()
+    assert type(optimizer) is cls and optimizer.selector is not None and optimizer.selector.total_steps == 6
+    group = optimizer.param_groups[0]
+    assert group["lr"] == 1e-2 and group["weight_decay"] == 0.01
+    if cls is SM3:
+        assert group["momentum"] == 0.9 and group["beta"] == 0.5
+    else:
+        assert group["betas"] == (0.8, 0.999) and group["eps"] == 1e-7
+
+
+def test_unknown_optim_arg_is_refused(tmp_path):
+    trainer = Trainer(model=_prepared(), args=_args(tmp_path, optim_args="rank=4"), train_dataset=_dataset())
+    with pytest.raises(ValueError, match="`optim_args` key 'rank' is not understood by SM3; allowed: \\['beta', 'eps', 'momentum'\\]"):
+        trainer.create_optimizer()
+
+
+def test_model_without_sparse_layers_gets_a_clear_error(tmp_path):
+    trainer = Trainer(model=tiny_llama(), args=_args(tmp_path), train_dataset=_dataset())
+    with pytest.raises(ValueError, match="call `model = sparse_plugin.prepare_model\\(model, SparseConfig\\(...\\)\\)`"):
+        trainer.create_optimizer()
+
+
+def test_training_writes_adapters_logs_metrics_and_regrows(tmp_path):
+    model = _prepared()
+    before = [layer.indices.clone() for _, layer in iter_sparse_layers(model)]
+    args = _args(tmp_path, save_strategy="steps", save_steps=3, gradient_accumulation_steps=2, max_grad_norm=1.0)
+    trainer = Trainer(model=model, args=args, train_dataset=_dataset(), callbacks=[SparseCallback()])
+    trainer.train()
+    out = tmp_path / "out"
+    for directory in (out / "checkpoint-3", out / "checkpoint-6", out):
+        assert (directory / WEIGHTS_NAME).is_file() and (directory / CONFIG_NAME).is_file()
+    history = trainer.state.log_history
+    assert all("sparse/mean_abs_delta" in row for row in history if "loss" in row)
+    assert [row["step"] for row in history if "sparse/regrown" in row] == [2, 4]
+    after = [layer.indices for _, layer in iter_sparse_layers(model)]
+    assert any(not torch.equal(a, b) for a, b in zip(before, after))
+    reloaded = sparse_plugin.load_adapter(tiny_llama(), out)
+    ids = torch.randint(3, 97, (2, 9))
+    torch.testing.assert_close(reloaded(ids).logits, model.eval()(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("optim, regrow", [("spiel_sm3", "ma"), ("spiel_adamw", "ag")])
+def test_resume_from_checkpoint_continues_like_an_uninterrupted_run(tmp_path, optim, regrow):
+    def run(directory, resume=None, max_steps=6):
+        model = _prepared(regrow=regrow, reselection_steps=2, selection_accumulation_steps=1)
+        args = _args(directory, optim=optim, save_strategy="steps", save_steps=3, max_steps=max_steps)
+        trainer = Trainer(model=model, args=args, train_dataset=_dataset(), callbacks=[SparseCallback()])
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer, model
+
+    full, full_model = run(tmp_path / "a")
+    resumed, resumed_model = run(tmp_path / "b", resume=str(tmp_path / "a" / "out" / "checkpoint-3"))
+    losses = lambda t: {row["step"]: row["loss"] for row in t.state.log_history if "loss" in row}
+    assert losses(resumed)[4] == losses(full)[4]  # the next step after the checkpoint, bit for bit on CPU
+    for (_, a), (_, b) in zip(iter_sparse_layers(full_model), iter_sparse_layers(resumed_model)):
+        assert torch.equal(a.indices, b.indices) and torch.equal(a.values, b.values)
+
+
+@pytest.mark.parametrize("extra", [{"gradient_checkpointing": True}, {"bf16": True}])
+def test_works_with_gradient_checkpointing_and_bf16_autocast(tmp_path, extra):
+    model = _prepared()
+    trainer = Trainer(model=model, args=_args(tmp_path, max_steps=4, **extra), train_dataset=_dataset(), callbacks=[SparseCallback()])
+    result = trainer.train()
+    assert torch.isfinite(torch.tensor(result.training_loss))
+    assert any(layer.values.abs().sum() > 0 for _, layer in iter_sparse_layers(model))
+
+
+def test_evaluation_during_training(tmp_path):
+    model = _prepared()
+    args = _args(tmp_path, eval_strategy="steps", eval_steps=3, per_device_eval_batch_size=4)
+    trainer = Trainer(model=model, args=args, train_dataset=_dataset(), eval_dataset=_dataset(8, seed=1), callbacks=[SparseCallback()])
+    trainer.train()
+    assert [row["step"] for row in trainer.state.log_history if "eval_loss" in row] == [3, 6]
+
+
+def test_trl_sft_trainer(tmp_path, tiny_tokenizer):
+    trl = pytest.importorskip("trl")
+    model = _prepared(regrow="ag")
+    text = Dataset.from_dict({"text": [" ".join(f"w{i % 90}" for i in range(s, s + 10)) for s in range(16)]})
+    config = trl.SFTConfig(output_dir=str(tmp_path / "sft"), max_steps=4, per_device_train_batch_size=4, learning_rate=1e-2,
+                           optim="spiel_adamw", report_to=[], use_cpu=True, save_strategy="no", logging_steps=1,
+                           max_length=16, disable_tqdm=True)
+    trainer = trl.SFTTrainer(model=model, args=config, train_dataset=text, processing_class=tiny_tokenizer,
+                             callbacks=[SparseCallback()])
+    assert isinstance(trainer.create_optimizer(), SparseAdamW)
+    trainer.train()
+    assert (tmp_path / "sft" / WEIGHTS_NAME).is_file()
+    assert json.loads((tmp_path / "sft" / CONFIG_NAME).read_text())["method"] == "spiel"
