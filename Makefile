@@ -4,7 +4,11 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.sparse-plugin-installed
 
-.PHONY: demo test test-all env clean-env
+# The Trainer registry is also tested on the transformers release Axolotl pins, in a second venv.
+COMPAT_VENV ?= .venv-tf516
+COMPAT_TRANSFORMERS ?= 5.16.1
+
+.PHONY: demo test test-all test-compat env clean-env
 
 env: $(STAMP)
 
@@ -27,5 +31,16 @@ test: env
 test-all: env
 	$(PY) -m pytest -q -m ""
 
+$(COMPAT_VENV)/.installed: pyproject.toml
+	test -x $(COMPAT_VENV)/bin/python || python3 -m venv $(COMPAT_VENV)
+	$(COMPAT_VENV)/bin/python -m pip install -q --upgrade pip
+	$(COMPAT_VENV)/bin/python -c "import torch" 2>/dev/null || $(COMPAT_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(COMPAT_VENV)/bin/python -m pip install -q -e '.[dev]' 'transformers==$(COMPAT_TRANSFORMERS)'
+	touch $@
+
+test-compat: $(COMPAT_VENV)/.installed
+	$(COMPAT_VENV)/bin/python -c "import transformers; assert transformers.__version__ == '$(COMPAT_TRANSFORMERS)', transformers.__version__"
+	$(COMPAT_VENV)/bin/python -m pytest -q tests/integrations tests/optim tests/selection
+
 clean-env:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(COMPAT_VENV)

@@ -146,6 +146,10 @@ class SparseDeltaLinear(nn.Module):
         )
         return "merged" if mergeable and self.pattern().density >= MERGED_MIN_DENSITY else "additive"
 
+    # torch.compile runs this layer eagerly (a graph break per layer): the index bookkeeping (pattern cache,
+    # collectors, indices that change between steps) would otherwise force recompiles; the rest of the model
+    # still compiles.
+    @torch.compiler.disable
     def forward(self, x: torch.Tensor, grad_path: str = "auto") -> torch.Tensor:
         if self.merged:
             return self.base_layer(x)
