@@ -16,7 +16,7 @@ from .kernels.scatter import scatter_add_, scatter_set_
 from .kernels.sddmm import SparsePattern, delta_matmul, delta_matmul_t, values_grad
 
 # Measured by tools/bench_layer.py (torch 2.13 CPU, 2 cores, fp32, fwd+bwd): merged costs two copies of
-# W0 per step, additive two CSR products costing ~density·tokens·out·in. At 0.5% merged was 0.55-0.79× the
+# W0 per step, additive two CSR products costing ~density·tokens·out·in. At 0.5% merged was 0.45-0.80× the
 # additive step on all six shapes (SmolLM2 at 512 tokens, 4096×4096 / 4096×11008 at 2048); at 0.05-0.2%
 # it still won on SmolLM2 shapes but lost 1.3-1.4× on 4096×4096 at 256 tokens. The true crossover moves
 # with tokens and matrix size (4096×4096: ~0.1% at 2048 tokens, ~1% at 512, ~2-4.6% at 256), so a density
