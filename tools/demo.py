@@ -1,8 +1,9 @@
 """The main job: a real sparse fine-tune of SmolLM2-135M-Instruct on WordNet definitions, then a merge.
 
 Steps: load the bundled model; wrap every linear layer (not the head) with a sparse delta at the
-LoRA-rank-16-equivalent budget; train the values with AdamW; report held-out loss before/after; save the
-adapter; fold it into a new model directory with the `sparse-merge` CLI; reload that directory with plain
+LoRA-rank-16-equivalent budget; train with the stock HF `Trainer` and `optim="spiel_sm3"` (SpIEL-MA:
+prune/regrow every 20 steps by SM3's accumulators); report held-out loss before/after; the callback saves
+the adapter; fold it into a new model directory with the `sparse-merge` CLI; reload that directory with plain
 transformers and check its logits against the adapter model; show one generation before and after.
 
     python tools/demo.py [--steps 100] [--output-dir runs/demo]
@@ -18,15 +19,14 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bundled_model import load_model, model_dir  # noqa: E402
 from data import load_pairs  # noqa: E402
 
-import sparse_plugin  # noqa: E402
-from sparse_plugin import SparseConfig  # noqa: E402
+import sparse_plugin  # noqa: E402  (importing it registers optim="spiel_sm3")
+from sparse_plugin import SparseCallback, SparseConfig  # noqa: E402
 
 SYSTEM = "You are a concise dictionary."
 
@@ -41,6 +41,7 @@ def encode(tokenizer, pair: dict) -> tuple[list[int], list[int]]:
 
 
 def collate(tokenizer, pairs: list[dict], max_length: int) -> dict[str, torch.Tensor]:
+    """Right-padded batch; padding is masked by attention and labels, never by token id (pad == eos here)."""
     rows = [encode(tokenizer, p) for p in pairs]
     width = min(max_length, max(len(ids) for ids, _ in rows))
     batch = {"input_ids": [], "attention_mask": [], "labels": []}
@@ -54,19 +55,6 @@ def collate(tokenizer, pairs: list[dict], max_length: int) -> dict[str, torch.Te
 
 
 @torch.no_grad()
-def heldout_loss(model, tokenizer, pairs: list[dict], batch_size: int, max_length: int) -> float:
-    """Token-weighted mean loss over the answers of `pairs`."""
-    model.eval()
-    total = tokens = 0.0
-    for start in range(0, len(pairs), batch_size):
-        batch = collate(tokenizer, pairs[start : start + batch_size], max_length)
-        n = int((batch["labels"][:, 1:] != -100).sum())
-        total += float(model(**batch).loss) * n
-        tokens += n
-    return total / tokens
-
-
-@torch.no_grad()
 def generate(model, tokenizer, prompt: str) -> str:
     messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt}]
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
@@ -74,22 +62,32 @@ def generate(model, tokenizer, prompt: str) -> str:
     return tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip()
 
 
-def train(model, tokenizer, pairs: list[dict], args) -> None:
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 10) * (1 - s / args.steps))
-    rng = random.Random(args.seed)
-    model.train()
-    bar = tqdm(range(args.steps), desc="train", unit="step")
-    for step in bar:
-        batch = collate(tokenizer, rng.sample(pairs, args.batch_size), args.max_length)
-        loss = model(**batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+def make_trainer(model, tokenizer, train_pairs: list[dict], heldout: list[dict], args) -> Trainer:
+    training_args = TrainingArguments(
+        output_dir=str(args.output_dir / "adapter"),
+        optim="spiel_sm3",
+        learning_rate=args.lr,
+        lr_scheduler_type="linear",
+        warmup_steps=10,
+        max_steps=args.steps,
+        per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=16,
+        max_grad_norm=1.0,
+        logging_steps=20,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=args.seed,
+        remove_unused_columns=False,
+    )
+    return Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_pairs,
+        eval_dataset=heldout,
+        data_collator=lambda pairs: collate(tokenizer, pairs, args.max_length),
+        callbacks=[SparseCallback()],
+    )
 
 
 def merge_with_cli(base: Path, adapter: Path, output: Path) -> None:
@@ -103,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--lr", type=float, default=2e-3, help="SM3 learning rate")
     parser.add_argument("--rank", type=int, default=16, help="LoRA rank whose parameter count the sparse budget matches")
     parser.add_argument("--max-length", type=int, default=96)
     parser.add_argument("--heldout", type=int, default=128, help="held-out pairs used for the loss")
@@ -120,16 +118,19 @@ def main(argv: list[str] | None = None) -> int:
     print(f"data: {len(train_pairs):,d} train pairs, {args.heldout} held-out pairs used for evaluation")
     before_text = generate(model, tokenizer, probe)
 
-    model = sparse_plugin.prepare_model(model, SparseConfig(lora_rank_equivalent=args.rank, seed=args.seed))
+    config = SparseConfig(method="spiel", regrow="ma", lora_rank_equivalent=args.rank, seed=args.seed)
+    model = sparse_plugin.prepare_model(model, config)
     sparse_plugin.print_trainable_parameters(model)
-    loss_before = heldout_loss(model, tokenizer, heldout, 16, args.max_length)
+    trainer = make_trainer(model, tokenizer, train_pairs, heldout, args)
+    loss_before = trainer.evaluate()["eval_loss"]
     print(f"held-out loss before: {loss_before:.4f}")
-    train(model, tokenizer, train_pairs, args)
-    loss_after = heldout_loss(model, tokenizer, heldout, 16, args.max_length)
+    trainer.train()
+    loss_after = trainer.evaluate()["eval_loss"]
     print(f"held-out loss after:  {loss_after:.4f}  ({loss_after - loss_before:+.4f})")
+    regrown = sum(row.get("sparse/regrown", 0) for row in trainer.state.log_history)
+    print(f"SpIEL-MA moved {regrown:,d} of {sum(l.values.numel() for _, l in sparse_plugin.iter_sparse_layers(model)):,d} positions while training")
 
-    adapter_dir, merged_dir = args.output_dir / "adapter", args.output_dir / "merged"
-    sparse_plugin.save_adapter(model, adapter_dir, base_model_name_or_path="HuggingFaceTB/SmolLM2-135M-Instruct")
+    adapter_dir, merged_dir = args.output_dir / "adapter", args.output_dir / "merged"  # the callback saved the adapter
     print(f"saved adapter to {adapter_dir} ({sum(f.stat().st_size for f in adapter_dir.iterdir()) / 1e6:.1f} MB)")
     merge_with_cli(model_dir(), adapter_dir, merged_dir)
 
