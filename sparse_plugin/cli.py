@@ -9,6 +9,8 @@ import argparse
 import json
 import sys
 
+import torch
+
 from .io import AdapterError, read_adapter
 from .merge import apply_adapter
 
@@ -76,10 +78,18 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(summary, indent=2)) if args.json else _print_summary(summary)
             return 0
         unmerge = args.command == "unmerge"
-        result = apply_adapter(
-            args.merged if unmerge else args.base, args.adapter, args.output, unmerge=unmerge,
-            device=args.device, force=args.force, overwrite=args.overwrite, progress=not args.quiet,
-        )
+        # The CPU scatter is a few million indexed writes, too little work to share between threads: with one
+        # core busy elsewhere, OpenMP's spinning made the SmolLM2 merge 14.6 s instead of 1.1 s single-threaded
+        # (tools/bench_merge.py, 2 cores); so one thread while merging.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            result = apply_adapter(
+                args.merged if unmerge else args.base, args.adapter, args.output, unmerge=unmerge,
+                device=args.device, force=args.force, overwrite=args.overwrite, progress=not args.quiet,
+            )
+        finally:
+            torch.set_num_threads(threads)
     except (AdapterError, OSError) as err:
         print(f"sparse-merge: error: {err}", file=sys.stderr)
         return 2
