@@ -64,11 +64,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-try:  # Unix only; without it the neighbours' load is reported as unknown
-    import resource
-except ImportError:  # pragma: no cover
-    resource = None
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -78,6 +73,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sparse_plugin.kernels.sddmm import SAMPLED_MAX_DENSITY, pick_grad_path  # noqa: E402
 from sparse_plugin.layer import MERGED_MIN_DENSITY, SparseDeltaLinear  # noqa: E402
 from sparse_plugin.model import random_indices  # noqa: E402
+from bench_common import OtherLoad  # noqa: E402
 
 SMOL_TOKENS = 512
 BIG_TOKENS = 2048
@@ -86,38 +82,6 @@ BIG_SHAPES = [(4096, 4096), (4096, 11008)]
 DENSITIES = [0.005, 0.01, 0.02, 0.046]
 SPARSE_VARIANTS = [(fwd, grad) for fwd in ("additive", "merged") for grad in ("dense", "sampled")]
 MIB = 2**20
-
-
-class OtherLoad:
-    """CPU time other processes used while this one ran: /proc/stat busy time minus our own rusage.
-
-    The load average would count this benchmark's own previous runs; this counts only the neighbours.
-    Reported as a share of the machine (1.0 = every core busy with someone else's work). Linux only.
-    """
-
-    def __init__(self):
-        self.start = self._sample()
-
-    @staticmethod
-    def _sample() -> tuple[float, float, float] | None:
-        if resource is None:
-            return None
-        try:
-            fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
-            user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
-        except (OSError, ValueError, IndexError):
-            return None
-        busy = (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-        usage = resource.getrusage(resource.RUSAGE_SELF)
-        return time.perf_counter(), busy, usage.ru_utime + usage.ru_stime
-
-    def share(self) -> float | None:
-        end = self._sample()
-        if self.start is None or end is None:
-            return None
-        wall = end[0] - self.start[0]
-        other = (end[1] - self.start[1]) - (end[2] - self.start[2])
-        return max(0.0, other) / (wall * (os.cpu_count() or 1)) if wall > 0 else None
 
 
 class LoRALinear(nn.Module):

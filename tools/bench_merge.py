@@ -37,11 +37,6 @@ import tempfile
 import time
 from pathlib import Path
 
-try:  # Unix only; without it the neighbours' load is reported as unknown
-    import resource
-except ImportError:  # pragma: no cover
-    resource = None
-
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -55,40 +50,9 @@ from sparse_plugin.config import SparseConfig  # noqa: E402
 from sparse_plugin.io import save_adapter  # noqa: E402
 from sparse_plugin.merge import SINGLE_FILE, apply_adapter  # noqa: E402
 from sparse_plugin.model import iter_sparse_layers, prepare_model  # noqa: E402
+from bench_common import OtherLoad  # noqa: E402
 
 CASES = ("merge", "copy", "load_save")
-
-
-class OtherLoad:
-    """CPU time other processes used while this one ran: /proc/stat busy time minus our own rusage.
-
-    The load average would count this benchmark's own previous runs; this counts only the neighbours.
-    Reported as a share of the machine (1.0 = every core busy with someone else's work). Linux only.
-    """
-
-    def __init__(self):
-        self.start = self._sample()
-
-    @staticmethod
-    def _sample() -> tuple[float, float, float] | None:
-        if resource is None:
-            return None
-        try:
-            fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
-            user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
-        except (OSError, ValueError, IndexError):
-            return None
-        busy = (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-        usage = resource.getrusage(resource.RUSAGE_SELF)
-        return time.perf_counter(), busy, usage.ru_utime + usage.ru_stime
-
-    def share(self) -> float | None:
-        end = self._sample()
-        if self.start is None or end is None:
-            return None
-        wall = end[0] - self.start[0]
-        other = (end[1] - self.start[1]) - (end[2] - self.start[2])
-        return max(0.0, other) / (wall * (os.cpu_count() or 1)) if wall > 0 else None
 
 
 def build_adapter(base_dir: Path, adapter_dir: Path, rank: int, seed: int) -> dict:

@@ -1,0 +1,355 @@
+"""What `bench_step.py` and `bench_quality.py` share: the methods compared, memory probes, the driver that
+runs each method in its own subprocess, and the environment header.
+
+Methods (all on SmolLM2-135M-Instruct, every linear layer except `lm_head`):
+
+* `floor`: every weight frozen; the input embeddings require grad, so backward runs through all layers for
+  dx only. The cost any method pays at least (bench_step only).
+* `spiel-ma`: `SparseConfig(lora_rank_equivalent=16, regrow="ma")` + `SM3`.
+* `spiel-ag`: the same budget, `regrow="ag"` + `SparseAdamW`.
+* `lora-r16`, `dora-r16`: PEFT `LoraConfig(r=16, lora_alpha=32, lora_dropout=0, use_dora=...)` on
+  `"all-linear"`, torch `AdamW`.
+* `shira`: PEFT `ShiraConfig(r=16)` (random mask, r·(in + out) values per matrix: LoRA r16's count), AdamW.
+* `full`: every parameter trained (the tied embedding / head included), torch `AdamW`.
+* `spiel-ma-1pct`: `SparseConfig(density=0.01)` + `SM3`; `lora-1pct`: LoRA whose rank gives the same
+  trainable count, `round(k / Σ(in + out))` (r = 3 on SmolLM2), alpha = 2r.
+
+All torch AdamW instances use `weight_decay=0` (torch's default is 0.01), like our optimizers' default.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+try:  # Linux only; OtherLoad degrades to None elsewhere
+    import resource
+except ImportError:  # pragma: no cover
+    resource = None
+
+import torch
+
+TOOLS = Path(__file__).resolve().parent
+ROOT = TOOLS.parent
+for _path in (str(ROOT), str(TOOLS)):
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
+
+MIB = 2**20
+LORA_RANK = 16
+ONE_PERCENT = 0.01
+
+# name -> (family, optimizer): what `build_method` makes; the order is the tables' order.
+METHODS = {
+    "floor": ("floor", None),
+    "spiel-ma": ("spiel", "SM3"),
+    "spiel-ag": ("spiel", "SparseAdamW"),
+    "lora-r16": ("lora", "AdamW"),
+    "dora-r16": ("dora", "AdamW"),
+    "shira": ("shira", "AdamW"),
+    "full": ("full", "AdamW"),
+    "spiel-ma-1pct": ("spiel", "SM3"),
+    "lora-1pct": ("lora", "AdamW"),
+}
+# The LoRA row each method's trainable count equals (for the "matched LoRA" ratio).
+MATCHED_LORA = {"spiel-ma": "lora-r16", "spiel-ag": "lora-r16", "dora-r16": "lora-r16", "shira": "lora-r16",
+                "spiel-ma-1pct": "lora-1pct"}
+
+
+# ---------------------------------------------------------------- memory
+
+
+def _status_kb(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def rss_mb() -> float:
+    """Resident set size now (Linux /proc; elsewhere the lifetime peak, the best available)."""
+    kb = _status_kb("VmRSS")
+    return kb / 1024 if kb is not None else maxrss_mb()
+
+
+def maxrss_mb() -> float:
+    """Lifetime peak RSS from getrusage (KiB on Linux, bytes on macOS)."""
+    import resource
+
+    value = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return value / (MIB if sys.platform == "darwin" else 1024)
+
+
+def reset_peak() -> bool:
+    """Reset the kernel's RSS high-water mark (`echo 5 > /proc/self/clear_refs`, Linux >= 4.0), so the next
+    `peak_rss_mb()` excludes model loading's transient peak. False where that is not possible."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mb() -> float:
+    """Peak RSS since the last `reset_peak()` (VmHWM), or the lifetime `ru_maxrss` where /proc is missing."""
+    kb = _status_kb("VmHWM")
+    return kb / 1024 if kb is not None else maxrss_mb()
+
+
+def optimizer_state_bytes(optimizer) -> int:
+    """Bytes of every tensor in `optimizer.state` (moments, accumulators, step counters, ages)."""
+    if optimizer is None:
+        return 0
+    total = 0
+    for state in optimizer.state.values():
+        for value in state.values():
+            if torch.is_tensor(value):
+                total += value.numel() * value.element_size()
+    return total
+
+
+class OtherLoad:
+    """CPU share that other processes used while we ran: /proc/stat busy time minus our own (and our
+    children's) rusage, as a share of the machine (1.0 = every core busy with someone else). Linux only."""
+
+    def __init__(self):
+        self.start = self._sample()
+
+    @staticmethod
+    def _sample():
+        try:
+            import resource
+
+            fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+            user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
+        except (OSError, ValueError, IndexError, ImportError):
+            return None
+        busy = (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+        own = sum(u.ru_utime + u.ru_stime for u in (resource.getrusage(resource.RUSAGE_SELF),
+                                                     resource.getrusage(resource.RUSAGE_CHILDREN)))
+        return time.perf_counter(), busy, own
+
+    def share(self) -> float | None:
+        end = self._sample()
+        if self.start is None or end is None or end[0] <= self.start[0]:
+            return None
+        other = (end[1] - self.start[1]) - (end[2] - self.start[2])
+        return max(0.0, other) / ((end[0] - self.start[0]) * (os.cpu_count() or 1))
+
+
+# ---------------------------------------------------------------- methods
+
+
+def load_base():
+    """(model, tokenizer): the bundled SmolLM2 in fp32, every page of its weights touched, so the RSS read
+    after it is the loaded model and not a lazily mapped file."""
+    from bundled_model import load_model
+
+    model, tokenizer = load_model()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.sum()
+    return model, tokenizer
+
+
+def linear_targets(model) -> list[tuple[int, int]]:
+    """(out, in) of every linear layer that "all-linear" selects (all but the head)."""
+    from sparse_plugin.config import ALL_LINEAR
+    from sparse_plugin.model import find_targets
+
+    modules = dict(model.named_modules())
+    return [(modules[n].out_features, modules[n].in_features) for n in find_targets(model, ALL_LINEAR)]
+
+
+def lora_rank_for_density(model, density: float) -> int:
+    """The LoRA rank whose trainable count is closest to SpIEL's at `density` (at least 1)."""
+    from sparse_plugin.config import SparseConfig
+    from sparse_plugin.model import allocate_budget
+
+    shapes = linear_targets(model)
+    k = sum(allocate_budget(shapes, SparseConfig(density=density)))
+    return max(1, round(k / sum(o + i for o, i in shapes)))
+
+
+def trainable_params(model) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def build_method(model, method: str, *, lr: float, total_steps: int, sparse_overrides: dict | None = None):
+    """Turn the loaded base `model` into `method`'s trainable model; returns (model, optimizer, info).
+
+    `sparse_overrides` are extra `SparseConfig` fields for the SpIEL methods (bench_step shortens AG's
+    reselection period so gathering and non-gathering steps both occur in its window).
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    family, _ = METHODS[method]
+    info: dict = {}
+    if family == "floor":
+        model.requires_grad_(False)
+        return model, None, info
+    if family == "full":
+        model.requires_grad_(True)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+        return model, optimizer, info
+    if family == "spiel":
+        import sparse_plugin
+        from sparse_plugin import SM3, SparseAdamW, SparseConfig
+
+        budget = {"density": ONE_PERCENT} if method.endswith("-1pct") else {"lora_rank_equivalent": LORA_RANK}
+        regrow = "ag" if method == "spiel-ag" else "ma"
+        config = SparseConfig(regrow=regrow, **budget, **(sparse_overrides or {}))
+        model = sparse_plugin.prepare_model(model, config)
+        cls = SparseAdamW if regrow == "ag" else SM3
+        optimizer = cls(model, lr=lr, total_steps=total_steps)
+        layers = [layer for _, layer in sparse_plugin.iter_sparse_layers(model)]
+        info["strategies"] = sorted({f"{layer.strategy(torch.float32)}" for layer in layers})
+        from sparse_plugin.kernels.sddmm import pick_grad_path
+
+        info["grad_paths"] = sorted({pick_grad_path(layer.pattern()) for layer in layers})
+        info["sparse_config"] = {k: v for k, v in config.to_dict().items()
+                                 if k in ("density", "lora_rank_equivalent", "regrow", "reselection_steps",
+                                          "selection_accumulation_steps")}
+        return model, optimizer, info
+    from peft import get_peft_model
+
+    if family in ("lora", "dora"):
+        from peft import LoraConfig
+
+        rank = lora_rank_for_density(model, ONE_PERCENT) if method.endswith("-1pct") else LORA_RANK
+        peft_config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules="all-linear",
+                                 use_dora=family == "dora", task_type="CAUSAL_LM")
+        info["rank"] = rank
+    else:  # shira
+        from peft import ShiraConfig
+
+        peft_config = ShiraConfig(r=LORA_RANK, target_modules="all-linear", random_seed=0, task_type="CAUSAL_LM")
+    model = get_peft_model(model, peft_config)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    return model, optimizer, info
+
+
+# ---------------------------------------------------------------- environment and driver
+
+
+def environment() -> dict:
+    import transformers
+
+    try:
+        import peft
+
+        peft_version = peft.__version__
+    except ImportError:
+        peft_version = None
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft_version,
+        "python": platform.python_version(),
+        "device": "cpu",
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def run_child(script: Path, method: str, extra: list[str], timeout: float | None = None) -> tuple[list[dict], float | None]:
+    """Run `script --method METHOD --json EXTRA` in a fresh interpreter; its JSON lines, and the share of
+    the machine that other processes used meanwhile. A failure becomes one row with an `error`."""
+    load = OtherLoad()
+    command = [sys.executable, str(script), "--method", method, "--json", *extra]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return [{"method": method, "error": f"timed out after {timeout} s"}], load.share()
+    rows = []
+    for line in done.stdout.splitlines():
+        if line.startswith("{"):
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+    if done.returncode != 0 or not rows:
+        tail = " | ".join(done.stderr.strip().splitlines()[-3:])
+        rows.append({"method": method, "error": f"exit {done.returncode}: {tail[-400:]}"})
+    return rows, load.share()
+
+
+def percentile(samples: list[float], q: float) -> float:
+    """Linear-interpolated percentile, q in [0, 100]."""
+    ordered = sorted(samples)
+    if not ordered:
+        return float("nan")
+    pos = (len(ordered) - 1) * q / 100
+    lo = int(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def ratio(a, b) -> str:
+    if a is None or b is None or not b:
+        return "–"
+    return f"{a / b:.2f}×"
+
+
+def markdown_table(headers: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def header_lines(env: dict, note: str = "") -> str:
+    text = (f"{env['date']} · torch {env['torch']} · transformers {env['transformers']} · peft {env['peft']} · "
+            f"device {env['device']} ({env['cpu']}, {env['cores']} cores, {env['threads']} torch threads)")
+    return text + (f"\n{note}" if note else "")
+
+
+class OtherLoad:
+    """CPU time other processes used while this one ran: /proc/stat busy time minus our own rusage.
+
+    The load average would count this benchmark's own previous runs; this counts only the neighbours.
+    Reported as a share of the machine (1.0 = every core busy with someone else's work). Linux only.
+    """
+
+    def __init__(self):
+        self.start = self._sample()
+
+    @staticmethod
+    def _sample() -> tuple[float, float, float] | None:
+        if resource is None:
+            return None
+        try:
+            fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+            user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
+        except (OSError, ValueError, IndexError):
+            return None
+        busy = (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return time.perf_counter(), busy, usage.ru_utime + usage.ru_stime
+
+    def share(self) -> float | None:
+        end = self._sample()
+        if self.start is None or end is None:
+            return None
+        wall = end[0] - self.start[0]
+        other = (end[1] - self.start[1]) - (end[2] - self.start[2])
+        return max(0.0, other) / (wall * (os.cpu_count() or 1)) if wall > 0 else None
