@@ -83,8 +83,6 @@ def rss_mb() -> float:
 
 def maxrss_mb() -> float:
     """Lifetime peak RSS from getrusage (KiB on Linux, bytes on macOS)."""
-    import resource
-
     value = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return value / (MIB if sys.platform == "darwin" else 1024)
 
@@ -118,20 +116,23 @@ def optimizer_state_bytes(optimizer) -> int:
 
 
 class OtherLoad:
-    """CPU share that other processes used while we ran: /proc/stat busy time minus our own (and our
-    children's) rusage, as a share of the machine (1.0 = every core busy with someone else). Linux only."""
+    """CPU share that other processes used while we ran: /proc/stat busy time minus our own rusage and that of
+    our waited-for children (a driver's subprocesses), as a share of the machine (1.0 = every core busy with
+    someone else's work). The load average would count our own work too; this counts only the neighbours.
+    Linux only (None elsewhere). Also used by bench_layer.py and bench_merge.py (in-process: no children).
+    """
 
     def __init__(self):
         self.start = self._sample()
 
     @staticmethod
-    def _sample():
+    def _sample() -> tuple[float, float, float] | None:
+        if resource is None:
+            return None
         try:
-            import resource
-
             fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
             user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
-        except (OSError, ValueError, IndexError, ImportError):
+        except (OSError, ValueError, IndexError):
             return None
         busy = (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
         own = sum(u.ru_utime + u.ru_stime for u in (resource.getrusage(resource.RUSAGE_SELF),
@@ -322,34 +323,3 @@ def header_lines(env: dict, note: str = "") -> str:
             f"device {env['device']} ({env['cpu']}, {env['cores']} cores, {env['threads']} torch threads)")
     return text + (f"\n{note}" if note else "")
 
-
-class OtherLoad:
-    """CPU time other processes used while this one ran: /proc/stat busy time minus our own rusage.
-
-    The load average would count this benchmark's own previous runs; this counts only the neighbours.
-    Reported as a share of the machine (1.0 = every core busy with someone else's work). Linux only.
-    """
-
-    def __init__(self):
-        self.start = self._sample()
-
-    @staticmethod
-    def _sample() -> tuple[float, float, float] | None:
-        if resource is None:
-            return None
-        try:
-            fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
-            user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
-        except (OSError, ValueError, IndexError):
-            return None
-        busy = (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-        usage = resource.getrusage(resource.RUSAGE_SELF)
-        return time.perf_counter(), busy, usage.ru_utime + usage.ru_stime
-
-    def share(self) -> float | None:
-        end = self._sample()
-        if self.start is None or end is None:
-            return None
-        wall = end[0] - self.start[0]
-        other = (end[1] - self.start[1]) - (end[2] - self.start[2])
-        return max(0.0, other) / (wall * (os.cpu_count() or 1)) if wall > 0 else None

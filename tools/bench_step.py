@@ -23,13 +23,20 @@ Measured per method:
   `state_vs_adamw` divides it by 8 bytes × trainable params (torch AdamW's two fp32 moments).
 * `other_load`: share of the machine other processes used while the method ran (noise indicator).
 
+Paired mode (`--pairs`): on a shared machine whose speed drifts by ±20% between processes, the robust
+ratio is A and B in one process on two model copies, stepping alternately (A B B A ...); the table gives
+the median of the per-step ratios A_i/B_i with p10/p90 (AG: by step kind). `--threads 1` keeps timings sane
+when other processes load the cores (two OpenMP threads then stall each other, up to 6× slower);
+`--max-other-load 0.1` reruns a method whose run saw other processes use over 10% of the machine.
+
 Usage (from the repository root):
 
-    .venv/bin/python tools/bench_step.py                      # all methods, ~6-8 min on 2 CPU cores
-    .venv/bin/python tools/bench_step.py --json --rounds 2    # JSON lines too; two passes, order reversed
+    .venv/bin/python tools/bench_step.py                      # all methods, ~6-8 min on 2 idle CPU cores
+    .venv/bin/python tools/bench_step.py --json --rounds 2 --steps 12 --warmup 2 --max-other-load 0.1
+    .venv/bin/python tools/bench_step.py --methods none --pairs default --steps 16 --warmup 2
     .venv/bin/python tools/bench_step.py --quick              # smoke run: 1 warm-up + 6 steps
-    .venv/bin/python tools/bench_step.py --methods spiel-ma,lora-r16 --steps 30
-    .venv/bin/python tools/bench_step.py --method spiel-ma --profile   # where a SpIEL step's time goes
+    .venv/bin/python tools/bench_step.py --methods spiel-ma,lora-r16 --steps 30 --merge earlier.jsonl
+    .venv/bin/python tools/bench_step.py --method spiel-ma --profile --warmup 2 --steps 3   # where the time goes
 """
 
 from __future__ import annotations
@@ -268,6 +275,7 @@ def labelled_regions():
     """Wrap our layer's pieces in `record_function` labels (this process only; the library is unchanged)."""
     import sparse_plugin.kernels.sddmm as sddmm
     import sparse_plugin.layer as layer
+    import sparse_plugin.selection.spiel as spiel
     from sparse_plugin.optim.sm3 import SM3
     from sparse_plugin.optim.sparse_adamw import SparseAdamW
 
@@ -294,6 +302,8 @@ def labelled_regions():
         label(layer.SparseDeltaLinear, "strategy", "sp::layer.strategy"),
         label(SM3, "_update", "sp::SM3._update"),
         label(SparseAdamW, "_update", "sp::SparseAdamW._update"),
+        label(spiel.GradientGatherer, "__call__", "sp::AG gather (top-k, sums, norms)"),
+        label(spiel.SpielSelector, "reselect", "sp::prune/regrow round"),
     ]
     try:
         yield
@@ -324,6 +334,26 @@ def profile(method: str, warmup: int, steps: int, rows: int) -> str:
         table.append([e.key, e.count // steps, f"{e.cpu_time_total / steps / 1e3:.1f}",
                       f"{100 * e.cpu_time_total / total:.1f}%" if total else "–"])
     lines.append(markdown_table(["region", "calls/step", "ms/step", "share of step"], table))
+    lines += ["", "Inside each sp:: region: self time of the ops it ran (per step, top 6):", ""]
+    inside: dict[str, dict[str, float]] = {}
+
+    def walk(event, into):
+        for child in event.cpu_children:
+            if child.name.startswith("sp::"):
+                continue  # nested labelled regions are reported on their own
+            into[child.name] = into.get(child.name, 0.0) + child.self_cpu_time_total
+            walk(child, into)
+
+    for event in prof.events():
+        if event.name.startswith("sp::"):
+            into = inside.setdefault(event.name, {})
+            into["(own python)"] = into.get("(own python)", 0.0) + event.self_cpu_time_total
+            walk(event, into)
+    table = []
+    for region, ops in sorted(inside.items(), key=lambda kv: -sum(kv[1].values())):
+        top = sorted(ops.items(), key=lambda kv: -kv[1])[:6]
+        table.append([region, "; ".join(f"{name} {value / steps / 1e3:.1f}" for name, value in top)])
+    lines.append(markdown_table(["region", "op: self ms/step"], table))
     lines += ["", f"Top {rows} aten ops by self CPU time (per step):", ""]
     table = []
     aten = [e for e in events if not e.key.startswith(("sp::", "bench::", "ProfilerStep"))]
