@@ -7,17 +7,14 @@ Transformers has no public way to add an optimizer name: `TrainingArguments` con
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
 
 from ..io import save_adapter
-from ..model import iter_sparse_layers
+from ..model import iter_sparse_layers, require_sparse_layers
 from ..optim import SM3, SparseAdamW
-
-logger = logging.getLogger(__name__)
 
 SPARSE_OPTIMIZERS = {"spiel_sm3": SM3, "spiel_adamw": SparseAdamW}
 # optim_args keys each optimizer accepts, with their types (everything else comes from TrainingArguments).
@@ -104,8 +101,7 @@ class SparseCallback(TrainerCallback):
     """
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        if model is None or not any(True for _ in iter_sparse_layers(model)):
-            raise ValueError("SparseCallback: the model has no sparse layers; call `sparse_plugin.prepare_model` first.")
+        require_sparse_layers(model)
         sparse = _sparse_optimizer(optimizer)
         if sparse is not None and sparse.selector is not None:
             sparse.selector.total_steps = state.max_steps

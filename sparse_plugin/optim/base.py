@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from ..layer import SparseDeltaLinear
-from ..model import iter_sparse_layers
+from ..model import iter_sparse_layers, require_sparse_layers
+from ..selection.spiel import SpielSelector
 
 
 class SparseOptimizer(torch.optim.Optimizer):
@@ -26,12 +27,7 @@ class SparseOptimizer(torch.optim.Optimizer):
 
     def __init__(self, params, defaults: dict, model: nn.Module | None = None, total_steps: int | None = None):
         if isinstance(params, nn.Module):
-            model, params = params, [layer.values for _, layer in iter_sparse_layers(params)]
-            if not params:
-                raise ValueError(
-                    f"{type(self).__name__} found no sparse layers in the model; call "
-                    "`sparse_plugin.prepare_model(model, SparseConfig(...))` first."
-                )
+            model, params = params, [layer.values for _, layer in require_sparse_layers(params)]
         super().__init__(params, defaults)
         self._layers: dict[int, SparseDeltaLinear] = {}
         if model is not None:
@@ -41,8 +37,6 @@ class SparseOptimizer(torch.optim.Optimizer):
         self.selector = None
         config = getattr(model, "sparse_config", None)
         if model is not None and config is not None and config.method == "spiel" and self._layers:
-            from ..selection.spiel import SpielSelector
-
             self.selector = SpielSelector(model, config, self, total_steps)
 
     def layer_of(self, param: torch.Tensor) -> SparseDeltaLinear | None:

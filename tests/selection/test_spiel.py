@@ -107,13 +107,19 @@ def _train(model, optimizer, batches, accumulation=1):
         optimizer.zero_grad()
 
 
+def _record_gathering_steps(monkeypatch, opt) -> list[int]:
+    """The optimizer step (1-based) of every GradientGatherer call, one entry per layer and micro-batch."""
+    seen = []
+    original = GradientGatherer.__call__
+    monkeypatch.setattr(GradientGatherer, "__call__", lambda self, grad: (seen.append(opt.completed_steps + 1), original(self, grad)))
+    return seen
+
+
 def test_dense_gradient_only_on_gathering_steps(tiny_model, monkeypatch):
     config = SparseConfig(density=0.05, regrow="ag", reselection_steps=4, selection_accumulation_steps=2)
     model = prepare_model(tiny_model, config)
     opt = SparseAdamW(model, lr=1e-2, total_steps=7)
-    seen = []
-    original = GradientGatherer.__call__
-    monkeypatch.setattr(GradientGatherer, "__call__", lambda self, grad: (seen.append(opt.completed_steps + 1), original(self, grad)))
+    seen = _record_gathering_steps(monkeypatch, opt)
     _train(model, opt, [torch.randint(0, 97, (2, 8))] * 7)
     assert sorted(set(seen)) == [3, 4]  # the round after step 8 is past the end, so steps 7-8 gather nothing
     assert all(layer.grad_collector is None for _, layer in iter_sparse_layers(model))
@@ -138,9 +144,7 @@ def test_ag_gathers_every_micro_batch_of_gathering_steps(tiny_model, monkeypatch
     config = SparseConfig(density=0.05, regrow="ag", reselection_steps=3, selection_accumulation_steps=2)
     model = prepare_model(tiny_model, config)
     opt = SparseAdamW(model, lr=1e-2, total_steps=10)
-    seen = []
-    original = GradientGatherer.__call__
-    monkeypatch.setattr(GradientGatherer, "__call__", lambda self, grad: (seen.append(opt.completed_steps + 1), original(self, grad)))
+    seen = _record_gathering_steps(monkeypatch, opt)
     batches = [torch.randint(0, 97, (6, 8)) for _ in range(3)]
     _train(model, opt, batches, accumulation=3)
     layers = len(list(iter_sparse_layers(model)))
