@@ -19,6 +19,7 @@ FORWARD_STRATEGIES = ("auto", "additive", "merged")
 REGROW_METHODS = ("ma", "ag")
 RESELECTION_SCHEDULES = ("linear", "cosine")
 ALL_LINEAR = "all-linear"
+SMT_DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj")
 
 
 @dataclass
@@ -34,9 +35,10 @@ class SparseConfig:
             to their size.
         lora_rank_equivalent (`int`, *optional*): set `num_params` to what LoRA of this rank would train
             on the same targets, `r * (in + out)` summed over them.
-        target_modules (`str` or `list[str]`, defaults to `"all-linear"`): a list of module-name suffixes
+        target_modules (`str` or `list[str]`, *optional*): a list of module-name suffixes
             (`["q_proj", "v_proj"]`), a regular expression matched against the full module name, or
-            `"all-linear"` for every `nn.Linear` except the output head.
+            `"all-linear"` for every `nn.Linear` except the output head. Defaults to `"all-linear"`, and to
+            `["q_proj", "k_proj", "v_proj"]` for SMT as in its paper.
         values_dtype (`str`, defaults to `"float32"`): dtype of the trained values; fp32 keeps tiny
             updates that a bf16 copy of the base would round away.
         seed (`int`, defaults to `0`): seed of the random initial indices.
@@ -54,6 +56,13 @@ class SparseConfig:
             the first round, in [0, 1]; it decays to 0 at the end of training.
         reselection_schedule (`str`, defaults to `"linear"`): decay of that share, `"linear"` (the SpIEL
             reference) or `"cosine"`.
+        block_size (`int`, defaults to `256`): SMT's block edge, clamped to each matrix; blocks at the edges of
+            dimensions that are not multiples are smaller.
+        warmup_steps (`int`, *optional*): SMT's optimizer steps of gradient statistics (no updates) before the
+            blocks are chosen; defaults to 10% of the run, at most 100 (the paper's value).
+        selection_steps (`int`, defaults to `4`): SIFT's micro-batches of accumulated gradient before the
+            positions are chosen; selection happens at the end of the optimizer step that holds the last one,
+            and that step already updates the chosen positions.
 
     Example:
         ```python
@@ -67,7 +76,7 @@ class SparseConfig:
     density: float | None = None
     num_params: int | None = None
     lora_rank_equivalent: int | None = None
-    target_modules: str | list[str] = ALL_LINEAR
+    target_modules: str | list[str] | None = None
     values_dtype: str = "float32"
     seed: int = 0
     forward_strategy: str = "auto"
@@ -77,6 +86,9 @@ class SparseConfig:
     selection_accumulation_steps: int = 5
     initial_reselection_rate: float = 0.2
     reselection_schedule: str = "linear"
+    block_size: int = 256
+    warmup_steps: int | None = None
+    selection_steps: int = 4
 
     def __post_init__(self) -> None:
         _check_choice("method", self.method, METHODS)
@@ -109,8 +121,10 @@ class SparseConfig:
     def _check_selection(self) -> None:
         _check_choice("regrow", self.regrow, REGROW_METHODS)
         _check_choice("reselection_schedule", self.reselection_schedule, RESELECTION_SCHEDULES)
-        for name in ("reselection_steps", "selection_accumulation_steps"):
+        for name in ("reselection_steps", "selection_accumulation_steps", "block_size", "warmup_steps", "selection_steps"):
             value = getattr(self, name)
+            if name == "warmup_steps" and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
         if self.selection_accumulation_steps > self.reselection_steps:
@@ -124,6 +138,8 @@ class SparseConfig:
         self.initial_reselection_rate = float(rate)
 
     def _check_targets(self) -> None:
+        if self.target_modules is None:
+            self.target_modules = list(SMT_DEFAULT_TARGETS) if self.method == "smt" else ALL_LINEAR
         targets = self.target_modules
         if isinstance(targets, str):
             if targets == ALL_LINEAR:
