@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .kernels.scatter import scatter_add_, scatter_set_
-from .kernels.sddmm import SparsePattern, delta_matmul, delta_matmul_t, values_grad
+from .kernels.blocks import BlockPattern, block_grid, tiles_whole_blocks
+from .kernels.sddmm import SparsePattern
 
 # Measured by tools/bench_layer.py (torch 2.13 CPU, 2 cores, fp32, fwd+bwd): merged costs two copies of
 # W0 per step, additive two CSR products costing ~density·tokens·out·in. At 0.5% merged was 0.45-0.80× the
@@ -29,15 +30,16 @@ class SparseLinearFunction(torch.autograd.Function):
 
     Only `x` and `values` get gradients: dx, and dvalues[p] = Σ_t dy[t, i_p] · x[t, j_p]. The merged
     weight is rebuilt in backward rather than saved, so no dense weight copy outlives the call. With a
-    `collector` (set on selection-gathering steps only) backward forms this layer's dense weight gradient
-    dyᵀx once, hands it to the collector, gathers the values' gradient from it and frees it.
+    `collector` (set while a selection method gathers statistics) backward forms this layer's dense weight
+    gradient dyᵀx once and hands it to the collector, which returns the values' gradient (or None: no update
+    while a method is still choosing positions); the dense gradient is freed at once.
     """
 
     @staticmethod
     def forward(ctx, x, values, pattern, base_weight, bias, grad_path, collector=None):
         x2 = x.reshape(-1, x.shape[-1])
         if base_weight is None:
-            out = delta_matmul(x2, values, pattern).to(x.dtype)
+            out = pattern.matmul(x2, values).to(x.dtype)
         else:
             out = F.linear(x2, _merged_weight(base_weight, values, pattern, x.dtype), bias)
         ctx.save_for_backward(x, values, base_weight)
@@ -52,17 +54,15 @@ class SparseLinearFunction(torch.autograd.Function):
         dx = dvalues = None
         if ctx.needs_input_grad[0]:
             if base_weight is None:
-                dx2 = delta_matmul_t(dy2, values, ctx.pattern)
+                dx2 = ctx.pattern.matmul_t(dy2, values)
             else:
                 dx2 = dy2 @ _merged_weight(base_weight, values, ctx.pattern, dy.dtype)
             dx = dx2.to(x.dtype).view_as(x)
         if ctx.collector is not None:
-            dense = (dy2.t() @ x2).float()
-            ctx.collector(dense)
-            dvalues = dense.view(-1).index_select(0, ctx.pattern.indices).to(values.dtype)
-            del dense
+            dvalues = ctx.collector((dy2.t() @ x2).float())
+            dvalues = None if dvalues is None else dvalues.to(values.dtype)
         elif ctx.needs_input_grad[1]:
-            dvalues = values_grad(dy2, x2, ctx.pattern, ctx.grad_path).to(values.dtype)
+            dvalues = ctx.pattern.values_grad(dy2, x2, ctx.grad_path).to(values.dtype)
         return dx, dvalues, None, None, None, None, None
 
 
@@ -90,6 +90,8 @@ class SparseDeltaLinear(nn.Module):
         indices (`torch.Tensor`): sorted unique flat positions in the (out × in) weight.
         values_dtype (`torch.dtype`, defaults to `torch.float32`): dtype of the trained values.
         forward_strategy (`str`, defaults to `"auto"`): `"additive"`, `"merged"` or `"auto"`.
+        block_size (`int`, *optional*): SMT's block edge; while the indices tile whole blocks of that grid,
+            the products run as block GEMMs.
 
     Attributes:
         base_layer: the wrapped module. indices: `int64` buffer. values: the `nn.Parameter` of the delta,
@@ -102,17 +104,20 @@ class SparseDeltaLinear(nn.Module):
         indices: torch.Tensor,
         values_dtype: torch.dtype = torch.float32,
         forward_strategy: str = "auto",
+        block_size: int | None = None,
     ):
         super().__init__()
         self.base_layer = base_layer
         self.in_features = base_layer.in_features
         self.out_features = base_layer.out_features
         self.forward_strategy = forward_strategy
+        self.block_size = block_size
         device = base_layer.weight.device
         self.register_buffer("indices", indices.to(device=device, dtype=torch.int64))
         self.values = nn.Parameter(torch.zeros(indices.numel(), dtype=values_dtype, device=device))
         self.merged = False
-        # Called with the dense weight gradient inside backward while a selection method gathers statistics.
+        # Called with the dense weight gradient inside backward while a selection method gathers statistics;
+        # returns the values' gradient or None.
         self.grad_collector = None
         self._merged_base_values: torch.Tensor | None = None
         self._pattern_key: tuple | None = None
@@ -123,11 +128,32 @@ class SparseDeltaLinear(nn.Module):
         return (self.out_features, self.in_features)
 
     def pattern(self) -> SparsePattern:
-        """CSR structure of the current indices, rebuilt only when they change (in place or replaced)."""
+        """Structure of the current indices (a `BlockPattern` when they tile SMT blocks), rebuilt only when
+        they change (in place or replaced)."""
         key = (self.indices.data_ptr(), self.indices._version, self.indices.numel())
         if key != self._pattern_key:
-            self._pattern, self._pattern_key = SparsePattern(self.indices, self.shape), key
+            block = block_grid(self.shape, self.block_size) if self.block_size else None
+            if block is not None and tiles_whole_blocks(self.indices, self.shape, block):
+                self._pattern = BlockPattern(self.indices, self.shape, block)
+            else:
+                self._pattern = SparsePattern(self.indices, self.shape)
+            self._pattern_key = key
         return self._pattern
+
+    @torch.no_grad()
+    def set_indices(self, indices: torch.Tensor) -> None:
+        """Train a new set of positions (any count), all starting at Δ = 0; the `values` Parameter object stays
+        the same (optimizers keep referring to it), only its data is replaced."""
+        self.indices = indices.to(device=self.indices.device, dtype=torch.int64)
+        self.values.data = torch.zeros(indices.numel(), dtype=self.values.dtype, device=self.values.device)
+        self.values.grad = None
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A checkpoint of a method that changes per-layer counts (SMT) loads into a freshly prepared model.
+        incoming = state_dict.get(prefix + "indices")
+        if incoming is not None and incoming.shape != self.indices.shape:
+            self.set_indices(incoming)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def strategy(self, compute_dtype: torch.dtype) -> str:
         """The forward strategy for this call: the configured one, or the measured rule for `"auto"`.
@@ -151,7 +177,7 @@ class SparseDeltaLinear(nn.Module):
     # still compiles.
     @torch.compiler.disable
     def forward(self, x: torch.Tensor, grad_path: str = "auto") -> torch.Tensor:
-        if self.merged:
+        if self.merged or self.indices.numel() == 0:
             return self.base_layer(x)
         device_type = x.device.type
         # Under autocast the base runs as autocast says; the delta runs in the autocast dtype explicitly.

@@ -125,10 +125,11 @@ def wrap_targets(model: nn.Module, indices: dict[str, torch.Tensor], config: Spa
     """Freeze `model` and wrap the named Linear modules with the given indices (used by `load_adapter`)."""
     model.requires_grad_(False)
     values_dtype = getattr(torch, config.values_dtype)
+    block_size = config.block_size if config.method == "smt" else None
     for name, idx in indices.items():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        layer = SparseDeltaLinear(getattr(parent, child), idx, values_dtype, config.forward_strategy)
+        layer = SparseDeltaLinear(getattr(parent, child), idx, values_dtype, config.forward_strategy, block_size)
         setattr(parent, child, layer)
     model.sparse_config = config
     return model

@@ -44,6 +44,16 @@ class SparsePattern:
             warnings.simplefilter("ignore", UserWarning)
             return torch.sparse_csr_tensor(self.crow, self.cols, values, self.shape, check_invariants=False)
 
+    # The three products the layer needs; `BlockPattern` overrides them with block GEMMs.
+    def matmul(self, x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        return delta_matmul(x, values, self)
+
+    def matmul_t(self, dy: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        return delta_matmul_t(dy, values, self)
+
+    def values_grad(self, dy: torch.Tensor, x: torch.Tensor, path: str = "auto") -> torch.Tensor:
+        return values_grad(dy, x, self, path)
+
 
 def values_grad_dense(dy: torch.Tensor, x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """Reference: the dense per-layer gradient dyᵀx, gathered at `indices`, then freed."""

@@ -8,17 +8,17 @@ from torch import nn
 
 from ..layer import SparseDeltaLinear
 from ..model import iter_sparse_layers, require_sparse_layers
-from ..selection.spiel import SpielSelector
+from ..selection import make_selector
 
 
 class SparseOptimizer(torch.optim.Optimizer):
     """Base of `SM3` and `SparseAdamW`: a plain `torch.optim.Optimizer` that also owns the selection schedule.
 
     `params` is either a model prepared with `prepare_model` (its `values` are trained) or the usual
-    iterable of parameters / param groups, with `model=` naming the model they belong to. With a model whose
-    `sparse_config.method` is `"spiel"`, every `step()` ends by advancing the prune/regrow schedule, so a
-    plain training loop (or the HF Trainer) needs nothing else; `total_steps` sets the horizon over which the
-    reselection rate decays (the `SparseCallback` fills it in from the Trainer).
+    iterable of parameters / param groups, with `model=` naming the model they belong to. With a model that
+    has a `sparse_config`, every `step()` ends by advancing its method's selection schedule (SpIEL's
+    prune/regrow, SMT's and SIFT's one-time choice), so a plain training loop (or the HF Trainer) needs nothing
+    else; `total_steps` is the run length the schedules need (the `SparseCallback` fills it in from the Trainer).
     """
 
     # Names of the state tensors with one entry per trained position (subclasses set them); `_update(param,
@@ -36,8 +36,8 @@ class SparseOptimizer(torch.optim.Optimizer):
             group.setdefault("sparse_step", 0)
         self.selector = None
         config = getattr(model, "sparse_config", None)
-        if model is not None and config is not None and config.method == "spiel" and self._layers:
-            self.selector = SpielSelector(model, config, self, total_steps)
+        if model is not None and config is not None and self._layers:
+            self.selector = make_selector(model, config, self, total_steps)
 
     def layer_of(self, param: torch.Tensor) -> SparseDeltaLinear | None:
         """The `SparseDeltaLinear` whose `values` this is, or None for a plain parameter."""

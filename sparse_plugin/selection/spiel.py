@@ -19,12 +19,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
-from torch import nn
 
-from ..config import SparseConfig
 from ..layer import SparseDeltaLinear
-from ..model import iter_sparse_layers
+from .base import Selector
+from .distributed import summed
 from .schedule import is_gathering_step, is_reselection_step, reselection_rate
 
 # Elements of one chunk of MA scores (16 MiB of fp32): bounds memory for any matrix size.
@@ -94,23 +92,12 @@ def top_outer_scores(row: torch.Tensor, col: torch.Tensor, exclude: torch.Tensor
     return best_pos[valid], best_score[valid]
 
 
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _all_reduce(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum over ranks in place (a copy is the caller's business); identity in a single process."""
-    if _distributed():
-        dist.all_reduce(tensor)
-    return tensor
-
-
 class GradientGatherer:
     """AG statistics of one layer, fed the dense weight gradient of each gathering micro-batch.
 
     The first call fixes the candidates (top-k |g|, k = trained positions, over all positions); every call
     adds the gradient at the candidates. It also sums ‖g_active‖² and ‖g‖² for the logged share of the
-    gradient that the trained positions capture.
+    gradient that the trained positions capture. Returns the values' gradient, gathered from the dense one.
     """
 
     def __init__(self, layer: SparseDeltaLinear):
@@ -121,19 +108,19 @@ class GradientGatherer:
         self.total_sq = 0.0
 
     @torch.no_grad()
-    def __call__(self, dense_grad: torch.Tensor) -> None:
+    def __call__(self, dense_grad: torch.Tensor) -> torch.Tensor:
         flat = dense_grad.view(-1)
         if self.candidates is None:
-            global_grad = _all_reduce(flat.clone()) if _distributed() else flat
+            global_grad = summed(flat)
             self.candidates = torch.topk(global_grad.abs(), self.layer.indices.numel(), sorted=False).indices.sort().values
             self.sums = torch.zeros(self.candidates.numel(), dtype=torch.float32, device=flat.device)
         self.sums += flat[self.candidates]
         self.active_sq += float(flat[self.layer.indices].square().sum())
         self.total_sq += float(flat.square().sum())
+        return flat.index_select(0, self.layer.indices)
 
     def candidate_fn(self) -> CandidateFn:
-        sums = _all_reduce(self.sums.clone())
-        scores = sums.abs()
+        scores = summed(self.sums).abs()
 
         def candidates(remaining: torch.Tensor, count: int):
             outside = ~torch.isin(self.candidates, remaining)
@@ -142,25 +129,17 @@ class GradientGatherer:
         return candidates
 
 
-class SpielSelector:
-    """Runs SpIEL's schedule for an optimizer: gathering on AG steps, prune/regrow every R steps.
+class SpielSelector(Selector):
+    """SpIEL's schedule: gathering on AG steps, prune/regrow every `reselection_steps` optimizer steps."""
 
-    Owned by `SM3`/`SparseAdamW` (created when the model's `sparse_config.method` is `"spiel"`) and advanced
-    by their `step()`, so the schedule counts optimizer steps whatever the gradient accumulation.
-    """
-
-    def __init__(self, model: nn.Module, config: SparseConfig, optimizer, total_steps: int | None = None):
+    def __init__(self, model, config, optimizer, total_steps=None):
         if config.regrow == "ma" and not hasattr(optimizer, "row_col_accumulators"):
             raise ValueError(
                 f"`regrow='ma'` scores positions by SM3's accumulators, which {type(optimizer).__name__} does not keep; "
                 "use optim='spiel_sm3' (sparse_plugin.optim.SM3) or set `regrow='ag'`."
             )
-        self.layers = list(iter_sparse_layers(model))
-        self.config = config
-        self.optimizer = optimizer
-        self.total_steps = total_steps
+        super().__init__(model, config, optimizer, total_steps)
         self.gatherers: dict[str, GradientGatherer] = {}
-        self.last_round: dict[str, float] = {}
         self.prepare_next_step()
 
     def prepare_next_step(self) -> None:
@@ -173,21 +152,15 @@ class SpielSelector:
             and is_gathering_step(step, self.config)
             and (self.total_steps is None or is_reselection_step(next_round, self.config, self.total_steps))
         )
-        for key, layer in self.layers:
-            if gather:
-                layer.grad_collector = self.gatherers.setdefault(key, GradientGatherer(layer))
-            else:
-                layer.grad_collector = None
+        if gather:
+            for key, layer in self.layers:
+                self.gatherers.setdefault(key, GradientGatherer(layer))
+        self.set_collectors(self.gatherers if gather else None)
 
     def after_step(self) -> None:
-        step = self.optimizer.completed_steps
-        if self.total_steps is None:
-            raise RuntimeError(
-                "SpIEL needs the training length to decay its reselection rate: pass `total_steps=` to the optimizer, "
-                "set TrainingArguments.max_steps, or add `sparse_plugin.SparseCallback()` to the Trainer."
-            )
-        if is_reselection_step(step, self.config, self.total_steps):
-            self.reselect(reselection_rate(step, self.config, self.total_steps))
+        step, total = self.optimizer.completed_steps, self.require_total_steps()
+        if is_reselection_step(step, self.config, total):
+            self.reselect(reselection_rate(step, self.config, total))
         self.prepare_next_step()
 
     @torch.no_grad()

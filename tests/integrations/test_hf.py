@@ -5,10 +5,11 @@ import json
 import pytest
 import torch
 from datasets import Dataset
-from transformers import Trainer, TrainingArguments
+from transformers import LlamaForCausalLM, Trainer, TrainingArguments
 
 import sparse_plugin
 from sparse_plugin import SM3, SparseAdamW, SparseCallback, SparseConfig, iter_sparse_layers, prepare_model
+from sparse_plugin.cli import main
 from sparse_plugin.io import CONFIG_NAME, WEIGHTS_NAME
 
 from conftest import tiny_llama
@@ -78,10 +79,36 @@ def test_training_writes_adapters_logs_metrics_and_regrows(tmp_path):
     torch.testing.assert_close(reloaded(ids).logits, model.eval()(ids).logits, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("optim, regrow", [("spiel_sm3", "ma"), ("spiel_adamw", "ag")])
-def test_resume_from_checkpoint_continues_like_an_uninterrupted_run(tmp_path, optim, regrow):
+SMT = {"method": "smt", "density": 0.2, "block_size": 16, "warmup_steps": 2}
+SIFT = {"method": "sift", "density": 0.2, "selection_steps": 2}
+
+
+@pytest.mark.parametrize("config", [SMT, SIFT], ids=["smt", "sift"])
+def test_smt_and_sift_train_save_merge_and_reload(tmp_path, config):
+    model = _prepared(**config)
+    base_dir = tmp_path / "base"
+    tiny_llama().save_pretrained(base_dir)
+    args = _args(tmp_path, optim="spiel_adamw", save_strategy="steps", save_steps=3, gradient_accumulation_steps=2)
+    trainer = Trainer(model=model, args=args, train_dataset=_dataset(), callbacks=[SparseCallback()])
+    trainer.train()
+    layers = list(iter_sparse_layers(model))
+    assert all(bool((layer.values != 0).any()) for _, layer in layers if layer.indices.numel())
+    selected = [row for row in trainer.state.log_history if "sparse/trained_values" in row]
+    assert [row["step"] for row in selected] == [config.get("warmup_steps", 1)]
+    out = tmp_path / "out"
+    ids = torch.randint(3, 97, (2, 9))
+    expected = model.eval()(ids).logits
+    torch.testing.assert_close(sparse_plugin.load_adapter(tiny_llama(), out)(ids).logits, expected, atol=1e-5, rtol=1e-5)
+    assert main(["merge", "--base", str(base_dir), "--adapter", str(out), "--output", str(tmp_path / "merged")]) == 0
+    merged = LlamaForCausalLM.from_pretrained(tmp_path / "merged")
+    torch.testing.assert_close(merged(ids).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("optim, config", [("spiel_sm3", {"regrow": "ma"}), ("spiel_adamw", {"regrow": "ag"}),
+                                           ("spiel_adamw", SMT), ("spiel_sm3", SIFT)], ids=["ma", "ag", "smt", "sift"])
+def test_resume_from_checkpoint_continues_like_an_uninterrupted_run(tmp_path, optim, config):
     def run(directory, resume=None, max_steps=6):
-        model = _prepared(regrow=regrow, reselection_steps=2, selection_accumulation_steps=1)
+        model = _prepared(**config)
         args = _args(directory, optim=optim, save_strategy="steps", save_steps=3, max_steps=max_steps)
         trainer = Trainer(model=model, args=args, train_dataset=_dataset(), callbacks=[SparseCallback()])
         trainer.train(resume_from_checkpoint=resume)

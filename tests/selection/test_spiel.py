@@ -9,6 +9,7 @@ from sparse_plugin import SM3, SparseAdamW, SparseConfig, iter_sparse_layers, pr
 from sparse_plugin.layer import SparseDeltaLinear
 from sparse_plugin.selection.schedule import is_gathering_step, is_reselection_step, reselection_rate
 from sparse_plugin.selection.spiel import GradientGatherer, prune_regrow, top_outer_scores
+from training_utils import train
 
 
 def _fixed_candidates(positions, scores):
@@ -99,19 +100,11 @@ def test_gatherer_sums_gradients_at_first_batch_candidates():
     assert gatherer.total_sq == pytest.approx(float(g1.square().sum() + g2.square().sum()))
 
 
-def _train(model, optimizer, batches, accumulation=1):
-    for batch in batches:
-        for micro in batch.chunk(accumulation):
-            (model(micro, labels=micro).loss / accumulation).backward()
-        optimizer.step()
-        optimizer.zero_grad()
-
-
 def _record_gathering_steps(monkeypatch, opt) -> list[int]:
     """The optimizer step (1-based) of every GradientGatherer call, one entry per layer and micro-batch."""
     seen = []
     original = GradientGatherer.__call__
-    monkeypatch.setattr(GradientGatherer, "__call__", lambda self, grad: (seen.append(opt.completed_steps + 1), original(self, grad)))
+    monkeypatch.setattr(GradientGatherer, "__call__", lambda self, grad: (seen.append(opt.completed_steps + 1), original(self, grad))[1])
     return seen
 
 
@@ -120,7 +113,7 @@ def test_dense_gradient_only_on_gathering_steps(tiny_model, monkeypatch):
     model = prepare_model(tiny_model, config)
     opt = SparseAdamW(model, lr=1e-2, total_steps=7)
     seen = _record_gathering_steps(monkeypatch, opt)
-    _train(model, opt, [torch.randint(0, 97, (2, 8))] * 7)
+    train(model, opt, [torch.randint(0, 97, (2, 8))] * 7)
     assert sorted(set(seen)) == [3, 4]  # the round after step 8 is past the end, so steps 7-8 gather nothing
     assert all(layer.grad_collector is None for _, layer in iter_sparse_layers(model))
 
@@ -134,7 +127,7 @@ def test_gradient_accumulation_gives_the_same_ma_selection():
     for accumulation in (1, 2):
         model = prepare_model(tiny_llama(), config)
         opt = SM3(model, lr=1e-2, total_steps=10)
-        _train(model, opt, batches, accumulation)
+        train(model, opt, batches, accumulation)
         results.append([layer.indices.clone() for _, layer in iter_sparse_layers(model)])
     # Equal-length micro-batches: the summed gradient differs only by summation order, far below score gaps.
     assert all(torch.equal(a, b) for a, b in zip(*results))
@@ -146,7 +139,7 @@ def test_ag_gathers_every_micro_batch_of_gathering_steps(tiny_model, monkeypatch
     opt = SparseAdamW(model, lr=1e-2, total_steps=10)
     seen = _record_gathering_steps(monkeypatch, opt)
     batches = [torch.randint(0, 97, (6, 8)) for _ in range(3)]
-    _train(model, opt, batches, accumulation=3)
+    train(model, opt, batches, accumulation=3)
     layers = len(list(iter_sparse_layers(model)))
     assert seen == [2] * 3 * layers + [3] * 3 * layers  # steps 2-3 gather, 3 micro-batches each, every layer
 
@@ -155,7 +148,7 @@ def test_round_keeps_survivors_values_and_moments(tiny_model):
     config = SparseConfig(density=0.05, regrow="ma", reselection_steps=100)
     model = prepare_model(tiny_model, config)
     opt = SM3(model, lr=1e-2, momentum=0.9, total_steps=1000)
-    _train(model, opt, [torch.randint(0, 97, (2, 8))] * 2)
+    train(model, opt, [torch.randint(0, 97, (2, 8))] * 2)
     layers = dict(iter_sparse_layers(model))
     before = {k: (l.indices.clone(), l.values.detach().clone(), opt.state[l.values]["momentum_buffer"].clone()) for k, l in layers.items()}
     metrics = opt.selector.reselect(0.3)
