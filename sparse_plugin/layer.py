@@ -145,7 +145,12 @@ class SparseDeltaLinear(nn.Module):
         """Train a new set of positions (any count), all starting at Δ = 0; the `values` Parameter object stays
         the same (optimizers keep referring to it), only its data is replaced."""
         self.indices = indices.to(device=self.indices.device, dtype=torch.int64)
-        self.values.data = torch.zeros(indices.numel(), dtype=self.values.dtype, device=self.values.device)
+        new = torch.zeros(indices.numel(), dtype=self.values.dtype, device=self.values.device)
+        # Autograd caches a leaf's gradient accumulator with its shape, and a graph still alive from the last
+        # step (the caller's `loss`) keeps it; assigning `.data` drops that cache only on a dtype change, so
+        # pass through another dtype first or the next backward rejects the new shape.
+        self.values.data = new.to(torch.float64 if new.dtype != torch.float64 else torch.float32)
+        self.values.data = new
         self.values.grad = None
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):

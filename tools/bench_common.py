@@ -50,6 +50,8 @@ METHODS = {
     "floor": ("floor", None),
     "spiel-ma": ("spiel", "SM3"),
     "spiel-ag": ("spiel", "SparseAdamW"),
+    "smt": ("smt", "SparseAdamW"),
+    "sift": ("sift", "SparseAdamW"),
     "lora-r16": ("lora", "AdamW"),
     "dora-r16": ("dora", "AdamW"),
     "shira": ("shira", "AdamW"),
@@ -58,8 +60,8 @@ METHODS = {
     "lora-1pct": ("lora", "AdamW"),
 }
 # The LoRA row each method's trainable count equals (for the "matched LoRA" ratio).
-MATCHED_LORA = {"spiel-ma": "lora-r16", "spiel-ag": "lora-r16", "dora-r16": "lora-r16", "shira": "lora-r16",
-                "spiel-ma-1pct": "lora-1pct"}
+MATCHED_LORA = {"spiel-ma": "lora-r16", "spiel-ag": "lora-r16", "smt": "lora-r16", "sift": "lora-r16",
+                "dora-r16": "lora-r16", "shira": "lora-r16", "spiel-ma-1pct": "lora-1pct"}
 
 
 # ---------------------------------------------------------------- memory
@@ -188,8 +190,10 @@ def trainable_params(model) -> int:
 def build_method(model, method: str, *, lr: float, total_steps: int, sparse_overrides: dict | None = None):
     """Turn the loaded base `model` into `method`'s trainable model; returns (model, optimizer, info).
 
-    `sparse_overrides` are extra `SparseConfig` fields for the SpIEL methods (bench_step shortens AG's
-    reselection period so gathering and non-gathering steps both occur in its window).
+    `sparse_overrides` are extra `SparseConfig` fields for the sparse methods (bench_step shortens AG's
+    reselection period so gathering and non-gathering steps both occur in its window, and ends SMT's and
+    SIFT's selection within its warm-up steps). All sparse methods target every linear layer but the head, at
+    LoRA-r16's trainable count (SMT too, though its paper's default is Q/K/V), so rows compare like for like.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
@@ -202,15 +206,15 @@ def build_method(model, method: str, *, lr: float, total_steps: int, sparse_over
         model.requires_grad_(True)
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
         return model, optimizer, info
-    if family == "spiel":
+    if family in ("spiel", "smt", "sift"):
         import sparse_plugin
         from sparse_plugin import SM3, SparseAdamW, SparseConfig
 
         budget = {"density": ONE_PERCENT} if method.endswith("-1pct") else {"lora_rank_equivalent": LORA_RANK}
         regrow = "ag" if method == "spiel-ag" else "ma"
-        config = SparseConfig(regrow=regrow, **budget, **(sparse_overrides or {}))
+        config = SparseConfig(method=family, regrow=regrow, target_modules="all-linear", **budget, **(sparse_overrides or {}))
         model = sparse_plugin.prepare_model(model, config)
-        cls = SparseAdamW if regrow == "ag" else SM3
+        cls = SM3 if METHODS[method][1] == "SM3" else SparseAdamW
         optimizer = cls(model, lr=lr, total_steps=total_steps)
         layers = [layer for _, layer in sparse_plugin.iter_sparse_layers(model)]
         info["strategies"] = sorted({f"{layer.strategy(torch.float32)}" for layer in layers})
@@ -218,8 +222,9 @@ def build_method(model, method: str, *, lr: float, total_steps: int, sparse_over
 
         info["grad_paths"] = sorted({pick_grad_path(layer.pattern()) for layer in layers})
         info["sparse_config"] = {k: v for k, v in config.to_dict().items()
-                                 if k in ("density", "lora_rank_equivalent", "regrow", "reselection_steps",
-                                          "selection_accumulation_steps")}
+                                 if k in ("method", "density", "lora_rank_equivalent", "regrow", "reselection_steps",
+                                          "selection_accumulation_steps", "block_size", "warmup_steps",
+                                          "selection_steps")}
         return model, optimizer, info
     from peft import get_peft_model
 

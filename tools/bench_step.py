@@ -1,4 +1,4 @@
-"""Whole-model training step of SmolLM2-135M-Instruct: SpIEL vs PEFT LoRA / DoRA / SHiRA vs full fine-tuning.
+"""Whole-model training step of SmolLM2-135M-Instruct: SpIEL, SMT, SIFT vs PEFT LoRA / DoRA / SHiRA vs full fine-tuning.
 
 One step = forward + backward + optimizer step + zero_grad on a fixed batch (4 × 128 random token ids, seed 0,
 labels = ids, the same for every method), every linear layer except `lm_head` trained (methods: see
@@ -15,6 +15,8 @@ Measured per method:
 * `spiel-ag` runs with `reselection_steps=4, selection_accumulation_steps=2`, so its window holds gathering
   steps (the backward forms each layer's dense dyᵀx; the first of each period also picks top-k candidates)
   and plain ones; they get separate rows (`gathering` / `non-gathering`, times excluding the round itself).
+* `smt` and `sift` choose their positions on the first warm-up step (`warmup_steps=1` / `selection_steps=1`),
+  so the window measures their steady state: SMT's block GEMMs over the chosen blocks, SIFT's element indices.
 * `peak_mem_mb`: peak RSS during setup + training minus the RSS after the model was loaded (and every
   weight page touched); the kernel's high-water mark is reset after loading (`/proc/self/clear_refs`), so
   loading's transient peak is not counted. `peak_abs_mb` is that peak itself. RSS includes allocator slack
@@ -76,10 +78,13 @@ from bench_common import (  # noqa: E402
 )
 
 BATCH, SEQ = 4, 128
-AG_SCHEDULE = {"reselection_steps": 4, "selection_accumulation_steps": 2}
+# Overrides that put each method's steady state in the measured window: AG both gathers and not; SMT and SIFT
+# finish choosing on the first warm-up step (their selection steps cost a dense per-layer gradient each).
+STEP_OVERRIDES = {"spiel-ag": {"reselection_steps": 4, "selection_accumulation_steps": 2},
+                  "smt": {"warmup_steps": 1}, "sift": {"selection_steps": 1}}
 DEFAULT_PAIRS = ["spiel-ma:lora-r16", "spiel-ma:full", "spiel-ag:lora-r16", "spiel-ma-1pct:lora-1pct"]
 TOTAL_STEPS = 1000  # the schedule's horizon: long, so the reselection rate stays near its initial 0.2
-STEP_LR = {"spiel-ma": 1e-3, "spiel-ma-1pct": 1e-3, "spiel-ag": 1e-3, "full": 1e-5}  # others 1e-4
+STEP_LR = {"spiel-ma": 1e-3, "spiel-ma-1pct": 1e-3, "spiel-ag": 1e-3, "smt": 1e-3, "sift": 1e-3, "full": 1e-5}  # others 1e-4
 
 
 def _sparse_layers(model):
@@ -96,9 +101,8 @@ def setup(method: str):
     rss_load = rss_mb()
     peak_reset = reset_peak()
     ids = torch.randint(model.config.vocab_size, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
-    overrides = AG_SCHEDULE if method == "spiel-ag" else None
     model, optimizer, info = build_method(model, method, lr=STEP_LR.get(method, 1e-4), total_steps=TOTAL_STEPS,
-                                          sparse_overrides=overrides)
+                                          sparse_overrides=STEP_OVERRIDES.get(method))
     model.train()
     info.update(rss_after_load_mb=rss_load, peak_reset=peak_reset)
     if method == "floor":
@@ -137,7 +141,8 @@ class Runner:
     def __init__(self, method: str):
         self.method = method
         self.model, self.optimizer, self.inputs, self.info = setup(method)
-        self.selector = getattr(self.optimizer, "selector", None)
+        selector = getattr(self.optimizer, "selector", None)
+        self.selector = selector if selector is not None and selector.config.method == "spiel" else None
         self.round_times: list[float] = []
         if self.selector is not None:  # time each prune/regrow round inside optimizer.step()
             original = self.selector.reselect
@@ -273,6 +278,7 @@ def stats(samples: dict[str, list[float]]) -> dict:
 @contextlib.contextmanager
 def labelled_regions():
     """Wrap our layer's pieces in `record_function` labels (this process only; the library is unchanged)."""
+    import sparse_plugin.kernels.blocks as blocks
     import sparse_plugin.kernels.sddmm as sddmm
     import sparse_plugin.layer as layer
     import sparse_plugin.selection.spiel as spiel
@@ -292,9 +298,12 @@ def labelled_regions():
 
     patches = [
         label(layer, "_merged_weight", "sp::merged_weight (W0 copy + scatter_add)"),
-        label(layer, "delta_matmul", "sp::delta_matmul (CSR x·Δᵀ)"),
-        label(layer, "delta_matmul_t", "sp::delta_matmul_t (CSR dy·Δ)"),
-        label(layer, "values_grad", "sp::values_grad"),
+        label(sddmm.SparsePattern, "matmul", "sp::pattern.matmul (CSR x·Δᵀ)"),
+        label(sddmm.SparsePattern, "matmul_t", "sp::pattern.matmul_t (CSR dy·Δ)"),
+        label(sddmm.SparsePattern, "values_grad", "sp::pattern.values_grad"),
+        label(blocks.BlockPattern, "matmul", "sp::blocks.matmul (block GEMMs x·Δᵀ)"),
+        label(blocks.BlockPattern, "matmul_t", "sp::blocks.matmul_t (block GEMMs dy·Δ)"),
+        label(blocks.BlockPattern, "values_grad", "sp::blocks.values_grad (block GEMMs dyᵀx)"),
         label(sddmm, "values_grad_sampled", "sp::values_grad_sampled (sampled_addmm)"),
         label(sddmm, "values_grad_dense", "sp::values_grad_dense (dyᵀx + gather)"),
         label(sddmm.SparsePattern, "csr", "sp::pattern.csr"),

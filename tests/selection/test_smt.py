@@ -149,3 +149,14 @@ def test_plain_loop_without_run_length_asks_for_it():
     opt = SparseAdamW(model, lr=1e-2)
     with pytest.raises(RuntimeError, match="SMT needs the training length"):
         train(model, opt, [torch.randint(0, 97, (2, 6))])
+
+
+def test_training_goes_on_when_the_counts_change_under_a_live_graph():
+    # `train` keeps the last step's loss (and so its graph) alive into the next forward: the values' new size
+    # must still be accepted by the next backward.
+    _, model = _smt_model(warmup_steps=1, density=0.05, block_size=16)
+    opt = SparseAdamW(model, lr=1e-2)
+    train(model, opt, [torch.randint(0, 97, (2, 8), generator=torch.Generator().manual_seed(s)) for s in range(3)])
+    counts = [layer.indices.numel() for _, layer in iter_sparse_layers(model)]
+    assert 0 in counts and any(c % 256 == 0 and c for c in counts)  # some layers lose all, others gain blocks
+    assert all(bool((layer.values != 0).all()) for _, layer in iter_sparse_layers(model) if layer.indices.numel())
