@@ -1,12 +1,13 @@
 """The main job: a real sparse fine-tune of SmolLM2-135M-Instruct on WordNet definitions, then a merge.
 
 Steps: load the bundled model; wrap every linear layer (not the head) with a sparse delta at the
-LoRA-rank-16-equivalent budget; train with the stock HF `Trainer` and `optim="spiel_sm3"` (SpIEL-MA:
-prune/regrow every 20 steps by SM3's accumulators); report held-out loss before/after; the callback saves
-the adapter; fold it into a new model directory with the `sparse-merge` CLI; reload that directory with plain
-transformers and check its logits against the adapter model; show one generation before and after.
+LoRA-rank-16-equivalent budget; train with the stock HF `Trainer` (by default `optim="spiel_sm3"`, SpIEL-MA:
+prune/regrow every 20 steps by SM3's accumulators; `--method` picks SpIEL-AG, SMT or SIFT with
+`optim="spiel_adamw"`); report held-out loss before/after; the callback saves the adapter; fold it into a new
+model directory with the `sparse-merge` CLI; reload that directory with plain transformers and check its logits
+against the adapter model; show one generation before and after.
 
-    python tools/demo.py [--steps 100] [--output-dir runs/demo]
+    python tools/demo.py [--method spiel-ma|spiel-ag|smt|sift] [--steps 100] [--output-dir runs/demo]
 """
 
 from __future__ import annotations
@@ -29,6 +30,14 @@ import sparse_plugin  # noqa: E402  (importing it registers optim="spiel_sm3")
 from sparse_plugin import SparseCallback, SparseConfig  # noqa: E402
 
 SYSTEM = "You are a concise dictionary."
+# --method: SparseConfig fields, optimizer, and learning rate (the best of tools/bench_quality.py's grid). SMT
+# targets every linear layer here (its paper: Q/K/V) so all methods train the same layers at the same budget.
+METHODS = {
+    "spiel-ma": ({"method": "spiel", "regrow": "ma"}, "spiel_sm3", 1e-2),
+    "spiel-ag": ({"method": "spiel", "regrow": "ag"}, "spiel_adamw", 1e-3),
+    "smt": ({"method": "smt", "target_modules": "all-linear"}, "spiel_adamw", 1e-3),
+    "sift": ({"method": "sift"}, "spiel_adamw", 1e-3),
+}
 
 
 def encode(tokenizer, pair: dict) -> tuple[list[int], list[int]]:
@@ -65,7 +74,7 @@ def generate(model, tokenizer, prompt: str) -> str:
 def make_trainer(model, tokenizer, train_pairs: list[dict], heldout: list[dict], args) -> Trainer:
     training_args = TrainingArguments(
         output_dir=str(args.output_dir / "adapter"),
-        optim="spiel_sm3",
+        optim=METHODS[args.method][1],
         learning_rate=args.lr,
         lr_scheduler_type="linear",
         warmup_steps=10,
@@ -101,13 +110,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=1e-2, help="SM3 learning rate (best of 2e-3, 5e-3, 1e-2 in tools/bench_quality.py)")
+    parser.add_argument("--method", choices=list(METHODS), default="spiel-ma")
+    parser.add_argument("--lr", type=float, help="learning rate (default: the method's best in tools/bench_quality.py)")
     parser.add_argument("--rank", type=int, default=16, help="LoRA rank whose parameter count the sparse budget matches")
     parser.add_argument("--max-length", type=int, default=96)
     parser.add_argument("--heldout", type=int, default=128, help="held-out pairs used for the loss")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output-dir", type=Path, default=Path("runs/demo"))
     args = parser.parse_args(argv)
+    fields, _, default_lr = METHODS[args.method]
+    args.lr = default_lr if args.lr is None else args.lr
     torch.manual_seed(args.seed)
     started = time.perf_counter()
 
@@ -118,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"data: {len(train_pairs):,d} train pairs, {args.heldout} held-out pairs used for evaluation")
     before_text = generate(model, tokenizer, probe)
 
-    config = SparseConfig(method="spiel", regrow="ma", lora_rank_equivalent=args.rank, seed=args.seed)
+    config = SparseConfig(**fields, lora_rank_equivalent=args.rank, seed=args.seed)
     model = sparse_plugin.prepare_model(model, config)
     sparse_plugin.print_trainable_parameters(model)
     trainer = make_trainer(model, tokenizer, train_pairs, heldout, args)
@@ -127,8 +139,13 @@ def main(argv: list[str] | None = None) -> int:
     trainer.train()
     loss_after = trainer.evaluate()["eval_loss"]
     print(f"held-out loss after:  {loss_after:.4f}  ({loss_after - loss_before:+.4f})")
-    regrown = sum(row.get("sparse/regrown", 0) for row in trainer.state.log_history)
-    print(f"SpIEL-MA moved {regrown:,d} of {sum(l.values.numel() for _, l in sparse_plugin.iter_sparse_layers(model)):,d} positions while training")
+    trained = sum(layer.values.numel() for _, layer in sparse_plugin.iter_sparse_layers(model))
+    if config.method == "spiel":
+        regrown = sum(row.get("sparse/regrown", 0) for row in trainer.state.log_history)
+        print(f"{args.method} moved {regrown:,d} of {trained:,d} positions while training")
+    else:
+        chosen = next((row["step"] for row in trainer.state.log_history if "sparse/trained_values" in row), None)
+        print(f"{args.method} chose its {trained:,d} positions at step {chosen}")
 
     adapter_dir, merged_dir = args.output_dir / "adapter", args.output_dir / "merged"  # the callback saved the adapter
     print(f"saved adapter to {adapter_dir} ({sum(f.stat().st_size for f in adapter_dir.iterdir()) / 1e6:.1f} MB)")
