@@ -12,17 +12,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
+import struct
 import uuid
 from importlib.metadata import version as package_version
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .atomic import write_files
 from .config import SparseConfig
 from .layer import SparseDeltaLinear, dense_base_weight
 from .model import require_sparse_layers, iter_sparse_layers, wrap_targets
@@ -32,10 +32,19 @@ CONFIG_NAME = "sparse_config.json"
 WEIGHTS_NAME = "sparse_adapter.safetensors"
 _ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64"}
 _INT32_LIMIT = 2**31
+_MAX_NUMEL = 2**63 - 1  # torch's (int64) limit: no real weight has more entries
+_FLOAT_DTYPES = tuple(_ST_DTYPES)  # the dtypes values and base values may have on disk
 
 
 class AdapterError(ValueError):
-    """An adapter directory, or the base it is applied to, is missing, corrupt or inconsistent."""
+    """An adapter directory, or the base it is applied to, is missing, corrupt or inconsistent.
+
+    The message is always one line (`sparse-merge` prints it as its only output): line breaks inside names read
+    from a hostile file are shown as `\\n`.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__("\\n".join(str(message).splitlines()))
 
 
 @dataclass
@@ -94,8 +103,10 @@ def _base_values(layer: SparseDeltaLinear) -> torch.Tensor | None:
 def save_adapter(model: nn.Module, save_directory: str | os.PathLike, base_model_name_or_path: str | None = None) -> None:
     """Write the model's sparse deltas to `save_directory` (created if needed).
 
-    Each file is written to a temporary name and renamed, so a crash leaves the previous adapter (or none),
-    never half a file; a `save_id` shared by both files exposes a json/safetensors pair from two saves.
+    Both files are written in full under temporary names before either is renamed into place, so a crash
+    or a full disk while writing leaves the previous adapter (or no directory at all), never half a file. A
+    kill between the two renames leaves a json/safetensors pair from two saves, which the `save_id` they
+    share exposes to every reader.
 
     Args:
         model (`nn.Module`): a model prepared with `prepare_model` or `load_adapter`.
@@ -141,29 +152,50 @@ def save_adapter(model: nn.Module, save_directory: str | os.PathLike, base_model
         "config": config.to_dict(),
         "targets": targets,
     }
-    directory = Path(save_directory)
-    directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt", "save_id": save_id}))
-    _atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(meta, indent=2, sort_keys=True)))
-
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    writers = {
+        WEIGHTS_NAME: lambda p: save_file(tensors, p, metadata={"format": "pt", "save_id": save_id}),
+        CONFIG_NAME: lambda p: p.write_text(json.dumps(meta, indent=2, sort_keys=True)),
+    }
+    write_files(Path(save_directory), writers, fix="free space or save to another directory")
 
 
 # --------------------------------------------------------------------------------------------- reading
 
+# The config of a 405B-parameter model's adapter (~900 targets) is ~150 KB; a bound far above that keeps a
+# hostile or mistaken file (a symlink to a dataset, say) from being read into memory whole.
+_MAX_CONFIG_BYTES = 16 * 2**20
+_MAX_QUOTE = 200
+_CORRUPT = "the adapter is corrupt or was edited; save it again"
+
 
 def _fail(where: Path | str, message: str) -> AdapterError:
     return AdapterError(f"{where}: {message}")
+
+
+def quote(value) -> str:
+    """`repr` of a value read from a file, bounded in length so that an error naming it stays short."""
+    text = repr(value)
+    return text if len(text) <= _MAX_QUOTE else f"{text[:_MAX_QUOTE]}..."
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """JSON object hook refusing a repeated key: parsers disagree on which copy wins (Python's and
+    safetensors' keep the last, others the first), so a file with one means different things to different readers."""
+    seen = {}
+    for key, value in pairs:
+        if key in seen:
+            raise ValueError(f"duplicate key {quote(key)}")
+        seen[key] = value
+    return seen
+
+
+def _parse_json(raw: bytes):
+    return json.loads(raw, object_pairs_hook=_unique_keys)
 
 
 def _read_meta(directory: Path) -> dict:
@@ -172,21 +204,31 @@ def _read_meta(directory: Path) -> dict:
         raise _fail(directory, "adapter directory not found; pass the directory that save_adapter wrote")
     if not path.is_file():
         raise _fail(path, f"missing; an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+    with open(path, "rb") as fh:
+        raw = fh.read(_MAX_CONFIG_BYTES + 1)
+    if len(raw) > _MAX_CONFIG_BYTES:
+        raise _fail(path, f"larger than {_MAX_CONFIG_BYTES >> 20} MiB, far beyond any adapter's config; {_CORRUPT}")
     try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as err:
-        raise _fail(path, f"not valid JSON ({err}); the adapter is corrupt, save it again") from None
+        meta = _parse_json(raw)
+    except (ValueError, RecursionError) as err:  # RecursionError: deeply nested arrays
+        raise _fail(path, f"not valid JSON ({type(err).__name__}: {err}); {_CORRUPT}") from None
     if not isinstance(meta, dict):
-        raise _fail(path, "not a JSON object; the adapter is corrupt, save it again")
-    version = meta.get("format")
-    if not isinstance(version, int) or isinstance(version, bool):
-        raise _fail(path, f"`format` is {version!r}, not an integer; the adapter is corrupt, save it again")
-    if version > FORMAT_VERSION:
-        raise _fail(path, f"format {version} is newer than this sparse_plugin reads ({FORMAT_VERSION}); upgrade sparse-plugin")
+        raise _fail(path, f"not a JSON object; {_CORRUPT}")
+    _check_format(path, meta.get("format"))
     for field, kind in (("targets", dict), ("config", dict), ("has_base_values", bool), ("save_id", str)):
         if not isinstance(meta.get(field), kind):
-            raise _fail(path, f"`{field}` is missing or not a {kind.__name__}; the adapter is corrupt, save it again")
+            raise _fail(path, f"`{field}` is missing or not a {kind.__name__}; {_CORRUPT}")
+    if not meta["targets"]:
+        raise _fail(path, f"`targets` is empty, so the adapter changes nothing; {_CORRUPT}")
     return meta
+
+
+def _check_format(path: Path, version) -> None:
+    """Refuse a format this version cannot read: a newer one may store tensors it would silently ignore."""
+    if not _is_int(version) or version < 1:
+        raise _fail(path, f"`format` is {quote(version)}, not a format version (a positive integer); {_CORRUPT}")
+    if version > FORMAT_VERSION:
+        raise _fail(path, f"format {version} is newer than this sparse_plugin reads ({FORMAT_VERSION}); upgrade sparse-plugin")
 
 
 def _read_tensors(directory: Path, save_id: str) -> dict[str, torch.Tensor]:
@@ -194,44 +236,60 @@ def _read_tensors(directory: Path, save_id: str) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise _fail(path, f"missing; an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}")
     try:
+        # safetensors bounds the header (100 MB), checks every offset against the file's size before reading
+        # any data, and refuses overlaps and gaps; it lets a repeated tensor name pass, which _header refuses.
         tensors = load_file(path)
-        with safe_open(path, framework="pt") as fh:
-            file_id = (fh.metadata() or {}).get("save_id")
+        file_id = (_header(path).get("__metadata__") or {}).get("save_id")
     except Exception as err:  # safetensors raises several types for malformed headers and data
-        raise _fail(path, f"not a readable safetensors file ({type(err).__name__}: {err}); the adapter is corrupt, save it again") from None
+        raise _fail(path, f"not a readable safetensors file ({type(err).__name__}: {err}); {_CORRUPT}") from None
     if file_id != save_id:
-        raise _fail(path, f"save_id {file_id!r} differs from {CONFIG_NAME}'s {save_id!r}: the two files come from different saves")
+        raise _fail(path, f"save_id {quote(file_id)} differs from {CONFIG_NAME}'s {save_id!r}: the two files "
+                          "come from different saves (one was interrupted or copied over); save the adapter again")
     return tensors
 
 
+def _header(path: Path) -> dict:
+    """The JSON header of a safetensors file that `load_file` has already accepted (so its length is sane)."""
+    with open(path, "rb") as fh:
+        (length,) = struct.unpack("<Q", fh.read(8))
+        return _parse_json(fh.read(length))
+
+
 def _target_entry(path: Path, key: str, entry) -> tuple[tuple[int, int], int, str]:
-    try:
-        shape = tuple(int(d) for d in entry["shape"])
-        count = int(entry["count"])
-        dtype = str(entry["dtype"])
-    except (TypeError, KeyError, ValueError):
-        raise _fail(path, f"target `{key}` needs `shape`, `count` and `dtype`; the adapter is corrupt, save it again") from None
-    if len(shape) != 2 or min(shape) < 1 or not 0 <= count <= shape[0] * shape[1]:
-        raise _fail(path, f"target `{key}` has shape {list(shape)} and count {count}, which do not fit; save it again")
-    return shape, count, dtype
+    """The recorded (shape, count, base dtype) of one target, refusing anything but exact integers."""
+    if not key.endswith(".weight"):  # else load_adapter would wrap a module it cannot then match, and merge miss it
+        raise _fail(path, f"target {quote(key)} is not a weight's state-dict key (`<module>.weight`); {_CORRUPT}")
+    shape, count, dtype = (entry.get(f) for f in ("shape", "count", "dtype")) if isinstance(entry, dict) else (None,) * 3
+    if not (isinstance(shape, list) and len(shape) == 2 and all(map(_is_int, shape)) and _is_int(count) and isinstance(dtype, str)):
+        raise _fail(path, f"target `{key}` needs `shape` (two integers), `count` (an integer) and `dtype`; {_CORRUPT}")
+    if min(shape) < 1 or shape[0] * shape[1] > _MAX_NUMEL or not 0 <= count <= shape[0] * shape[1]:
+        raise _fail(path, f"target `{key}` has shape {quote(shape)} and count {count}, which do not fit; {_CORRUPT}")
+    return tuple(shape), count, dtype
+
+
+def _check_vector(where: Path | str, name: str, tensor: torch.Tensor, dtypes: tuple[torch.dtype, ...], count: int) -> None:
+    if tensor.dtype not in dtypes or tensor.dim() != 1:
+        allowed = "/".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise _fail(where, f"tensor `{name}` must be 1-D {allowed}, got {tensor.dtype} {list(tensor.shape)}; {_CORRUPT}")
+    if tensor.numel() != count:
+        raise _fail(where, f"tensor `{name}` has {tensor.numel()} entries but the config says {count}; {_CORRUPT}")
 
 
 def validate_delta(where: Path | str, key: str, shape: tuple[int, int], count: int, indices, values, base_values) -> torch.Tensor:
-    """Check one target's tensors against its recorded shape and count; return the indices as int64."""
-    fix = "the adapter is corrupt or was edited; save it again"
-    if indices.dtype not in (torch.int32, torch.int64) or indices.dim() != 1:
-        raise _fail(where, f"tensor `{key}.indices` must be 1-D int32/int64, got {indices.dtype} {list(indices.shape)}; {fix}")
-    if not values.is_floating_point() or values.dim() != 1:
-        raise _fail(where, f"tensor `{key}.values` must be a 1-D float tensor, got {values.dtype} {list(values.shape)}; {fix}")
-    for name, tensor in (("indices", indices), ("values", values), ("base_values", base_values)):
-        if tensor is not None and tensor.numel() != count:
-            raise _fail(where, f"tensor `{key}.{name}` has {tensor.numel()} entries but the config says {count}; {fix}")
+    """Check one target's tensors against its recorded shape and count; return the indices as int64.
+
+    Values must be one of the float dtypes a model is stored in: others (float8, say) have no `isfinite`.
+    """
+    _check_vector(where, f"{key}.indices", indices, (torch.int32, torch.int64), count)
+    for name, tensor in (("values", values), ("base_values", base_values)):
+        if tensor is not None:
+            _check_vector(where, f"{key}.{name}", tensor, _FLOAT_DTYPES, count)
     indices = indices.long()
     numel = shape[0] * shape[1]
     if count and (int(indices.min()) < 0 or int(indices.max()) >= numel):
-        raise _fail(where, f"tensor `{key}.indices` has positions outside [0, {numel}) for shape {list(shape)}; {fix}")
+        raise _fail(where, f"tensor `{key}.indices` has positions outside [0, {numel}) for shape {list(shape)}; {_CORRUPT}")
     if count > 1 and not bool((indices[1:] > indices[:-1]).all()):
-        raise _fail(where, f"tensor `{key}.indices` is not sorted and unique; {fix}")
+        raise _fail(where, f"tensor `{key}.indices` is not sorted and unique; {_CORRUPT}")
     for name, tensor in (("values", values), ("base_values", base_values)):
         if tensor is not None and not bool(torch.isfinite(tensor).all()):
             raise _fail(where, f"tensor `{key}.{name}` holds NaN or inf; retrain from a checkpoint before the divergence")
@@ -239,26 +297,31 @@ def validate_delta(where: Path | str, key: str, shape: tuple[int, int], count: i
 
 
 def read_adapter(adapter_dir: str | os.PathLike) -> Adapter:
-    """Read and validate an adapter directory; raise `AdapterError` naming the first problem found."""
+    """Read and validate an adapter directory; raise `AdapterError` naming the first problem found.
+
+    Symlinked files are followed: the Hugging Face hub cache links every file of a snapshot to `../../blobs/`.
+    Whatever a link points to is validated like any other file, and no error quotes its contents.
+    """
     directory = Path(adapter_dir)
     meta = _read_meta(directory)
     config_path = directory / CONFIG_NAME
     try:
         config = SparseConfig.from_dict(meta["config"])
     except (ValueError, TypeError) as err:
-        raise _fail(config_path, f"invalid `config`: {err}") from None
+        raise _fail(config_path, f"invalid `config` ({err}); {_CORRUPT}") from None
+    entries = {key: _target_entry(config_path, key, entry) for key, entry in meta["targets"].items()}
     tensors = _read_tensors(directory, meta["save_id"])
     suffixes = ("indices", "values", "base_values") if meta["has_base_values"] else ("indices", "values")
-    expected = {f"{key}.{s}" for key in meta["targets"] for s in suffixes}
+    expected = {f"{key}.{s}" for key in entries for s in suffixes}
     if set(tensors) != expected:
         missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
-        raise _fail(directory / WEIGHTS_NAME, f"tensors do not match {CONFIG_NAME} (missing {missing[:3]}, unexpected {extra[:3]}); save it again")
+        raise _fail(directory / WEIGHTS_NAME, f"tensors do not match {CONFIG_NAME} (missing {quote(missing[:3])}, "
+                                              f"unexpected {quote(extra[:3])}); {_CORRUPT}")
     targets = {}
-    for key, entry in meta["targets"].items():
-        shape, count, dtype = _target_entry(config_path, key, entry)
-        base_values = tensors.get(f"{key}.base_values")
-        indices = validate_delta(directory / WEIGHTS_NAME, key, shape, count, tensors[f"{key}.indices"], tensors[f"{key}.values"], base_values)
-        targets[key] = TargetDelta(key, shape, dtype, indices, tensors[f"{key}.values"], base_values)
+    for key, (shape, count, dtype) in entries.items():
+        values, base_values = tensors[f"{key}.values"], tensors.get(f"{key}.base_values")
+        indices = validate_delta(directory / WEIGHTS_NAME, key, shape, count, tensors[f"{key}.indices"], values, base_values)
+        targets[key] = TargetDelta(key, shape, dtype, indices, values, base_values)
     return Adapter(directory, meta, config, targets)
 
 

@@ -2,7 +2,8 @@
 
 One shard is in memory at a time; deltas are scattered with the Triton kernel on CUDA and the torch
 path on CPU. Output is built in a temporary directory beside the target and renamed into place only when
-complete, so a failure or a kill never leaves a partial model where one is expected.
+complete (`atomic.atomic_directory`), so a refusal, a full disk or a kill never leaves a partial model where
+one is expected, and the checkpoint read is never written to.
 """
 
 from __future__ import annotations
@@ -10,10 +11,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,13 +21,15 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .io import Adapter, AdapterError, TargetDelta, fingerprint, read_adapter
+from .atomic import atomic_directory, reporting_disk_full
+from .io import Adapter, AdapterError, TargetDelta, fingerprint, quote, read_adapter
 from .kernels.scatter import scatter_add_, scatter_set_
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 # Weight files of other formats would hold stale, unmerged weights in the output: never copied.
 _OTHER_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".safetensors")
+_DISK_FULL_FIX = "free space or choose another output directory (--output)"
 
 
 @dataclass
@@ -69,6 +70,16 @@ def open_checkpoint(directory: str | os.PathLike) -> Checkpoint:
     directory = Path(directory)
     if not directory.is_dir():
         raise AdapterError(f"{directory}: model directory not found")
+    weight_map = _weight_map(directory)
+    shards = sorted(set(weight_map.values()))
+    for shard in shards:
+        if not (directory / shard).is_file():
+            raise AdapterError(f"{directory / shard}: shard listed in {INDEX_FILE} is missing; re-download or re-save the model")
+    return Checkpoint(directory, shards, weight_map)
+
+
+def _weight_map(directory: Path) -> dict[str, str]:
+    """Tensor name -> shard file, from the index or the single file's header."""
     index = directory / INDEX_FILE
     try:
         if index.is_file():
@@ -86,11 +97,14 @@ def open_checkpoint(directory: str | os.PathLike) -> Checkpoint:
         raise
     except Exception as err:
         raise AdapterError(f"{directory}: unreadable checkpoint ({type(err).__name__}: {err}); re-save it with save_pretrained") from None
-    shards = sorted(set(weight_map.values()))
-    for shard in shards:
-        if not (directory / shard).is_file():
-            raise AdapterError(f"{directory / shard}: shard listed in {INDEX_FILE} is missing; re-download or re-save the model")
-    return Checkpoint(directory, shards, weight_map)
+    for shard in weight_map.values():
+        # Shards sit beside the index. A name like `../x` or `/x` would be read from outside the model and, worse,
+        # written to outside the output directory.
+        if not isinstance(shard, str) or Path(shard).name != shard or shard in ("", ".."):
+            raise AdapterError(
+                f"{index}: shard {quote(shard)} is not a file name in {directory}; re-save the model with save_pretrained"
+            )
+    return weight_map
 
 
 def check_targets(adapter: Adapter, header: dict[str, tuple[tuple[int, ...], str]], force: bool) -> None:
@@ -117,40 +131,63 @@ def check_targets(adapter: Adapter, header: dict[str, tuple[tuple[int, ...], str
             )
 
 
-@contextmanager
-def atomic_directory(output: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield a temporary directory beside `output` that becomes `output` only if the block succeeds."""
-    if output.exists() and not overwrite:
-        raise AdapterError(f"{output}: output directory exists; choose another path or pass --overwrite")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
-    try:
-        yield tmp
-        if output.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".old", dir=output.parent))
-            os.replace(output, trash / "old")
-            os.replace(tmp, output)
-            shutil.rmtree(trash)
-        else:
-            os.replace(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _copy_non_weights(source: Path, dest: Path, shards: list[str]) -> list[str]:
-    """Copy config, tokenizer and other files; return the weight files of other formats left out."""
-    skipped = []
+def _plan_copies(source: Path, shards: list[str]) -> tuple[list[Path], list[str]]:
+    """The other entries of `source` to copy (config, tokenizer, ...) and the weight files of other formats left out."""
+    copies, skipped = [], []
     for entry in sorted(source.iterdir()):
         if entry.name in shards or entry.name.startswith("."):
             continue
         if entry.name.endswith(_OTHER_WEIGHT_SUFFIXES):
             skipped.append(entry.name)
-        elif entry.is_dir():
-            shutil.copytree(entry, dest / entry.name)
         else:
-            shutil.copy2(entry, dest / entry.name)
-    return skipped
+            for path in (entry, *_tree(entry)):
+                _check_link(path)
+            copies.append(entry)
+    return copies, skipped
+
+
+def _tree(entry: Path) -> Iterator[Path]:
+    """Everything under a real (not linked) directory, without following linked directories."""
+    if entry.is_dir() and not entry.is_symlink():
+        for root, dirs, files in os.walk(entry):
+            yield from (Path(root, name) for name in dirs + files)
+
+
+def _check_link(path: Path) -> None:
+    """Refuse a link the merge cannot copy into a self-contained model.
+
+    A linked file is copied as a file, wherever it points: the Hugging Face hub cache links every file of a
+    snapshot into `../../blobs/`. A linked directory is refused: the copy would take in everything under its
+    target (a link to `/` would fill the disk), and hub snapshots never hold one.
+    """
+    if not path.is_symlink():
+        return
+    if not path.exists():
+        raise AdapterError(f"{path}: broken symlink (to {os.readlink(path)}); re-download the model or remove the link")
+    if path.is_dir():
+        raise AdapterError(
+            f"{path}: symlinked directory (to {path.resolve()}); the merge would copy all of it into the output, "
+            "so replace the link with a copy or remove it"
+        )
+
+
+def _copy(entries: list[Path], tmp: Path, output: Path, fix: str) -> None:
+    """Copy `entries` into `tmp` as real files (links followed), reporting a full disk under their final names."""
+    for entry in entries:
+        with reporting_disk_full(output / entry.name, fix):
+            if entry.is_dir():
+                shutil.copytree(entry, tmp / entry.name)
+            else:
+                shutil.copy2(entry, tmp / entry.name)
+
+
+def _check_output(output: Path, source: Path, overwrite: bool) -> None:
+    """Refuse an output inside (or around) the checkpoint read, or an existing one without `overwrite`."""
+    source, resolved = source.resolve(), output.resolve()
+    if resolved == source or source in resolved.parents or resolved in source.parents:
+        raise AdapterError(f"{output}: output must be a new directory outside {source}")
+    if output.exists() and not overwrite:
+        raise AdapterError(f"{output}: output directory exists; choose another path or pass --overwrite")
 
 
 def _resolve_device(device: str) -> torch.device:
@@ -207,23 +244,26 @@ def apply_adapter(
 
     Returns:
         A summary: tensors changed, values applied, shards, seconds, device and, for unmerge, `exact`.
+
+    Raises:
+        AdapterError: the adapter, the checkpoint or the output path is refused; nothing was written.
+        DiskFullError: the disk filled; the output is absent (with `overwrite`: the previous one, intact).
     """
     started = time.perf_counter()
     adapter = read_adapter(adapter_dir)
     checkpoint = open_checkpoint(model_dir)
     output = Path(output_dir).absolute()
-    source = checkpoint.directory.resolve()
-    if output.resolve() == source or source in output.resolve().parents or output.resolve() in source.parents:
-        raise AdapterError(f"{output}: output must be a new directory outside {source}")
+    _check_output(output, checkpoint.directory, overwrite)
     check_targets(adapter, checkpoint.header(), force)
     torch_device = _resolve_device(device)
+    copies, skipped = _plan_copies(checkpoint.directory, checkpoint.shards)
     by_shard: dict[str, list[TargetDelta]] = {}
     for key, target in adapter.targets.items():
         by_shard.setdefault(checkpoint.weight_map[key], []).append(target)
     apply = _unmerge_tensor if unmerge else _merge_tensor
     # disable=None draws the bar only on a terminal, so piped stderr holds nothing but a refusal's one line;
     # the `with` closes (leave=False: erases) the bar before an error propagates to be printed.
-    with atomic_directory(output, overwrite) as tmp, tqdm(
+    with atomic_directory(output, replace=overwrite) as tmp, tqdm(
         total=len(adapter.targets), desc="unmerge" if unmerge else "merge", unit="tensor",
         disable=None if progress else True, leave=False,
     ) as bar:
@@ -237,10 +277,11 @@ def apply_adapter(
                 apply(weight, target, force, path)
                 tensors[target.key] = weight.cpu()
                 bar.update(1)
-            save_file(tensors, tmp / shard, metadata=metadata)
+            with reporting_disk_full(output / shard, _DISK_FULL_FIX):
+                save_file(tensors, tmp / shard, metadata=metadata)
             del tensors
         bar.close()
-        skipped = _copy_non_weights(checkpoint.directory, tmp, checkpoint.shards)
+        _copy(copies, tmp, output, _DISK_FULL_FIX)
     return {
         "tensors": len(adapter.targets),
         "values": sum(t.indices.numel() for t in adapter.targets.values()),

@@ -1,17 +1,25 @@
-"""Builders shared by test_io, test_merge and test_cli: a trained tiny adapter, plain-torch references, checkpoint
-readers, and the hostile adapters (written directly with safetensors / json) that every reader must refuse."""
+"""Builders shared by the io, merge, cli and atomic tests: a trained tiny adapter, plain-torch references, checkpoint
+readers, file-tree digests, stand-ins for a full disk, and the hostile adapters (written directly with safetensors /
+json) that every reader must refuse."""
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
+import os
 import random
+import re
 import shutil
+import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save, save_file
 from transformers import LlamaForCausalLM
 
 from conftest import tiny_llama
@@ -22,6 +30,7 @@ from sparse_plugin.io import CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME
 KEY = "model.layers.0.self_attn.q_proj.weight"
 KEY_NUMEL = 48 * 48
 KEY_COUNT = 115
+IDX, VAL, BASE = f"{KEY}.indices", f"{KEY}.values", f"{KEY}.base_values"
 TOKENS = torch.randint(97, (2, 12), generator=torch.Generator().manual_seed(0))
 
 
@@ -107,6 +116,56 @@ def saved_setup(root: Path, *, dtype: torch.dtype = torch.float32, max_shard_siz
     return Saved(root / "base", root / "adapter", model, state)
 
 
+def snapshot(directory: Path) -> dict[str, str]:
+    """sha256 of every file under `directory`, by relative path: equal snapshots mean nothing was written there."""
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def leftovers(out: Path) -> list[str]:
+    """Temporary (`.OUT.*.tmp`) or trash (`.OUT.*.old`) directories of an atomic write beside `out`."""
+    return sorted(p.name for p in out.parent.glob(f".{out.name}.*"))
+
+
+def hub_cache_layout(directory: Path, blobs: Path) -> None:
+    """Move every file of `directory` into `blobs/` under its sha256 and link it back by a relative path, as the
+    Hugging Face hub cache lays out a snapshot (`snapshots/<rev>/config.json -> ../../blobs/<sha256>`)."""
+    blobs.mkdir(exist_ok=True)
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        blob = blobs / hashlib.sha256(path.read_bytes()).hexdigest()
+        path.replace(blob)
+        path.symlink_to(os.path.relpath(blob, path.parent))
+
+
+# --------------------------------------------------------------------------------------------- a full disk
+
+
+def safetensors_disk_full() -> None:
+    """Raise what safetensors' `save_file` raises on a full disk (seen on a real tmpfs: test_atomic)."""
+    raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+
+def os_disk_full(*_args, **_kwargs) -> None:
+    """Raise what Python's own writes (`write_text`, `shutil.copy2`) raise on a full disk."""
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def save_file_failing_at(call: int, fail: Callable[[], None]):
+    """A stand-in for safetensors' `save_file` that writes normally except on its `call`-th use, where it writes
+    the first half of the file (the part that fit) and then calls `fail()`: raise a full disk, or stall to be killed."""
+    calls = []
+
+    def save_file_(tensors, path, metadata=None):
+        calls.append(path)
+        if len(calls) == call:
+            data = save(tensors, metadata=metadata)
+            Path(path).write_bytes(data[: len(data) // 2])
+            fail()
+        save_file(tensors, path, metadata=metadata)
+
+    return save_file_
+
+
 # --------------------------------------------------------------------------------------------- hostile adapters
 
 
@@ -136,6 +195,40 @@ def edit_meta(fn):
     return edit
 
 
+def _rewrite_header(edit_text):
+    """An edit that replaces the adapter's safetensors header by `edit_text(header_json)`, keeping the data bytes:
+    the way to write headers that safetensors' own writer never would."""
+
+    def edit(directory: Path) -> None:
+        path = directory / WEIGHTS_NAME
+        raw = path.read_bytes()
+        (length,) = struct.unpack("<Q", raw[:8])
+        header = edit_text(raw[8 : 8 + length].decode().rstrip())
+        path.write_bytes(struct.pack("<Q", len(header)) + header.encode() + raw[8 + length :])
+
+    return edit
+
+
+def edit_header(fn):
+    """An edit that rewrites the adapter's safetensors header (a dict) after `fn(header)`."""
+
+    def edit_text(text: str) -> str:
+        header = json.loads(text)
+        fn(header)
+        return json.dumps(header)
+
+    return _rewrite_header(edit_text)
+
+
+def _set_header_length(length: int):
+    def edit(directory: Path) -> None:
+        path = directory / WEIGHTS_NAME
+        raw = path.read_bytes()
+        path.write_bytes(struct.pack("<Q", length(len(raw))) + raw[8:])
+
+    return edit
+
+
 def _set(name: str, position: int, value):
     def fn(tensors):
         tensors[name][position] = value
@@ -143,14 +236,38 @@ def _set(name: str, position: int, value):
     return fn
 
 
+def _replace(name: str, change):
+    """A tensor edit that replaces tensor `name` by `change(tensor)`, or drops it where that is None."""
+
+    def fn(tensors):
+        new = change(tensors[name])
+        if new is None:
+            del tensors[name]
+        else:
+            tensors[name] = new
+
+    return fn
+
+
 def _swap_first_two(tensors):
-    indices = tensors[f"{KEY}.indices"]
+    indices = tensors[IDX]
     indices[[0, 1]] = indices[[1, 0]]
 
 
 def _duplicate_first(tensors):
-    indices = tensors[f"{KEY}.indices"]
+    indices = tensors[IDX]
     indices[1] = indices[0]
+
+
+def _terabyte_values(header):
+    entry = header[VAL]
+    start = entry["data_offsets"][0]
+    entry.update(shape=[2**38], data_offsets=[start, start + 2**40])  # 2^38 fp32 = 1 TiB, in a 100 KB file
+
+
+def _repeat_values_entry(text: str) -> str:
+    """The header with an empty entry for `VAL` first: safetensors keeps the last (real) one and loads fine."""
+    return text.replace("{", "{" + json.dumps(VAL) + ': {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]}, ', 1)
 
 
 def _truncate(directory: Path) -> None:
@@ -163,33 +280,121 @@ def _random_bytes(directory: Path) -> None:
     path.write_bytes(random.Random(0).randbytes(path.stat().st_size))
 
 
+def _pickle(directory: Path) -> None:
+    path = directory / WEIGHTS_NAME
+    tensors = {k: v.clone() for k, v in load_file(path).items()}  # clone: load_file maps the file it reads
+    torch.save(tensors, path)  # what a `.bin` renamed to `.safetensors` holds
+
+
+def _oversized_config(directory: Path) -> None:
+    os.truncate(directory / CONFIG_NAME, 17 * 2**20)  # sparse: no disk used
+
+
+def _duplicate_target(directory: Path) -> None:
+    path = directory / CONFIG_NAME
+    meta = json.loads(path.read_text())
+    entry = json.dumps(meta["targets"][KEY])
+    path.write_text(json.dumps(meta).replace('"targets": {', f'"targets": {{"{KEY}": {entry}, ', 1))
+
+
+def _link_config_outside(directory: Path) -> None:
+    secret = directory.parent / "outside.txt"
+    secret.write_text(f"{SECRET}\n")
+    (directory / CONFIG_NAME).unlink()
+    (directory / CONFIG_NAME).symlink_to(secret)
+
+
 def _count_minus_one(meta):
     meta["targets"][KEY]["count"] -= 1
 
 
+def _set_target(**fields):
+    return edit_meta(lambda meta: meta["targets"][KEY].update(fields))
+
+
+def _rename_target(new_key: str):
+    return edit_meta(lambda meta: meta["targets"].update({new_key: meta["targets"].pop(KEY)}))
+
+
+class Hostile(NamedTuple):
+    """A hostile edit of a valid adapter directory and the one-line refusal it must get."""
+
+    edit: Callable[[Path], None]
+    file: str  # the file the refusal names first: CONFIG_NAME, WEIGHTS_NAME, or "" for the directory
+    message: str  # regex of the problem, which a `; <fix>` must follow
+
+
+SECRET = "SECRET-TOKEN=hunter2"  # held by a file outside the adapter that a hostile link points to
+_UNREADABLE = "not a readable safetensors file"
 _OUTSIDE = rf"`{KEY}.indices` has positions outside \[0, {KEY_NUMEL}\)"
-# id -> (edit of a valid adapter directory, regex the one-line refusal must match)
+_NOT_FORMAT = "not a format version"
+_BAD_TARGET = rf"target `{KEY}` needs `shape` \(two integers\), `count` \(an integer\) and `dtype`"
+C, W = CONFIG_NAME, WEIGHTS_NAME
 HOSTILE_ADAPTERS = {
-    "missing-adapter-dir": (shutil.rmtree, "adapter directory not found"),
-    "missing-safetensors": (lambda d: (d / WEIGHTS_NAME).unlink(), f"{WEIGHTS_NAME}: missing"),
-    "truncated-safetensors": (_truncate, "not a readable safetensors file"),
-    "random-bytes-safetensors": (_random_bytes, "not a readable safetensors file"),
-    "invalid-json": (lambda d: (d / CONFIG_NAME).write_text('{"format": 1,'), f"{CONFIG_NAME}: not valid JSON"),
-    "format-newer": (edit_meta(lambda m: m.update(format=FORMAT_VERSION + 1)), f"format {FORMAT_VERSION + 1} is newer"),
-    "index-out-of-range": (edit_tensors(_set(f"{KEY}.indices", -1, KEY_NUMEL)), _OUTSIDE),
-    "negative-index": (edit_tensors(_set(f"{KEY}.indices", 0, -1)), _OUTSIDE),
-    "unsorted-indices": (edit_tensors(_swap_first_two), f"`{KEY}.indices` is not sorted and unique"),
-    "duplicate-indices": (edit_tensors(_duplicate_first), f"`{KEY}.indices` is not sorted and unique"),
-    "nan-values": (edit_tensors(_set(f"{KEY}.values", 3, float("nan"))), f"`{KEY}.values` holds NaN or inf"),
-    "inf-values": (edit_tensors(_set(f"{KEY}.values", 3, float("inf"))), f"`{KEY}.values` holds NaN or inf"),
-    "nan-base-values": (edit_tensors(_set(f"{KEY}.base_values", 0, float("nan"))), f"`{KEY}.base_values` holds NaN or inf"),
-    "count-mismatch": (edit_meta(_count_minus_one), f"`{KEY}.indices` has {KEY_COUNT} entries but the config says {KEY_COUNT - 1}"),
-    "save-id-mismatch": (edit_meta(lambda m: m.update(save_id="0" * 32)), "come from different saves"),
+    # the directory and its files
+    "missing-adapter-dir": Hostile(shutil.rmtree, "", "adapter directory not found"),
+    "missing-safetensors": Hostile(lambda d: (d / W).unlink(), W, "missing"),
+    "save-id-mismatch": Hostile(edit_meta(lambda m: m.update(save_id="0" * 32)), W, "come from different saves"),
+    "config-symlinked-outside": Hostile(_link_config_outside, C, "not valid JSON"),
+    # sparse_config.json
+    "invalid-json": Hostile(lambda d: (d / C).write_text('{"format": 1,'), C, "not valid JSON"),
+    "config-not-object": Hostile(lambda d: (d / C).write_text("[1]"), C, "not a JSON object"),
+    "config-deeply-nested": Hostile(lambda d: (d / C).write_text("[" * 100_000 + "]" * 100_000), C, r"not valid JSON \(RecursionError"),
+    "config-too-large": Hostile(_oversized_config, C, "larger than 16 MiB"),
+    "config-duplicate-target": Hostile(_duplicate_target, C, f"not valid JSON .*duplicate key '{KEY}'"),
+    "format-newer": Hostile(edit_meta(lambda m: m.update(format=FORMAT_VERSION + 1)), C, f"format {FORMAT_VERSION + 1} is newer"),
+    "format-missing": Hostile(edit_meta(lambda m: m.pop("format")), C, f"`format` is None, {_NOT_FORMAT}"),
+    "format-zero": Hostile(edit_meta(lambda m: m.update(format=0)), C, f"`format` is 0, {_NOT_FORMAT}"),
+    "format-string": Hostile(edit_meta(lambda m: m.update(format="1")), C, f"`format` is '1', {_NOT_FORMAT}"),
+    "has-base-values-not-bool": Hostile(edit_meta(lambda m: m.update(has_base_values="yes")), C, "`has_base_values` is missing or not a bool"),
+    "invalid-sparse-config": Hostile(edit_meta(lambda m: m["config"].update(density=2)), C, r"invalid `config` \(`density` must be"),
+    "targets-empty": Hostile(edit_meta(lambda m: m.update(targets={})), C, "`targets` is empty"),
+    "target-not-a-weight": Hostile(_rename_target(KEY.removesuffix(".weight")), C, "is not a weight's state-dict key"),
+    "target-shape-float": Hostile(_set_target(shape=[48.0, 48]), C, _BAD_TARGET),
+    "target-shape-infinite": Hostile(_set_target(shape=[float("inf"), 48]), C, _BAD_TARGET),
+    "target-count-string": Hostile(_set_target(count="115"), C, _BAD_TARGET),
+    "target-name-with-line-break": Hostile(edit_meta(lambda m: m["targets"].update({"evil\nname.weight": {}})), C, r"target `evil\\nname\.weight` needs"),
+    "count-too-large": Hostile(_set_target(count=KEY_NUMEL + 1), C, "which do not fit"),
+    "shape-beyond-int64": Hostile(_set_target(shape=[2**62, 4]), C, "which do not fit"),
+    "count-mismatch": Hostile(edit_meta(_count_minus_one), W, f"`{IDX}` has {KEY_COUNT} entries but the config says {KEY_COUNT - 1}"),
+    # sparse_adapter.safetensors: the container
+    "truncated-safetensors": Hostile(_truncate, W, _UNREADABLE),
+    "random-bytes-safetensors": Hostile(_random_bytes, W, _UNREADABLE),
+    "empty-safetensors": Hostile(lambda d: (d / W).write_bytes(b""), W, _UNREADABLE),
+    "pickle-not-safetensors": Hostile(_pickle, W, _UNREADABLE),
+    "header-length-beyond-file": Hostile(_set_header_length(lambda size: 2 * size), W, _UNREADABLE),
+    "header-length-huge": Hostile(_set_header_length(lambda size: 2**63), W, _UNREADABLE),
+    "data-offsets-huge": Hostile(edit_header(lambda h: h[VAL].update(data_offsets=[2**62, 2**62 + 4 * KEY_COUNT])), W, _UNREADABLE),
+    "data-offsets-negative": Hostile(edit_header(lambda h: h[VAL].update(data_offsets=[-4 * KEY_COUNT, 0])), W, _UNREADABLE),
+    "terabyte-tensor": Hostile(edit_header(_terabyte_values), W, _UNREADABLE),
+    "duplicate-tensor-name": Hostile(_rewrite_header(_repeat_values_entry), W, f"duplicate key '{VAL}'"),
+    # sparse_adapter.safetensors: the tensors
+    "missing-tensor": Hostile(edit_tensors(_replace(VAL, lambda t: None)), W, rf"missing \['{VAL}'\]"),
+    "extra-tensor": Hostile(edit_tensors(lambda t: t.update({"lm_head.weight.values": torch.zeros(3)})), W, r"unexpected \['lm_head.weight.values'\]"),
+    "indices-2d": Hostile(edit_tensors(_replace(IDX, lambda t: t.view(1, -1))), W, rf"`{IDX}` must be 1-D int32/int64, got torch.int32 \[1, {KEY_COUNT}\]"),
+    "indices-float": Hostile(edit_tensors(_replace(IDX, torch.Tensor.float)), W, rf"`{IDX}` must be 1-D int32/int64, got torch.float32"),
+    "values-int": Hostile(edit_tensors(_replace(VAL, torch.Tensor.int)), W, rf"`{VAL}` must be 1-D float32/bfloat16/float16/float64, got torch.int32"),
+    "values-float8": Hostile(edit_tensors(_replace(VAL, lambda t: t.to(torch.float8_e4m3fn))), W, rf"`{VAL}` must be .*, got torch.float8_e4m3fn"),
+    "values-shorter": Hostile(edit_tensors(_replace(VAL, lambda t: t[1:])), W, f"`{VAL}` has {KEY_COUNT - 1} entries but the config says {KEY_COUNT}"),
+    "base-values-2d": Hostile(edit_tensors(_replace(BASE, lambda t: t.view(1, -1))), W, f"`{BASE}` must be 1-D"),
+    "index-out-of-range": Hostile(edit_tensors(_set(IDX, -1, KEY_NUMEL)), W, _OUTSIDE),
+    "negative-index": Hostile(edit_tensors(_set(IDX, 0, -1)), W, _OUTSIDE),
+    "unsorted-indices": Hostile(edit_tensors(_swap_first_two), W, f"`{IDX}` is not sorted and unique"),
+    "duplicate-indices": Hostile(edit_tensors(_duplicate_first), W, f"`{IDX}` is not sorted and unique"),
+    "nan-values": Hostile(edit_tensors(_set(VAL, 3, float("nan"))), W, f"`{VAL}` holds NaN or inf"),
+    "inf-values": Hostile(edit_tensors(_set(VAL, 3, float("inf"))), W, f"`{VAL}` holds NaN or inf"),
+    "nan-base-values": Hostile(edit_tensors(_set(BASE, 0, float("nan"))), W, f"`{BASE}` holds NaN or inf"),
 }
 
 
 def hostile_copy(adapter: Path, destination: Path, case: str) -> Path:
     """Copy a valid adapter to `destination` and apply the hostile edit `case` of `HOSTILE_ADAPTERS`."""
     shutil.copytree(adapter, destination)
-    HOSTILE_ADAPTERS[case][0](destination)
+    HOSTILE_ADAPTERS[case].edit(destination)
     return destination
+
+
+def refusal(directory: Path, case: str) -> str:
+    """Regex of the one-line refusal of hostile `case` applied to `directory`: the file, the problem, then the fix."""
+    hostile = HOSTILE_ADAPTERS[case]
+    return rf"{re.escape(str(directory / hostile.file))}: .*{hostile.message}.*; \w"

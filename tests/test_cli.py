@@ -1,8 +1,11 @@
 """`sparse-merge` (sparse_plugin.cli): merge / unmerge / inspect in-process, and every refusal: exit code 2, one
-line on stderr naming the problem, and no output directory (nor temporary directory) left behind."""
+line on stderr naming the problem, and no output directory (nor temporary directory) left behind; also a merge
+SIGKILLed half-way, and one that runs out of disk."""
 
+import hashlib
 import json
 import re
+import select
 import shutil
 import subprocess
 import sys
@@ -13,7 +16,20 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from adapter_utils import HOSTILE_ADAPTERS, KEY, dense_reference, hostile_copy, read_checkpoint, saved_setup
+from adapter_utils import (
+    HOSTILE_ADAPTERS,
+    KEY,
+    dense_reference,
+    hostile_copy,
+    leftovers,
+    os_disk_full,
+    read_checkpoint,
+    refusal,
+    safetensors_disk_full,
+    save_file_failing_at,
+    saved_setup,
+    snapshot,
+)
 from conftest import tiny_llama
 from sparse_plugin import iter_sparse_layers
 from sparse_plugin.cli import main
@@ -36,11 +52,6 @@ def _unmerge(merged, adapter, out, *extra):
     return ["unmerge", "--merged", merged, "--adapter", adapter, "--output", out, "--device", "cpu", *extra]
 
 
-def _leftovers(out: Path) -> list[str]:
-    """Temporary (`.OUT.*.tmp`) or trash (`.OUT.*.old`) directories of an atomic write beside `out`."""
-    return sorted(p.name for p in out.parent.glob(f".{out.name}.*"))
-
-
 def _assert_refused(code: int, out: str, err: str, message: str) -> None:
     assert code == 2
     assert out == ""
@@ -48,10 +59,6 @@ def _assert_refused(code: int, out: str, err: str, message: str) -> None:
     assert len(lines) == 1 and err.endswith("\n"), err
     assert lines[0].startswith("sparse-merge: error: "), err
     assert re.search(message, lines[0]), (message, err)
-
-
-def _snapshot(directory: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
 # --------------------------------------------------------------------------------------------- success
@@ -80,7 +87,7 @@ def test_merge_then_unmerge(tmp_path, capsys, store_base_values):
             assert torch.equal(restored[key], base[key]), key
         else:  # (w + v) - v rounds twice in fp32: see test_merge.test_unmerge_without_base_values_is_approximate
             torch.testing.assert_close(restored[key], base[key], atol=1e-7, rtol=0)
-    assert _leftovers(tmp_path / "merged") == [] and _leftovers(tmp_path / "restored") == []
+    assert leftovers(tmp_path / "merged") == [] and leftovers(tmp_path / "restored") == []
 
 
 def test_merge_copies_other_files_and_reports_other_weight_formats(tmp_path, capsys):
@@ -103,7 +110,7 @@ def test_overwrite_replaces_existing_output(tmp_path, capsys):
     code, _, err = _run(capsys, *_merge(saved.base, saved.adapter, out, "--overwrite"))
     assert code == 0 and err == ""
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", SINGLE_FILE]
-    assert _leftovers(out) == []
+    assert leftovers(out) == []
 
 
 # --------------------------------------------------------------------------------------------- refusals
@@ -220,6 +227,50 @@ def _(saved, tmp_path):
     return _merge(saved.base, saved.adapter, saved.base / "merged")
 
 
+def _index_base(saved, tmp_path: Path, shard) -> Path:
+    """A base whose index puts every tensor in `shard`, which is not a file beside the index."""
+    base = _no_safetensors_base(saved, tmp_path)
+    (base / INDEX_FILE).write_text(json.dumps({"metadata": {}, "weight_map": dict.fromkeys(saved.base_state, shard)}))
+    return base
+
+
+# Without the refusal, these two read the real base beside them and write the merged shard back over it, since the
+# output's temporary directory / shard is that file too: the base snapshot in the test would catch the write.
+@_refusal("index-shard-outside-base", rf"{INDEX_FILE}: shard '\.\./base/{SINGLE_FILE}' is not a file name in .*; re-save")
+def _(saved, tmp_path):
+    return _merge(_index_base(saved, tmp_path, f"../base/{SINGLE_FILE}"), saved.adapter, tmp_path / "out")
+
+
+@_refusal("index-shard-absolute-path", rf"{INDEX_FILE}: shard '/.*/base/{SINGLE_FILE}' is not a file name in")
+def _(saved, tmp_path):
+    return _merge(_index_base(saved, tmp_path, str(saved.base / SINGLE_FILE)), saved.adapter, tmp_path / "out")
+
+
+@_refusal("index-shard-not-a-string", rf"{INDEX_FILE}: shard 5 is not a file name in")
+def _(saved, tmp_path):
+    return _merge(_index_base(saved, tmp_path, 5), saved.adapter, tmp_path / "out")
+
+
+def _linked_base(saved, tmp_path: Path, name: str, target: Path) -> Path:
+    base = tmp_path / "linked-base"
+    shutil.copytree(saved.base, base)
+    (base / name).parent.mkdir(exist_ok=True)
+    (base / name).symlink_to(target)
+    return base
+
+
+@_refusal("base-broken-symlink", r"linked-base/tokenizer\.json: broken symlink \(to .*missing-blob\); re-download the model")
+def _(saved, tmp_path):
+    return _merge(_linked_base(saved, tmp_path, "tokenizer.json", tmp_path / "missing-blob"), saved.adapter, tmp_path / "out")
+
+
+@_refusal("base-symlinked-directory", r"linked-base/extra/data: symlinked directory \(to .*/outside\); the merge would copy all of it")
+def _(saved, tmp_path):
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "big.bin.part").write_bytes(b"\0" * 1024)  # stands for a disk's worth of files
+    return _merge(_linked_base(saved, tmp_path, "extra/data", tmp_path / "outside"), saved.adapter, tmp_path / "out")
+
+
 def _output(argv) -> Path:
     return Path(argv[argv.index("--output") + 1])
 
@@ -237,11 +288,11 @@ def test_refuses_bad_base_or_output(tmp_path, capsys, case):
     build, message = BASE_REFUSALS[case]
     argv = build(saved, tmp_path)
     out = _output(argv)
-    base_before = _snapshot(saved.base)
+    base_before = snapshot(saved.base)
     _assert_refused(*_run(capsys, *argv), message)
     assert not out.exists()
-    assert _leftovers(out) == []
-    assert _snapshot(saved.base) == base_before
+    assert leftovers(out) == []
+    assert snapshot(saved.base) == base_before
 
 
 @pytest.mark.parametrize("command", sorted(ADAPTER_COMMANDS))
@@ -249,9 +300,9 @@ def test_refuses_bad_base_or_output(tmp_path, capsys, case):
 def test_refuses_hostile_adapter(tmp_path, capsys, case, command):
     saved = saved_setup(tmp_path)
     bad = hostile_copy(saved.adapter, tmp_path / "bad-adapter", case)
-    _assert_refused(*_run(capsys, *ADAPTER_COMMANDS[command](saved, bad, tmp_path)), HOSTILE_ADAPTERS[case][1])
+    _assert_refused(*_run(capsys, *ADAPTER_COMMANDS[command](saved, bad, tmp_path)), refusal(bad, case))
     assert not (tmp_path / "out").exists()
-    assert _leftovers(tmp_path / "out") == []
+    assert leftovers(tmp_path / "out") == []
 
 
 def test_refuses_existing_output_and_leaves_it_alone(tmp_path, capsys):
@@ -261,8 +312,8 @@ def test_refuses_existing_output_and_leaves_it_alone(tmp_path, capsys):
     (out / "keep.txt").write_text("mine")
     message = "output directory exists; choose another path or pass --overwrite"
     _assert_refused(*_run(capsys, *_merge(saved.base, saved.adapter, out)), message)
-    assert _snapshot(out) == {"keep.txt": b"mine"}
-    assert _leftovers(out) == []
+    assert snapshot(out) == {"keep.txt": hashlib.sha256(b"mine").hexdigest()}
+    assert leftovers(out) == []
 
 
 @pytest.mark.parametrize("case", ["base-other-dtype", "base-other-weights"])
@@ -286,7 +337,93 @@ def test_device_cuda_without_cuda_is_refused(tmp_path, capsys):
     argv = _merge(saved.base, saved.adapter, tmp_path / "out")
     argv[argv.index("--device") + 1] = "cuda"
     _assert_refused(*_run(capsys, *argv), "--device cuda: no CUDA device is available; use --device cpu or auto")
-    assert not (tmp_path / "out").exists() and _leftovers(tmp_path / "out") == []
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path / "out") == []
+
+
+# --------------------------------------------------------------------------------------------- killed, or out of disk
+
+# `sparse-merge` in a subprocess whose shard writer writes half of the second shard and then stalls, so the test can
+# SIGKILL it mid-merge at a known point, with no hook in the package itself.
+_STALLING_MERGE = """
+import sys, time
+sys.path.insert(0, {tests!r})
+import sparse_plugin.merge
+from adapter_utils import save_file_failing_at
+from sparse_plugin.cli import main
+
+def stall():
+    print("stalled", flush=True)
+    time.sleep(600)
+
+sparse_plugin.merge.save_file = save_file_failing_at(2, stall)
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _sharded_setup(tmp_path: Path, overwrite: bool):
+    """A 2+-shard base with a tokenizer file, its adapter, the output path and the extra flags; with `overwrite`,
+    the output already holds a previous result."""
+    saved = saved_setup(tmp_path, max_shard_size="60KB")
+    (saved.base / "tokenizer.json").write_text('{"version": "1.0"}')
+    out = tmp_path / "out"
+    if overwrite:
+        out.mkdir()
+        (out / "previous.txt").write_text("an earlier merge")
+    return saved, out, ["--overwrite"] if overwrite else []
+
+
+def _start_stalled_merge(argv) -> subprocess.Popen:
+    script = _STALLING_MERGE.format(tests=str(Path(__file__).parent))
+    proc = subprocess.Popen([sys.executable, "-c", script, *map(str, argv)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ready, _, _ = select.select([proc.stdout], [], [], 300)  # a crash gives EOF at once; 300 s only bounds a hang
+    line = proc.stdout.readline() if ready else ""
+    if line != "stalled\n":
+        proc.kill()
+        pytest.fail(f"the merge did not reach its second shard: {proc.communicate()[1]}")
+    return proc
+
+
+@pytest.mark.parametrize("overwrite", [False, True], ids=["new-output", "overwrite"])
+def test_merge_killed_mid_write_leaves_no_output_and_the_base_untouched(tmp_path, capsys, overwrite):
+    saved, out, extra = _sharded_setup(tmp_path, overwrite)
+    base_before, out_before = snapshot(saved.base), snapshot(out) if overwrite else None
+    argv = _merge(saved.base, saved.adapter, out, "--quiet", *extra)
+    proc = _start_stalled_merge(argv)
+    (tmp,) = (out.parent / name for name in leftovers(out))
+    assert len(list(tmp.iterdir())) == 2  # mid-merge: the first shard whole, the second half written
+    proc.kill()  # SIGKILL: no cleanup can run
+    proc.communicate(timeout=60)
+
+    assert snapshot(saved.base) == base_before
+    assert (snapshot(out) == out_before) if overwrite else not out.exists()
+    assert leftovers(out) == [tmp.name]  # the kill's only trace: a hidden temporary directory, which a rerun ignores
+    code, _, err = _run(capsys, *argv)
+    assert code == 0 and err == ""
+    expected = dense_reference(saved.base_state, load_file(saved.adapter / WEIGHTS_NAME))
+    assert all(torch.equal(v, expected[k]) for k, v in read_checkpoint(out).items())
+    assert snapshot(saved.base) == base_before
+
+
+def _fill_disk(monkeypatch, at: str, shards: list[str]) -> str:
+    """Make the merge's write of `at` ("second-shard" or "copied-file") hit a full disk; return that file's name."""
+    if at == "second-shard":  # safetensors' writer, after writing part of the shard
+        monkeypatch.setattr("sparse_plugin.merge.save_file", save_file_failing_at(2, safetensors_disk_full))
+        return shards[1]
+    monkeypatch.setattr(shutil, "copy2", os_disk_full)  # Python's copy of config.json, the first file copied
+    return "config.json"
+
+
+@pytest.mark.parametrize("overwrite", [False, True], ids=["new-output", "overwrite"])
+@pytest.mark.parametrize("at", ["second-shard", "copied-file"])
+def test_full_disk_mid_merge_is_one_line_and_leaves_nothing(tmp_path, capsys, monkeypatch, at, overwrite):
+    saved, out, extra = _sharded_setup(tmp_path, overwrite)
+    base_before, out_before = snapshot(saved.base), snapshot(out) if overwrite else None
+    name = _fill_disk(monkeypatch, at, sorted(p.name for p in saved.base.glob("model-*.safetensors")))
+    message = rf"no space left on device writing {re.escape(str(out / name))}; free space or choose another output directory \(--output\)$"
+    _assert_refused(*_run(capsys, *_merge(saved.base, saved.adapter, out, *extra)), message)
+    assert (snapshot(out) == out_before) if overwrite else not out.exists()
+    assert leftovers(out) == []
+    assert snapshot(saved.base) == base_before
 
 
 # --------------------------------------------------------------------------------------------- inspect

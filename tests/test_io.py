@@ -1,8 +1,11 @@
 """sparse_plugin.io: the adapter file format (save_adapter / read_adapter / load_adapter), against plain torch."""
 
+import errno
 import hashlib
 import json
+import re
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,11 +16,19 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from adapter_utils import (
     HOSTILE_ADAPTERS,
     KEY,
+    SECRET,
     base_state,
     dense_reference,
     hostile_copy,
+    hub_cache_layout,
+    leftovers,
     logits,
     model_with_state,
+    os_disk_full,
+    refusal,
+    safetensors_disk_full,
+    save_file_failing_at,
+    snapshot,
     target_keys,
     trained_model,
 )
@@ -32,6 +43,7 @@ from sparse_plugin import (
     read_adapter,
     save_adapter,
 )
+from sparse_plugin.atomic import DiskFullError
 from sparse_plugin.io import CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME
 
 # Loading the adapter into a different base and running the delta sparsely (additive: base(x) + x·Δᵀ) is compared
@@ -205,10 +217,58 @@ def test_hostile_adapter_is_refused_by_readers(tmp_path, case):
     model = trained_model()
     save_adapter(model, tmp_path / "good")
     bad = hostile_copy(tmp_path / "good", tmp_path / "bad", case)
-    message = HOSTILE_ADAPTERS[case][1]
-    with pytest.raises(AdapterError, match=message):
+    message = refusal(bad, case)
+    with pytest.raises(AdapterError, match=message) as refused:
         read_adapter(bad)
+    assert len(str(refused.value).splitlines()) == 1
     fresh = tiny_llama()
     with pytest.raises(AdapterError, match=message):
         load_adapter(fresh, bad)
     assert not _layers(fresh)
+
+
+# --------------------------------------------------------------------------------------------- links and a full disk
+
+
+def test_adapter_linked_like_the_hub_cache_loads_and_an_outside_link_is_never_quoted(tmp_path):
+    model = trained_model()
+    save_adapter(model, tmp_path / "snapshot")
+    hub_cache_layout(tmp_path / "snapshot", tmp_path / "blobs")
+    assert all(p.is_symlink() for p in (tmp_path / "snapshot").iterdir())
+    assert torch.equal(logits(load_adapter(tiny_llama(), tmp_path / "snapshot")), logits(model))
+
+    bad = hostile_copy(tmp_path / "snapshot", tmp_path / "bad", "config-symlinked-outside")
+    with pytest.raises(AdapterError) as refused:
+        read_adapter(bad)
+    assert SECRET not in str(refused.value)
+
+
+def _fill_disk(monkeypatch, at: str) -> None:
+    if at == WEIGHTS_NAME:  # safetensors' writer, after writing part of the file
+        monkeypatch.setattr("sparse_plugin.io.save_file", save_file_failing_at(1, safetensors_disk_full))
+    else:
+        monkeypatch.setattr(Path, "write_text", os_disk_full)
+
+
+@pytest.mark.parametrize("existing", [False, True], ids=["new-directory", "over-a-checkpoint"])
+@pytest.mark.parametrize("at", [WEIGHTS_NAME, CONFIG_NAME])
+def test_save_on_a_full_disk_changes_nothing(tmp_path, monkeypatch, at, existing):
+    model = trained_model()
+    target = tmp_path / "checkpoint-20"
+    if existing:  # a Trainer checkpoint: an earlier adapter beside the Trainer's own files
+        save_adapter(model, target)
+        (target / "trainer_state.json").write_text("{}")
+    before = snapshot(target) if existing else None
+    with torch.no_grad():
+        _layers(model)[KEY].values.mul_(2)
+    _fill_disk(monkeypatch, at)
+    message = rf"^no space left on device writing {re.escape(str(target / at))}; free space or save to another directory$"
+    with pytest.raises(DiskFullError, match=message) as refused:
+        save_adapter(model, target)
+    assert isinstance(refused.value, OSError) and refused.value.errno == errno.ENOSPC
+    if existing:
+        assert snapshot(target) == before
+        assert sorted(p.name for p in target.iterdir()) == sorted([CONFIG_NAME, WEIGHTS_NAME, "trainer_state.json"])
+    else:
+        assert not target.exists()
+    assert leftovers(target) == []

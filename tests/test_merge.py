@@ -9,7 +9,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import LlamaForCausalLM
 
-from adapter_utils import base_state, dense_reference, logits, read_checkpoint, saved_setup, trained_model
+from adapter_utils import base_state, dense_reference, hub_cache_layout, logits, read_checkpoint, saved_setup, trained_model
 from sparse_plugin import iter_sparse_layers, merge_adapter, unmerge_adapter
 from sparse_plugin.io import WEIGHTS_NAME
 from sparse_plugin.merge import INDEX_FILE, apply_adapter
@@ -149,3 +149,16 @@ def test_unmerge_without_base_values_is_approximate(tmp_path):
 def test_auto_device_is_cpu_without_cuda(tmp_path):
     saved = saved_setup(tmp_path)
     assert apply_adapter(saved.base, saved.adapter, tmp_path / "out", progress=False)["device"] == "cpu"
+
+
+def test_base_and_adapter_linked_like_the_hub_cache_merge_into_plain_files(tmp_path):
+    saved = saved_setup(tmp_path, max_shard_size="60KB")
+    apply_adapter(saved.base, saved.adapter, tmp_path / "plain", device="cpu", progress=False)
+    for directory in (saved.base, saved.adapter):  # every file becomes a link to ../blobs/<sha256>
+        hub_cache_layout(directory, tmp_path / "blobs")
+
+    apply_adapter(saved.base, saved.adapter, tmp_path / "linked", device="cpu", progress=False)
+    files = sorted((tmp_path / "linked").iterdir())
+    assert [p.name for p in files] == sorted(p.name for p in (tmp_path / "plain").iterdir())
+    for path in files:  # a self-contained model: real files, the same bytes as from unlinked inputs
+        assert not path.is_symlink() and path.read_bytes() == (tmp_path / "plain" / path.name).read_bytes(), path.name
