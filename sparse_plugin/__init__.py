@@ -17,6 +17,18 @@ from .optim import SM3, SparseAdamW
 
 register_optimizers()  # TrainingArguments(optim="spiel_sm3" | "spiel_adamw")
 
+
+def __getattr__(name: str):
+    """`sparse_plugin.SparsePlugin`, the Axolotl plugin, imported on first use: Axolotl loads `plugins:` entries
+    as `module.Class`, and only its users should need (and wait for) axolotl. Kept out of `__all__` so that
+    `from sparse_plugin import *` works without axolotl."""
+    if name == "SparsePlugin":
+        from .integrations.axolotl import SparsePlugin
+
+        return SparsePlugin
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "SM3",
     "AdapterError",
