@@ -20,10 +20,10 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) -> LlamaForCausalLM:
     """A 2-layer random Llama with awkward (non-power-of-two) sizes, built in code: no download."""
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False, **overrides,
-    )
+    config = LlamaConfig(**{
+        "vocab_size": 97, "hidden_size": 48, "intermediate_size": 80, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "max_position_embeddings": 64, "tie_word_embeddings": False, **overrides,
+    })
     return LlamaForCausalLM(config).to(dtype).eval()
 
 

@@ -2,7 +2,8 @@
 
 Transformers has no public way to add an optimizer name: `TrainingArguments` converts `optim` to the enum
 `OptimizerNames` and `Trainer` looks the member up in `transformers.trainer_optimizer._OPTIMIZER_HANDLERS`.
-`register_optimizers` adds our two members and handlers there, once, on `import sparse_plugin`.
+`register_optimizers` adds our two members and handlers there, once, on `import sparse_plugin`; it also lets
+`Trainer` accept a quantized base that carries sparse layers (QSpIEL), which it would refuse as "purely quantized".
 """
 
 from __future__ import annotations
@@ -64,7 +65,8 @@ def register_optimizers() -> None:
     """Make `TrainingArguments(optim="spiel_sm3" | "spiel_adamw")` valid and buildable by `Trainer`.
 
     Adds members to the `OptimizerNames` str-Enum (to its value and name maps, which is what lookups use)
-    and a handler per name to the Trainer's handler table. Idempotent.
+    and a handler per name to the Trainer's handler table, and lets `Trainer` take a quantized base with
+    sparse layers. Idempotent.
     """
     from transformers import trainer_optimizer
     from transformers.training_args import OptimizerNames
@@ -78,6 +80,29 @@ def register_optimizers() -> None:
             OptimizerNames._member_map_[name.upper()] = member
             OptimizerNames._member_names_.append(name.upper())
         trainer_optimizer._OPTIMIZER_HANDLERS[member] = _handler(cls)
+    _accept_quantized_bases()
+
+
+def _accept_quantized_bases() -> None:
+    """Let `Trainer` train sparse deltas over a quantized base (bitsandbytes 4/8-bit).
+
+    `Trainer.__init__` calls `transformers.trainer.validate_quantization_for_training`, which refuses a quantized
+    model unless a PEFT adapter is attached. Our sparse layers are the adapter here, so the check is skipped for a
+    model that has them and whose quantization method supports training; anything else is checked as before.
+    """
+    from transformers import trainer
+
+    original = trainer.validate_quantization_for_training
+    if getattr(original, "accepts_sparse_layers", False):
+        return
+
+    def validate(model):
+        quantizer = getattr(model, "hf_quantizer", None)
+        if not (quantizer is not None and quantizer.is_trainable and any(True for _ in iter_sparse_layers(model))):
+            original(model)
+
+    validate.accepts_sparse_layers = True
+    trainer.validate_quantization_for_training = validate
 
 
 def _sparse_optimizer(optimizer):

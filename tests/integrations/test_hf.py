@@ -165,3 +165,19 @@ def test_torch_compile_matches_eager(tmp_path):
         losses.append([row["loss"] for row in trainer.state.log_history if "loss" in row])
     # Inductor fuses and reorders fp32 reductions: agreement to ~1e-4 relative, not bit for bit.
     assert losses[1] == pytest.approx(losses[0], rel=1e-3)
+
+
+def test_trains_over_a_bitsandbytes_4bit_base_and_still_refuses_a_purely_quantized_one(tmp_path):
+    pytest.importorskip("bitsandbytes")  # installed with axolotl: runs in `make test-compat`
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    tiny_llama(hidden_size=64, intermediate_size=128).save_pretrained(tmp_path / "base")  # bnb's CPU kernels want 64s
+    nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    load = lambda: AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=nf4)  # noqa: E731
+    with pytest.raises(ValueError, match="purely quantized"):
+        Trainer(model=load(), args=_args(tmp_path), train_dataset=_dataset())
+    model = prepare_model(load(), SparseConfig(density=0.05, reselection_steps=2, selection_accumulation_steps=1))
+    assert type(model.model.layers[0].self_attn.q_proj.base_layer).__name__ == "Linear4bit"
+    trainer = Trainer(model=model, args=_args(tmp_path, max_steps=3), train_dataset=_dataset(), callbacks=[SparseCallback()])
+    trainer.train()
+    assert all(layer.values.abs().sum() > 0 for _, layer in iter_sparse_layers(model))
