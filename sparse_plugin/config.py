@@ -127,7 +127,7 @@ class SparseConfig:
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
-        if self.selection_accumulation_steps > self.reselection_steps:
+        if self.regrow == "ag" and self.selection_accumulation_steps > self.reselection_steps:
             raise ValueError(
                 f"`selection_accumulation_steps` ({self.selection_accumulation_steps}) must not exceed "
                 f"`reselection_steps` ({self.reselection_steps}): gathering happens within each reselection period."

@@ -59,7 +59,11 @@ class SparseLinearFunction(torch.autograd.Function):
                 dx2 = dy2 @ _merged_weight(base_weight, values, ctx.pattern, dy.dtype)
             dx = dx2.to(x.dtype).view_as(x)
         if ctx.collector is not None:
-            dvalues = ctx.collector((dy2.t() @ x2).float())
+            dense = (dy2.t() @ x2).float()
+            if torch.isfinite(dense).all():
+                dvalues = ctx.collector(dense)
+            else:  # kept out of the statistics; the optimizer sees the non-finite gradient and skips the step
+                dvalues = dense.view(-1).index_select(0, ctx.pattern.indices)
             dvalues = None if dvalues is None else dvalues.to(values.dtype)
         elif ctx.needs_input_grad[1]:
             dvalues = ctx.pattern.values_grad(dy2, x2, ctx.grad_path).to(values.dtype)

@@ -166,7 +166,7 @@ class Runner:
 
     def step(self, record: bool = True) -> None:
         gathering = any(layer.grad_collector is not None for layer in self.layers)
-        first = gathering and all(g.candidates is None for g in self.selector.gatherers.values())
+        first = gathering and all(g.candidates is None for g in self.selector.collectors.values())
         rounds_before = len(self.round_times)
         times: dict = {}
         one_step(self.model, self.optimizer, self.inputs, times)

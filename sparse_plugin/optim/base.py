@@ -1,7 +1,10 @@
 """What the sparse optimizers share: finding each values tensor's layer, the step counter, the selection
-hook after each step, and remapping per-position state when indices change."""
+hook after each step, remapping per-position state when indices change, the selection statistics in the
+state dict, and skipping steps whose gradients are not finite."""
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 from torch import nn
@@ -53,9 +56,19 @@ class SparseOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:  # state dicts written before the counter existed
             group.setdefault("sparse_step", 0)
 
+    def state_dict(self):
+        state = super().state_dict()
+        if self.selector is not None:
+            state["selection"] = self.selector.state_dict()
+        return state
+
     def load_state_dict(self, state_dict):
+        state_dict = dict(state_dict)
+        selection = state_dict.pop("selection", None)
         super().load_state_dict(state_dict)
         if self.selector is not None:
+            if selection is not None:
+                self.selector.load_state_dict(selection)
             self.selector.prepare_next_step()
 
     @torch.no_grad()
@@ -64,6 +77,16 @@ class SparseOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if not self._grads_finite():
+            # Like a GradScaler skip: nothing moves (values, moments, accumulators, indices); the step still
+            # counts so the schedule stays aligned with the Trainer's, and a decision due now waits.
+            warnings.warn(f"{type(self).__name__}: non-finite gradient at step {self.completed_steps + 1}; "
+                          "this update and any selection due now are skipped.", RuntimeWarning, stacklevel=2)
+            for group in self.param_groups:
+                group["sparse_step"] += 1
+            if self.selector is not None:
+                self.selector.prepare_next_step()
+            return loss
         for group in self.param_groups:
             for param in group["params"]:
                 if param.grad is not None:
@@ -72,6 +95,10 @@ class SparseOptimizer(torch.optim.Optimizer):
         if self.selector is not None:
             self.selector.after_step()
         return loss
+
+    def _grads_finite(self) -> bool:
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None and p.grad.numel()]
+        return not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
 
     @torch.no_grad()
     def remap_state(self, param: torch.Tensor, source: torch.Tensor) -> None:

@@ -1,14 +1,32 @@
 """What every selection schedule shares: the layers it watches, the optimizer that advances it, the run
-length, collectors switched on and off per step, and the metrics of its last decision."""
+length, collectors switched on and off per step (and saved with the optimizer state), and the metrics of its
+last decision."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
+import torch
 from torch import nn
 
 from ..config import SparseConfig
 from ..model import iter_sparse_layers
+
+
+class Collector:
+    """Statistics one layer gathers from its dense gradient; `STATE` names the attributes a checkpoint keeps,
+    so a run killed between gathering and deciding resumes with the same numbers."""
+
+    STATE: tuple[str, ...] = ()
+
+    def new_step(self) -> None:
+        """Called before each optimizer step's micro-batches."""
+
+    def state_dict(self) -> dict:
+        return {name: getattr(self, name) for name in self.STATE}
+
+    def load_state_dict(self, state: dict, device: torch.device) -> None:
+        for name in self.STATE:
+            value = state[name]
+            setattr(self, name, value.to(device) if isinstance(value, torch.Tensor) else value)
 
 
 class Selector:
@@ -25,12 +43,31 @@ class Selector:
         self.optimizer = optimizer
         self.total_steps = total_steps
         self.last_round: dict[str, float] = {}
+        self.collectors: dict[str, Collector] = {}
+
+    def make_collector(self, layer) -> Collector:
+        raise NotImplementedError
 
     def prepare_next_step(self) -> None:
         raise NotImplementedError
 
     def after_step(self) -> None:
         raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        """The statistics gathered so far, per layer key (what a resumed run needs to decide the same way)."""
+        return {key: collector.state_dict() for key, collector in self.collectors.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        layers = dict(self.layers)
+        unknown = sorted(set(state) - set(layers))
+        if unknown:
+            raise ValueError(f"The optimizer checkpoint has selection statistics for layers this model lacks: {unknown[:3]}; "
+                             "resume with the model prepared by the same SparseConfig.")
+        self.collectors = {}
+        for key, saved in state.items():
+            self.collectors[key] = self.make_collector(layers[key])
+            self.collectors[key].load_state_dict(saved, layers[key].indices.device)
 
     def require_total_steps(self) -> int:
         if self.total_steps is None:
@@ -40,7 +77,7 @@ class Selector:
             )
         return self.total_steps
 
-    def set_collectors(self, collectors: dict[str, Callable] | None) -> None:
+    def set_collectors(self, collectors: dict[str, Collector] | None) -> None:
         """Give each layer its collector for the coming micro-batches (None: plain sparse backward)."""
         for key, layer in self.layers:
             layer.grad_collector = None if collectors is None else collectors.get(key)
@@ -57,7 +94,6 @@ class OneShotSelector(Selector):
         super().__init__(model, config, optimizer, total_steps)
         for group in optimizer.param_groups:
             group.setdefault("sparse_selected", False)
-        self.collectors: dict[str, Callable] = {}
 
     @property
     def selected(self) -> bool:
@@ -75,10 +111,8 @@ class OneShotSelector(Selector):
             self.set_collectors(None)
             return
         for key, layer in self.layers:
-            self.collectors.setdefault(key, self.make_collector(layer))
+            if key not in self.collectors:
+                self.collectors[key] = self.make_collector(layer)
         for collector in self.collectors.values():
             collector.new_step()
         self.set_collectors(self.collectors)
-
-    def make_collector(self, layer) -> Callable:
-        raise NotImplementedError

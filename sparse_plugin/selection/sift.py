@@ -19,15 +19,17 @@ from __future__ import annotations
 import torch
 
 from ..layer import SparseDeltaLinear
-from .base import OneShotSelector
+from .base import Collector, OneShotSelector
 from .distributed import summed
 
 # Pool of candidates kept per matrix, in multiples of its trained count k: 16 bytes per pooled position.
 POOL_FACTOR = 4
 
 
-class PoolGatherer:
+class PoolGatherer(Collector):
     """SIFT statistics of one layer: gradient sums over a candidate pool, for the run and for the current step."""
+
+    STATE = ("calls", "pool", "sums", "step_sums")
 
     def __init__(self, layer: SparseDeltaLinear, selection_steps: int):
         self.layer = layer

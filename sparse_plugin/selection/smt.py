@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from ..kernels.blocks import block_grid, block_positions
 from ..layer import SparseDeltaLinear
-from .base import OneShotSelector
+from .base import Collector, OneShotSelector
 from .distributed import summed
 
 # The paper warms up for 100 steps; shorter runs use a tenth of their length.
@@ -35,17 +35,16 @@ def warmup_length(config, total_steps: int | None) -> int | None:
     return max(1, min(MAX_WARMUP_STEPS, int(WARMUP_SHARE * total_steps)))
 
 
-class BlockStats:
+class BlockStats(Collector):
     """Per-block sums of |g| for one layer over the warm-up micro-batches; no values' gradient meanwhile."""
+
+    STATE = ("sums",)
 
     def __init__(self, layer: SparseDeltaLinear, block_size: int):
         self.shape = layer.shape
         self.block = block_grid(layer.shape, block_size)
         grid = tuple(-(-n // b) for n, b in zip(self.shape, self.block))
         self.sums = torch.zeros(grid, dtype=torch.float32, device=layer.indices.device)
-
-    def new_step(self) -> None:
-        pass
 
     @torch.no_grad()
     def __call__(self, dense_grad: torch.Tensor) -> None:

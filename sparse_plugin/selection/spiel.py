@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from ..layer import SparseDeltaLinear
-from .base import Selector
+from .base import Collector, Selector
 from .distributed import summed
 from .schedule import is_gathering_step, is_reselection_step, reselection_rate
 
@@ -92,13 +92,15 @@ def top_outer_scores(row: torch.Tensor, col: torch.Tensor, exclude: torch.Tensor
     return best_pos[valid], best_score[valid]
 
 
-class GradientGatherer:
+class GradientGatherer(Collector):
     """AG statistics of one layer, fed the dense weight gradient of each gathering micro-batch.
 
     The first call fixes the candidates (top-k |g|, k = trained positions, over all positions); every call
     adds the gradient at the candidates. It also sums ‖g_active‖² and ‖g‖² for the logged share of the
     gradient that the trained positions capture. Returns the values' gradient, gathered from the dense one.
     """
+
+    STATE = ("candidates", "sums", "active_sq", "total_sq")
 
     def __init__(self, layer: SparseDeltaLinear):
         self.layer = layer
@@ -139,8 +141,10 @@ class SpielSelector(Selector):
                 "use optim='spiel_sm3' (sparse_plugin.optim.SM3) or set `regrow='ag'`."
             )
         super().__init__(model, config, optimizer, total_steps)
-        self.gatherers: dict[str, GradientGatherer] = {}
         self.prepare_next_step()
+
+    def make_collector(self, layer: SparseDeltaLinear) -> GradientGatherer:
+        return GradientGatherer(layer)
 
     def prepare_next_step(self) -> None:
         """Switch AG gathering on for the coming step's micro-batches if it is a gathering step, else off."""
@@ -154,8 +158,9 @@ class SpielSelector(Selector):
         )
         if gather:
             for key, layer in self.layers:
-                self.gatherers.setdefault(key, GradientGatherer(layer))
-        self.set_collectors(self.gatherers if gather else None)
+                if key not in self.collectors:
+                    self.collectors[key] = self.make_collector(layer)
+        self.set_collectors(self.collectors if gather else None)
 
     def after_step(self) -> None:
         step, total = self.optimizer.completed_steps, self.require_total_steps()
@@ -177,9 +182,9 @@ class SpielSelector(Selector):
             self._apply(layer, result)
             regrown += result.regrown
             trained += layer.indices.numel()
-        for gatherer in self.gatherers.values():
+        for gatherer in self.collectors.values():
             active_sq, total_sq = active_sq + gatherer.active_sq, total_sq + gatherer.total_sq
-        self.gatherers.clear()
+        self.collectors.clear()
         self.last_round = {"sparse/reselection_rate": rate, "sparse/regrown": regrown}
         if total_sq > 0:
             self.last_round["sparse/active_grad_share"] = active_sq / total_sq
@@ -187,7 +192,7 @@ class SpielSelector(Selector):
 
     def _candidates(self, key: str, layer: SparseDeltaLinear) -> CandidateFn | None:
         if self.config.regrow == "ag":
-            gatherer = self.gatherers.get(key)
+            gatherer = self.collectors.get(key)
             return gatherer.candidate_fn() if gatherer is not None and gatherer.candidates is not None else None
         accumulators = self.optimizer.row_col_accumulators(layer.values)
         if accumulators is None:
