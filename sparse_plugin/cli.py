@@ -12,7 +12,9 @@ import sys
 import torch
 
 from .io import AdapterError, read_adapter
-from .merge import apply_adapter
+from .merge import apply_adapter, rounded_away
+
+_ROUNDING_FIX = "to keep them, merge into an fp32 copy of the base or serve the adapter unmerged (load_adapter)"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -34,40 +36,63 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
         command.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    inspect = sub.add_parser("inspect", help="summarise an adapter", description="Per target: shape, count, density, |delta| mean/max.")
+    inspect = sub.add_parser("inspect", help="summarise an adapter", description="Per target: shape, count, density, deltas a merge into the base would round away, |delta| mean/max.")
     inspect.add_argument("adapter", metavar="ADAPTER_DIR")
     inspect.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     return parser
 
 
 def summarize(adapter_dir: str) -> dict:
-    """Per-target and total statistics of an adapter (what `inspect` prints)."""
+    """Per-target and total statistics of an adapter (what `inspect` prints).
+
+    `rounded_away` counts the deltas a merge into the base's own (bf16/fp16) weights would lose, from the stored
+    base values; it is None when the adapter has none, as the base's entries are then unknown.
+    """
     adapter = read_adapter(adapter_dir)
-    targets, total_count, total_size, abs_sum, abs_max = [], 0, 0, 0.0, 0.0
+    targets, total_count, total_size, abs_sum, abs_max, total_lost = [], 0, 0, 0.0, 0.0, 0
     for key, target in adapter.targets.items():
         size = target.shape[0] * target.shape[1]
         magnitude = target.values.float().abs()
         count = target.indices.numel()
+        lost = None if target.base_values is None else rounded_away(target.base_values, target.values)
         targets.append({
-            "name": key, "shape": list(target.shape), "count": count, "density": count / size,
+            "name": key, "shape": list(target.shape), "count": count, "density": count / size, "rounded_away": lost,
             "abs_mean": float(magnitude.mean()) if count else 0.0, "abs_max": float(magnitude.max()) if count else 0.0,
         })
-        total_count, total_size = total_count + count, total_size + size
+        total_count, total_size, total_lost = total_count + count, total_size + size, total_lost + (lost or 0)
         abs_sum, abs_max = abs_sum + float(magnitude.sum()), max(abs_max, targets[-1]["abs_max"])
     return {
         "adapter": str(adapter.path), "base_model": adapter.base_model, "method": adapter.config.method,
         "format": adapter.meta["format"], "has_base_values": adapter.has_base_values, "targets": targets,
         "total": {"count": total_count, "size": total_size, "density": total_count / total_size if total_size else 0.0,
+                  "rounded_away": total_lost if adapter.has_base_values else None,
                   "abs_mean": abs_sum / total_count if total_count else 0.0, "abs_max": abs_max},
     }
 
 
 def _print_summary(summary: dict) -> None:
     print(f"adapter: {summary['adapter']}  method: {summary['method']}  base model: {summary['base_model']}")
-    print(f"{'target':<60} {'shape':>13} {'count':>10} {'density':>8} {'|d| mean':>10} {'|d| max':>10}")
+    print(f"{'target':<60} {'shape':>13} {'count':>10} {'density':>8} {'rounded':>8} {'|d| mean':>10} {'|d| max':>10}")
     for t in summary["targets"] + [dict(summary["total"], name="total", shape=None)]:
         shape = "x".join(map(str, t["shape"])) if t["shape"] else ""
-        print(f"{t['name']:<60} {shape:>13} {t['count']:>10,d} {t['density']:>8.4f} {t['abs_mean']:>10.3e} {t['abs_max']:>10.3e}")
+        lost = "n/a" if t["rounded_away"] is None else f"{t['rounded_away']:,d}"
+        print(f"{t['name']:<60} {shape:>13} {t['count']:>10,d} {t['density']:>8.4f} {lost:>8} {t['abs_mean']:>10.3e} {t['abs_max']:>10.3e}")
+    total = summary["total"]
+    if total["rounded_away"] is None:
+        print("note: `rounded` cannot be computed without the base's values at the indices, which this adapter does "
+              "not store (store_base_values=False); sparse-merge merge counts them against the base")
+    elif total["rounded_away"]:
+        print(f"note: {total['rounded_away']:,d} of {total['count']:,d} deltas round away when merged into the base's "
+              f"16-bit weights; {_ROUNDING_FIX}")
+
+
+def _warn_rounded_away(result: dict, output: str) -> None:
+    """One stderr line when the base's bf16/fp16 rounding swallowed deltas: the merge succeeds, but lacks them."""
+    lost = result["rounded_away"]
+    if lost:
+        worst = max(lost, key=lost.get)
+        print(f"sparse-merge: warning: {output}: {sum(lost.values()):,d} of {result['values']:,d} deltas rounded away "
+              f"in the base's 16-bit weights (most in `{worst}`: {lost[worst]:,d}); {_ROUNDING_FIX}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         how = " exactly, from stored base values" if result["exact"] else " by subtraction (approximate: the adapter has no base values)"
     print(f"{args.command}d {result['values']:,d} values in {result['tensors']} tensors over {result['shards']} shard(s){how} "
           f"on {result['device']} in {result['seconds']:.1f}s -> {args.output}")
+    _warn_rounded_away(result, args.output)
     for name in result["skipped_files"]:
         print(f"note: {name} (another weight format) was not copied; it would hold unmerged weights")
     return 0

@@ -46,7 +46,7 @@ def base_state(seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, t
 
 def train_values(model: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
     """Give every sparse layer random nonzero values, as after training (N(0, 0.05²): larger than the base's 0.02
-    init, so a bf16 merge cannot round them away)."""
+    init, so a bf16 merge rounds few away: 2 of 1,844 in `saved_setup`)."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, layer in iter_sparse_layers(model):
@@ -76,6 +76,20 @@ def dense_reference(base: dict[str, torch.Tensor], adapter_tensors: dict[str, to
             weight[indices.long()] += adapter_tensors[f"{key}.values"].float()
             merged[key] = weight.view(base[key].shape).to(base[key].dtype)
     return merged
+
+
+def rounded_away_reference(base: dict[str, torch.Tensor], adapter_tensors: dict[str, torch.Tensor]) -> dict[str, int]:
+    """Plain torch count, per target that loses any, of the nonzero deltas that a merge into a bf16/fp16 `base`
+    rounds away: the fp32 sum, rounded to the base's dtype, is the base entry again."""
+    lost = {}
+    for key in (n.removesuffix(".indices") for n in adapter_tensors if n.endswith(".indices")):
+        if base[key].dtype in (torch.bfloat16, torch.float16):
+            entries = base[key].flatten()[adapter_tensors[f"{key}.indices"].long()]
+            values = adapter_tensors[f"{key}.values"]
+            same = (entries.float() + values.float()).to(entries.dtype) == entries
+            if count := int((same & (values != 0)).sum()):
+                lost[key] = count
+    return lost
 
 
 def read_checkpoint(directory: Path) -> dict[str, torch.Tensor]:
@@ -385,6 +399,24 @@ HOSTILE_ADAPTERS = {
     "inf-values": Hostile(edit_tensors(_set(VAL, 3, float("inf"))), W, f"`{VAL}` holds NaN or inf"),
     "nan-base-values": Hostile(edit_tensors(_set(BASE, 0, float("nan"))), W, f"`{BASE}` holds NaN or inf"),
 }
+
+
+# --------------------------------------------------------------------------------------------- deltas that round away
+
+TINY = 50  # the deltas of KEY that `tiny_deltas` makes a bf16 or fp16 merge round away
+
+
+def _tiny_deltas(tensors):
+    for name in [n for n in tensors if n.endswith(".base_values")]:
+        tensors[name.replace(".base_values", ".values")] = tensors[name].float() * 0.5
+    tensors[VAL][:TINY] = tensors[BASE][:TINY].float() * 1e-6
+
+
+def tiny_deltas(directory: Path) -> None:
+    """Rewrite an adapter's values relative to its (nonzero) base values: half of each entry, which any merge keeps,
+    except the first `TINY` of `KEY`: 1e-6 of the entry, far below half a unit in the last place, which is at least
+    2^-9 of the entry in bf16 and 2^-12 in fp16, so a 16-bit merge loses exactly those (and an fp32 one none: 2^-25)."""
+    edit_tensors(_tiny_deltas)(directory)
 
 
 def hostile_copy(adapter: Path, destination: Path, case: str) -> Path:

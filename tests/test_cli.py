@@ -19,16 +19,19 @@ from safetensors.torch import load_file, save_file
 from adapter_utils import (
     HOSTILE_ADAPTERS,
     KEY,
+    TINY,
     dense_reference,
     hostile_copy,
     leftovers,
     os_disk_full,
     read_checkpoint,
     refusal,
+    rounded_away_reference,
     safetensors_disk_full,
     save_file_failing_at,
     saved_setup,
     snapshot,
+    tiny_deltas,
 )
 from conftest import tiny_llama
 from sparse_plugin import iter_sparse_layers
@@ -322,13 +325,28 @@ def test_force_accepts_other_dtype_or_weights(tmp_path, capsys, case):
     argv = BASE_REFUSALS[case][0](saved, tmp_path)
     out = _output(argv)
     code, _, err = _run(capsys, *argv, "--force")
-    assert code == 0 and err == ""
     base = Path(argv[argv.index("--base") + 1])
+    base_files, adapter_tensors = read_checkpoint(base), load_file(saved.adapter / WEIGHTS_NAME)
+    lost = sum(rounded_away_reference(base_files, adapter_tensors).values())  # bf16 base: 2 of the fp32 deltas
+    assert code == 0 and (f" {lost} of " in err if case == "base-other-dtype" else err == ""), err
     # Deltas added in fp32 and rounded once to the base's dtype (bf16 for the dtype case), as plain torch does.
-    expected = dense_reference(read_checkpoint(base), load_file(saved.adapter / WEIGHTS_NAME))
+    expected = dense_reference(base_files, adapter_tensors)
     merged = read_checkpoint(out)
     assert merged.keys() == expected.keys()
     assert all(merged[k].dtype == expected[k].dtype and torch.equal(merged[k], expected[k]) for k in expected)
+
+
+def test_merge_warns_when_a_16_bit_base_rounds_deltas_away(tmp_path, capsys):
+    saved = saved_setup(tmp_path, dtype=torch.bfloat16)
+    tiny_deltas(saved.adapter)
+    counts = sum(layer.indices.numel() for _, layer in iter_sparse_layers(saved.model))
+    code, out, err = _run(capsys, *_merge(saved.base, saved.adapter, tmp_path / "merged"))
+    assert code == 0 and out.startswith(f"merged {counts:,d} values")
+    assert err == (f"sparse-merge: warning: {tmp_path / 'merged'}: {TINY} of {counts:,d} deltas rounded away in the base's "
+                   f"16-bit weights (most in `{KEY}`: {TINY}); to keep them, merge into an fp32 copy of the base or "
+                   "serve the adapter unmerged (load_adapter)\n")
+    expected = dense_reference(saved.base_state, load_file(saved.adapter / WEIGHTS_NAME))
+    assert all(torch.equal(v, expected[k]) for k, v in read_checkpoint(tmp_path / "merged").items())
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
@@ -451,6 +469,7 @@ def test_inspect_json(tmp_path, capsys):
     rows, total = _expected_summary(saved)
     assert summary["base_model"] == "tiny/base" and summary["method"] == "spiel"
     assert summary["format"] == 1 and summary["has_base_values"] is True
+    assert summary["total"]["rounded_away"] == 0 and all(t["rounded_away"] == 0 for t in summary["targets"])  # fp32 base
     assert sorted(t["name"] for t in summary["targets"]) == sorted(r["name"] for r in rows)
     by_name = {t["name"]: t for t in summary["targets"]}
     for row in rows:
@@ -477,8 +496,41 @@ def test_inspect_table(tmp_path, capsys):
     for row in rows:
         assert printed[row["name"]][1:4] == ["x".join(map(str, row["shape"])), f"{row['count']:,d}", f"{row['density']:.4f}"]
     fields = body[-1].split()
-    assert fields[:3] == ["total", f"{total['count']:,d}", f"{total['density']:.4f}"]
+    assert fields[:4] == ["total", f"{total['count']:,d}", f"{total['density']:.4f}", "0"]
     assert float(fields[-1]) == pytest.approx(total["abs_max"], rel=1e-3)  # printed with 4 significant digits
+
+
+def test_inspect_counts_the_deltas_a_16_bit_base_would_round_away(tmp_path, capsys):
+    saved = saved_setup(tmp_path, dtype=torch.bfloat16)
+    tiny_deltas(saved.adapter)
+    code, out, err = _run(capsys, "inspect", saved.adapter, "--json")
+    assert code == 0 and err == ""
+    summary = json.loads(out)
+    assert {t["name"]: t["rounded_away"] for t in summary["targets"] if t["rounded_away"]} == {KEY: TINY}
+    assert summary["total"]["rounded_away"] == TINY
+
+    code, out, err = _run(capsys, "inspect", saved.adapter)
+    assert code == 0 and err == ""
+    lines = out.splitlines()
+    assert lines[1].split()[4] == "rounded"
+    rounded = {line.split()[0]: line.split()[-3] for line in lines[2:-1]}  # the third column from the right
+    assert rounded.pop(KEY) == rounded.pop("total") == str(TINY)
+    assert set(rounded.values()) == {"0"}
+    count = summary["total"]["count"]
+    assert lines[-1] == (f"note: {TINY} of {count:,d} deltas round away when merged into the base's 16-bit weights; to keep "
+                         "them, merge into an fp32 copy of the base or serve the adapter unmerged (load_adapter)")
+
+
+def test_inspect_cannot_count_rounding_without_base_values(tmp_path, capsys):
+    saved = saved_setup(tmp_path, dtype=torch.bfloat16, store_base_values=False)
+    code, out, _ = _run(capsys, "inspect", saved.adapter, "--json")
+    summary = json.loads(out)
+    assert code == 0 and summary["total"]["rounded_away"] is None
+    assert all(t["rounded_away"] is None for t in summary["targets"])
+    code, out, _ = _run(capsys, "inspect", saved.adapter)
+    lines = out.splitlines()
+    assert code == 0 and all(line.split()[-3] == "n/a" for line in lines[2:-1])
+    assert lines[-1].startswith("note: `rounded` cannot be computed without the base's values at the indices")
 
 
 # --------------------------------------------------------------------------------------------- console script

@@ -9,9 +9,23 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import LlamaForCausalLM
 
-from adapter_utils import base_state, dense_reference, hub_cache_layout, logits, read_checkpoint, saved_setup, trained_model
+from adapter_utils import (
+    IDX,
+    KEY,
+    TINY,
+    base_state,
+    dense_reference,
+    hub_cache_layout,
+    logits,
+    read_checkpoint,
+    rounded_away_reference,
+    saved_setup,
+    tiny_deltas,
+    trained_model,
+)
 from sparse_plugin import iter_sparse_layers, merge_adapter, unmerge_adapter
 from sparse_plugin.io import WEIGHTS_NAME
+from sparse_plugin.kernels.scatter import scatter_add_reference
 from sparse_plugin.merge import INDEX_FILE, apply_adapter
 
 # Merged weights give y = x·(W0 + Δ)ᵀ in one fp32 GEMM; the adapter's additive path gives base(x) + x·Δᵀ, the same
@@ -74,6 +88,7 @@ def test_merged_checkpoint_reloads_with_the_adapters_logits(tmp_path, strategy):
     counts = sum(layer.indices.numel() for _, layer in iter_sparse_layers(saved.model))
     assert summary["tensors"] == 14 and summary["values"] == counts and summary["shards"] == 1
     assert summary["device"] == "cpu" and summary["exact"] is None and summary["skipped_files"] == []
+    assert summary["rounded_away"] == {}
 
     # Tensor by tensor: bit for bit the plain torch W0 + scatter(Δ); untouched tensors are copied exactly.
     _assert_tensors_equal(read_checkpoint(tmp_path / "out"), dense_reference(saved.base_state, _adapter_tensors(saved)))
@@ -115,15 +130,42 @@ def test_sharded_base_keeps_shards_index_and_other_files(tmp_path):
 def test_merge_then_unmerge_is_bit_exact(tmp_path, dtype):
     saved = saved_setup(tmp_path, dtype=dtype)
     base_files = read_checkpoint(saved.base)
-    apply_adapter(saved.base, saved.adapter, tmp_path / "merged", device="cpu", progress=False)
+    summary = apply_adapter(saved.base, saved.adapter, tmp_path / "merged", device="cpu", progress=False)
     merged = read_checkpoint(tmp_path / "merged")
     # fp32 add, one rounding to the base dtype: exactly what the plain torch reference does.
     _assert_tensors_equal(merged, dense_reference(base_files, _adapter_tensors(saved)))
+    assert summary["rounded_away"] == rounded_away_reference(base_files, _adapter_tensors(saved))  # bf16: 2 deltas
     assert not torch.equal(merged["model.layers.0.self_attn.q_proj.weight"], base_files["model.layers.0.self_attn.q_proj.weight"])
 
     summary = apply_adapter(tmp_path / "merged", saved.adapter, tmp_path / "restored", unmerge=True, device="cpu", progress=False)
     assert summary["exact"] is True
     _assert_tensors_equal(read_checkpoint(tmp_path / "restored"), base_files)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_merge_reports_the_deltas_a_16_bit_base_rounds_away(tmp_path, dtype):
+    saved = saved_setup(tmp_path, dtype=dtype)
+    tiny_deltas(saved.adapter)
+    summary = apply_adapter(saved.base, saved.adapter, tmp_path / "merged", device="cpu", progress=False)
+    merged, tensors = read_checkpoint(tmp_path / "merged"), _adapter_tensors(saved)
+    _assert_tensors_equal(merged, dense_reference(saved.base_state, tensors))
+    lost = {KEY: TINY} if dtype != torch.float32 else {}  # fp32 keeps the 1e-6 relative deltas
+    assert summary["rounded_away"] == lost == rounded_away_reference(saved.base_state, tensors)
+    tiny = tensors[IDX][:TINY].long()  # in the merged file, those entries are still the base's
+    assert torch.equal(merged[KEY].flatten()[tiny], saved.base_state[KEY].flatten()[tiny]) == (dtype != torch.float32)
+
+
+def test_unmerge_after_a_lossy_bf16_merge_is_bit_exact(tmp_path):
+    saved = saved_setup(tmp_path, dtype=torch.bfloat16)
+    tiny_deltas(saved.adapter)
+    apply_adapter(saved.base, saved.adapter, tmp_path / "merged", device="cpu", progress=False)
+    summary = apply_adapter(tmp_path / "merged", saved.adapter, tmp_path / "restored", unmerge=True, device="cpu", progress=False)
+    assert summary["exact"] is True and summary["rounded_away"] is None
+    _assert_tensors_equal(read_checkpoint(tmp_path / "restored"), read_checkpoint(saved.base))
+    # Subtracting the deltas instead, in the same fp32-then-bf16 arithmetic, does not restore the base: hence .base_values.
+    tensors, subtracted = _adapter_tensors(saved), read_checkpoint(tmp_path / "merged")[KEY]
+    scatter_add_reference(subtracted, tensors[IDX].long(), tensors[f"{KEY}.values"], alpha=-1.0)
+    assert not torch.equal(subtracted, saved.base_state[KEY])
 
 
 def test_unmerge_without_base_values_is_approximate(tmp_path):
