@@ -54,6 +54,16 @@ class Selector:
     def after_step(self) -> None:
         raise NotImplementedError
 
+    def updates_allowed(self) -> bool:
+        """Whether this step may update the values (not while a method is still choosing positions: DDP hands
+        zero gradients to parameters that got none, and an optimizer step on them would still age the moments)."""
+        return True
+
+    def averages_gradients(self) -> bool:
+        """Whether the optimizer must average the values' gradients over ranks itself: DDP's gradient hooks
+        stay on the accumulators of the values it wrapped, which SMT's resize replaces."""
+        return False
+
     def state_dict(self) -> dict:
         """The statistics gathered so far, per layer key (what a resumed run needs to decide the same way)."""
         return {key: collector.state_dict() for key, collector in self.collectors.items()}
@@ -98,6 +108,9 @@ class OneShotSelector(Selector):
     @property
     def selected(self) -> bool:
         return bool(self.optimizer.param_groups[0].get("sparse_selected", False))
+
+    def updates_allowed(self) -> bool:
+        return self.selected
 
     def mark_selected(self, metrics: dict[str, float]) -> None:
         for group in self.optimizer.param_groups:

@@ -83,7 +83,11 @@ class SiftSelector(OneShotSelector):
     def make_collector(self, layer: SparseDeltaLinear) -> PoolGatherer:
         return PoolGatherer(layer, self.config.selection_steps)
 
+    def updates_allowed(self) -> bool:
+        """From the step whose backward made the choice on."""
+        return self.selected or bool(self.collectors) and all(g.done for g in self.collectors.values())
+
     def after_step(self) -> None:
-        if not self.selected and self.collectors and all(g.done for g in self.collectors.values()):
+        if not self.selected and self.updates_allowed():
             self.mark_selected({"sparse/trained_values": sum(layer.indices.numel() for _, layer in self.layers)})
         self.prepare_next_step()

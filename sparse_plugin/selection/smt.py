@@ -86,6 +86,9 @@ class SmtSelector(OneShotSelector):
         super().__init__(model, config, optimizer, total_steps)
         self.prepare_next_step()
 
+    def averages_gradients(self) -> bool:
+        return self.selected
+
     def make_collector(self, layer: SparseDeltaLinear) -> BlockStats:
         return BlockStats(layer, self.config.block_size)
 
