@@ -99,12 +99,14 @@ def test_other_optimizers_and_methods_validate(tiny_checkpoint):
     assert _validate(_yaml(base, sparse_method="sift", optimizer="spiel_adamw")).sparse_method == "sift"
 
 
-def test_load_in_4bit_gets_a_bitsandbytes_config(tiny_checkpoint):
+def test_load_in_4bit_or_8bit_gets_a_bitsandbytes_config(tiny_checkpoint):
     base, _ = tiny_checkpoint
     cfg = _validate(_yaml(base, adapter="sparse", load_in_4bit=True, bf16=True))
     assert cfg.overrides_of_model_kwargs["quantization_config"] == {
         "quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
         "bnb_4bit_use_double_quant": True, "bnb_4bit_compute_dtype": "bfloat16"}
+    eight = _validate(_yaml(base, adapter="sparse", load_in_8bit=True)).overrides_of_model_kwargs
+    assert eight == {"quantization_config": {"quant_method": "bitsandbytes", "load_in_8bit": True}}
     given = {"quantization_config": {"quant_method": "bitsandbytes", "load_in_4bit": True}}
     assert _validate(_yaml(base, adapter="sparse", load_in_4bit=True, model_kwargs=given)).overrides_of_model_kwargs == given
 
@@ -152,15 +154,18 @@ def test_callbacks_adapter_and_final_save(tmp_path):
 
 
 @pytest.mark.e2e
-def test_axolotl_train_then_sparse_merge_then_transformers(tmp_path, tiny_checkpoint, tiny_tokenizer):
-    base, _ = tiny_checkpoint
+@pytest.mark.parametrize("quantized", [False, True], ids=["fp32", "nf4"])
+def test_axolotl_train_then_sparse_merge_then_transformers(tmp_path, tiny_tokenizer, quantized):
+    base = tmp_path / "base"
+    tiny_llama(hidden_size=64, intermediate_size=128).save_pretrained(base)  # bitsandbytes' CPU kernels want 64s
     tiny_tokenizer.save_pretrained(base)
     rows = [{"text": " ".join(f"w{(7 * s + i) % 90}" for i in range(12))} for s in range(64)]
     (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "out"
     cfg = _yaml(base, datasets=[{"path": str(tmp_path / "data.jsonl"), "ds_type": "json", "type": "completion"}],
                 output_dir=str(out), dataset_prepared_path=str(tmp_path / "prepared"), save_steps=3, logging_steps=1,
-                sparse_reselection_steps=2, sparse_selection_accumulation_steps=1, sparse_merge_on_finish=True)
+                sparse_reselection_steps=2, sparse_selection_accumulation_steps=1, sparse_merge_on_finish=True,
+                **({"adapter": "sparse", "load_in_4bit": True} if quantized else {}))
     (tmp_path / "tiny.yml").write_text(yaml.safe_dump(cfg))
     bin_dir = str(Path(sys.executable).parent)  # `axolotl train` launches `accelerate` from PATH
     env = os.environ | {"PATH": bin_dir + os.pathsep + os.environ["PATH"], "AXOLOTL_DO_NOT_TRACK": "1"}
@@ -174,10 +179,13 @@ def test_axolotl_train_then_sparse_merge_then_transformers(tmp_path, tiny_checkp
         assert (out / f"checkpoint-{step}" / WEIGHTS_NAME).is_file()
     history = json.loads((out / "checkpoint-6" / "trainer_state.json").read_text())["log_history"]
     assert [row["step"] for row in history if "sparse/regrown" in row] == [2, 4]  # spiel_sm3 ran SpIEL-MA
+    trained_on = json.loads((out / CONFIG_NAME).read_text())["targets"]["model.layers.0.self_attn.q_proj.weight"]["dtype"]
+    assert trained_on == ("uint8" if quantized else "F32")  # NF4 packs its 4-bit weights in uint8
 
     merged = tmp_path / "merged"
     merge = subprocess.run([str(Path(bin_dir) / "sparse-merge"), "merge", "--base", str(base), "--adapter", str(out),
-                            "--output", str(merged), "--quiet"], capture_output=True, text=True)
+                            "--output", str(merged), "--quiet", *(["--force"] if quantized else [])],
+                           capture_output=True, text=True)
     assert merge.returncode == 0, merge.stderr
     reloaded = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
     adapter_model = load_adapter(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), out).eval()

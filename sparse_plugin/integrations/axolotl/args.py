@@ -161,13 +161,19 @@ def _meta_model(name_or_path: str | None, trust_remote_code: bool) -> torch.nn.M
         return None
 
 
+def _derived_fields() -> dict[str, tuple]:
+    """`sparse_<name>: <type of name> | None = None`, described by the field's docstring, for each field."""
+    types, docs = typing.get_type_hints(SparseConfig), _field_docs()
+    return {
+        key: (types[name] | None, Field(default=None, json_schema_extra={"description": docs[name]}))
+        for key, name in CONFIG_KEYS.items()
+    }
+
+
 SparseArgs = create_model(
     "SparseArgs",
     __base__=_SparseChecks,
     __module__=__name__,
     __doc__="Axolotl input args of sparse_plugin.SparsePlugin: `sparse_<field>` for every SparseConfig field.",
-    **{
-        key: (typing.get_type_hints(SparseConfig)[name] | None, Field(default=None, json_schema_extra={"description": _field_docs()[name]}))
-        for key, name in CONFIG_KEYS.items()
-    },
+    **_derived_fields(),
 )
