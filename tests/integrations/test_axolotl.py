@@ -153,6 +153,26 @@ def test_callbacks_adapter_and_final_save(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([CONFIG_NAME, WEIGHTS_NAME])
 
 
+def test_merge_on_finish_finds_a_hub_base_in_the_cache(tmp_path, tiny_checkpoint, monkeypatch):
+    import huggingface_hub
+
+    base, base_model = tiny_checkpoint
+    trained = sparse_plugin.prepare_model(base_model, SparseConfig(density=0.05))
+    for _, layer in iter_sparse_layers(trained):
+        torch.nn.init.normal_(layer.values, std=0.1)
+    sparse_plugin.save_adapter(trained, tmp_path / "out")
+    calls = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo, **kw: calls.append(repo) or str(base))
+    cfg = DictDefault(base_model="org/tiny", output_dir=str(tmp_path / "out"), sparse_merge_on_finish=True)
+    SparsePlugin().post_train_unload(cfg)
+    assert calls == ["org/tiny"]
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "merged").eval()
+    ids = torch.randint(3, 97, (2, 9))
+    torch.testing.assert_close(merged(ids).logits, trained.eval()(ids).logits, atol=1e-5, rtol=1e-5)
+    SparsePlugin().post_train_unload(DictDefault(cfg, sparse_merge_on_finish=None))  # off: nothing merged again
+    assert calls == ["org/tiny"]
+
+
 @pytest.mark.e2e
 @pytest.mark.parametrize("quantized", [False, True], ids=["fp32", "nf4"])
 def test_axolotl_train_then_sparse_merge_then_transformers(tmp_path, tiny_tokenizer, quantized):

@@ -83,7 +83,7 @@ class SparsePlugin(BasePlugin):
 
     def post_train_unload(self, cfg):
         if cfg.sparse_merge_on_finish and os.environ.get("RANK", "0") == "0":
-            merge_into(cfg, Path(cfg.output_dir) / MERGED_DIR)
+            _merge_into(cfg, Path(cfg.output_dir) / MERGED_DIR)
 
 
 def _save_adapter_only(model, save_directory, *args, **kwargs) -> None:
@@ -91,13 +91,14 @@ def _save_adapter_only(model, save_directory, *args, **kwargs) -> None:
     save_adapter(model, save_directory)
 
 
-def merge_into(cfg, output: Path) -> None:
+def _merge_into(cfg, output: Path) -> None:
     """`sparse-merge merge --base <base_model> --adapter <output_dir> --output <output>`, replacing `output`."""
     base = Path(cfg.base_model)
     if not base.is_dir():  # a hub id: the files Axolotl loaded, from the local cache
         from huggingface_hub import snapshot_download
 
-        base = Path(snapshot_download(cfg.base_model, revision=cfg.revision_of_model, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]))
+        patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]  # no other weight formats
+        base = Path(snapshot_download(cfg.base_model, revision=cfg.revision_of_model, allow_patterns=patterns))
     argv = ["merge", "--base", str(base), "--adapter", str(cfg.output_dir), "--output", str(output), "--overwrite", "--quiet"]
     if cfg.load_in_4bit or cfg.load_in_8bit:
         # Trained over a quantized copy, whose packed dtype the adapter records: merge into the full-precision
