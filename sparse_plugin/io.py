@@ -82,6 +82,21 @@ def dtype_code(dtype: torch.dtype) -> str:
     return _ST_DTYPES.get(dtype, str(dtype).removeprefix("torch."))
 
 
+# What `targets[key]["dtype"]` records for a bitsandbytes base: the scheme, not the packed storage dtype. The
+# unquantised checkpoint of any float dtype is then the right base to merge into.
+QUANTIZED_DTYPES = ("NF4", "FP4", "INT8")
+
+
+def base_dtype_code(weight: torch.Tensor) -> str:
+    """The recorded dtype of a base weight: safetensors' code, or the bitsandbytes scheme of a quantised one."""
+    kind = type(weight).__name__
+    if kind == "Params4bit":
+        return str(getattr(weight, "quant_type", "nf4")).upper()
+    if kind == "Int8Params":
+        return "INT8"
+    return dtype_code(weight.dtype)
+
+
 def fingerprint(entries: dict[str, tuple[tuple[int, ...], str]]) -> str:
     """sha256 of the sorted (name, shape, dtype) of the targeted base tensors."""
     rows = sorted((key, list(shape), dtype) for key, (shape, dtype) in entries.items())
@@ -123,8 +138,8 @@ def save_adapter(model: nn.Module, save_directory: str | os.PathLike, base_model
     config: SparseConfig = model.sparse_config
     tensors, targets = {}, {}
     for key, layer in layers:
-        base_weight = layer.base_layer.weight
-        targets[key] = {"shape": list(layer.shape), "count": layer.indices.numel(), "dtype": dtype_code(base_weight.dtype)}
+        dtype = base_dtype_code(layer.base_layer.weight)
+        targets[key] = {"shape": list(layer.shape), "count": layer.indices.numel(), "dtype": dtype}
         index_dtype = torch.int32 if layer.out_features * layer.in_features < _INT32_LIMIT else torch.int64
         tensors[f"{key}.indices"] = layer.indices.to(index_dtype)
         tensors[f"{key}.values"] = layer.values.detach()

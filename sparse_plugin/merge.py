@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .atomic import atomic_directory, reporting_disk_full
-from .io import Adapter, AdapterError, TargetDelta, fingerprint, quote, read_adapter
+from .io import QUANTIZED_DTYPES, Adapter, AdapterError, TargetDelta, fingerprint, quote, read_adapter
 from .kernels.scatter import scatter_add_, scatter_set_
 
 SINGLE_FILE = "model.safetensors"
@@ -114,7 +114,8 @@ def _weight_map(directory: Path) -> dict[str, str]:
 def check_targets(adapter: Adapter, header: dict[str, tuple[tuple[int, ...], str]], force: bool) -> None:
     """Refuse a base that lacks a target, has another shape, or (unless `force`) another dtype.
 
-    The adapter's `base_fingerprint` (names, shapes, dtypes of the targets) is the quick test; only when it
+    An adapter trained over a bitsandbytes base (recorded dtype NF4/FP4/INT8) merges into its unquantised
+    checkpoint, whatever float dtype that has. The adapter's `base_fingerprint` (names, shapes, dtypes of the targets) is the quick test; only when it
     differs are the targets compared one by one, to name the first difference.
     """
     targeted = {key: header[key] for key in adapter.targets if key in header}
@@ -128,7 +129,7 @@ def check_targets(adapter: Adapter, header: dict[str, tuple[tuple[int, ...], str
             raise AdapterError(f"{adapter.path}: `{key}` is {list(shape)} in the base but {list(target.shape)} in the adapter; pass the matching base model")
         if dtype not in ("F32", "BF16", "F16", "F64"):
             raise AdapterError(f"{adapter.path}: `{key}` is {dtype} in the base, not a float weight; merge into the unquantised checkpoint")
-        if dtype != target.base_dtype and not force:
+        if dtype != target.base_dtype and target.base_dtype not in QUANTIZED_DTYPES and not force:
             raise AdapterError(
                 f"{adapter.path}: base fingerprint differs: `{key}` is {dtype} in the base but was {target.base_dtype} in training; "
                 "pass --force to merge anyway (deltas are rounded to the base dtype)"
