@@ -115,8 +115,9 @@ def check_targets(adapter: Adapter, header: dict[str, tuple[tuple[int, ...], str
     """Refuse a base that lacks a target, has another shape, or (unless `force`) another dtype.
 
     An adapter trained over a bitsandbytes base (recorded dtype NF4/FP4/INT8) merges into its unquantised
-    checkpoint, whatever float dtype that has. The adapter's `base_fingerprint` (names, shapes, dtypes of the targets) is the quick test; only when it
-    differs are the targets compared one by one, to name the first difference.
+    checkpoint, whatever float dtype that has. The adapter's `base_fingerprint` (names, shapes, dtypes of the
+    targets) is the quick test; only when it differs are the targets compared one by one, to name the first
+    difference.
     """
     targeted = {key: header[key] for key in adapter.targets if key in header}
     if len(targeted) == len(adapter.targets) and fingerprint(targeted) == adapter.meta.get("base_fingerprint"):
