@@ -46,6 +46,12 @@ def _handler(cls):
                 f"optim={ctx.args.optim.value!r} trains sparse deltas, but the model has none: call "
                 "`model = sparse_plugin.prepare_model(model, SparseConfig(...))` before building the Trainer."
             )
+        if ctx.args.fsdp or ctx.args.deepspeed:
+            raise ValueError(
+                f"optim={ctx.args.optim.value!r} needs each layer's whole values vector on every rank (row/column maxima, "
+                "index remapping), which FSDP and DeepSpeed ZeRO shard; train with DDP (torchrun / accelerate launch "
+                "without fsdp/deepspeed): the sparse state is a few percent of the model, so sharding it saves little."
+            )
         kwargs = dict(ctx.optimizer_kwargs)
         if cls is SparseAdamW:
             kwargs.update(ctx.adam_kwargs)

@@ -54,6 +54,15 @@ def test_unknown_optim_arg_is_refused(tmp_path):
         trainer.create_optimizer()
 
 
+def test_sharded_training_is_refused_with_the_supported_alternative(tmp_path):
+    args = _args(tmp_path)
+    args.fsdp = ["full_shard"]  # set after construction: building FSDP args needs accelerate's FSDP plugin and a GPU
+    trainer = Trainer(model=_prepared(), args=_args(tmp_path), train_dataset=_dataset())
+    trainer.args = args
+    with pytest.raises(ValueError, match="FSDP and DeepSpeed ZeRO shard; train with DDP"):
+        trainer.create_optimizer()
+
+
 def test_model_without_sparse_layers_gets_a_clear_error(tmp_path):
     trainer = Trainer(model=tiny_llama(), args=_args(tmp_path), train_dataset=_dataset())
     with pytest.raises(ValueError, match="call `model = sparse_plugin.prepare_model\\(model, SparseConfig\\(...\\)\\)`"):
