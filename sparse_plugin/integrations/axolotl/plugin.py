@@ -100,10 +100,6 @@ def _merge_into(cfg, output: Path) -> None:
         patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]  # no other weight formats
         base = Path(snapshot_download(cfg.base_model, revision=cfg.revision_of_model, allow_patterns=patterns))
     argv = ["merge", "--base", str(base), "--adapter", str(cfg.output_dir), "--output", str(output), "--overwrite", "--quiet"]
-    if cfg.load_in_4bit or cfg.load_in_8bit:
-        # Trained over a quantized copy, whose packed dtype the adapter records: merge into the full-precision
-        # base, as QLoRA adapters are (--force accepts the dtype difference; there are no base values to check).
-        argv.append("--force")
     LOG.info("sparse_merge_on_finish: sparse-merge " + " ".join(argv))
     if cli.main(argv) != 0:
         raise RuntimeError(f"sparse_merge_on_finish: `sparse-merge {' '.join(argv)}` failed (its error is printed above)")
