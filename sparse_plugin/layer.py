@@ -14,6 +14,7 @@ from torch import nn
 
 from .kernels.scatter import scatter_add_, scatter_set_
 from .kernels.blocks import BlockPattern, block_grid, tiles_whole_blocks
+from .kernels.merged_weight import merged_weight
 from .kernels.sddmm import SparsePattern
 
 # Measured by tools/bench_layer.py (torch 2.13 CPU, 2 cores, fp32, fwd+bwd): merged costs two copies of
@@ -71,8 +72,8 @@ class SparseLinearFunction(torch.autograd.Function):
 
 
 def _merged_weight(base_weight: torch.Tensor, values: torch.Tensor, pattern: SparsePattern, dtype) -> torch.Tensor:
-    weight = base_weight.to(dtype=dtype, copy=True)
-    return scatter_add_(weight, pattern.indices, values.detach())
+    """W0 + Δ in `dtype` for this call: one fused Triton pass on CUDA, a copy and a torch scatter on CPU."""
+    return merged_weight(base_weight, values.detach(), pattern, dtype)
 
 
 def dense_base_weight(base_layer: nn.Module) -> torch.Tensor:

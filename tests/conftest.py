@@ -10,6 +10,7 @@ if TOOLS_DIR not in sys.path:
 import os
 
 # Triton kernels are tested on CPU tensors through the interpreter; it must be set before triton is imported.
+# Only a default: an explicit TRITON_INTERPRET=0 (tools/gpu_check.sh) compiles them for the GPU instead.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402

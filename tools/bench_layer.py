@@ -5,6 +5,7 @@ What is measured, per (shape, tokens, density), all in one run on one machine:
 * `sparse-additive-{dense,sampled}`: y = base(x) + x·Δᵀ, the values' gradient by dense-then-gather or by
   `torch.sparse.sampled_addmm` (`layer(x, grad_path=...)`).
 * `sparse-merged-{dense,sampled}`: y = x·(W0 + Δ)ᵀ with the same two gradient paths.
+* On CUDA, also `sparse-{additive,merged}-triton`: the values' gradient by the Triton SDDMM kernel.
 * `lora`: a hand-written LoRA layer (frozen `nn.Linear` + A (r × in), B (out × r), PEFT's
   `base(x) + B(A(x)) * scaling`) with r = round(k / (in + out)), at least 1, so it trains about as many
   values as the sparse layer (k = density · out · in).
@@ -70,6 +71,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from sparse_plugin.kernels._triton import triton  # noqa: E402
 from sparse_plugin.kernels.sddmm import SAMPLED_MAX_DENSITY, pick_grad_path  # noqa: E402
 from sparse_plugin.layer import MERGED_MIN_DENSITY, SparseDeltaLinear  # noqa: E402
 from sparse_plugin.model import random_indices  # noqa: E402
@@ -80,8 +82,14 @@ BIG_TOKENS = 2048
 SMOL_SHAPES = [(576, 576), (1536, 576), (576, 1536), (192, 576)]
 BIG_SHAPES = [(4096, 4096), (4096, 11008)]
 DENSITIES = [0.005, 0.01, 0.02, 0.046]
-SPARSE_VARIANTS = [(fwd, grad) for fwd in ("additive", "merged") for grad in ("dense", "sampled")]
+CPU_GRAD_PATHS = ("dense", "sampled")
 MIB = 2**20
+
+
+def sparse_variants(device: torch.device) -> list[tuple[str, str]]:
+    """(forward, gradient path) pairs to time: the Triton gradient only where it compiles (CUDA)."""
+    grads = CPU_GRAD_PATHS + (("triton",) if device.type == "cuda" and triton is not None else ())
+    return [(fwd, grad) for fwd in ("additive", "merged") for grad in grads]
 
 
 class LoRALinear(nn.Module):
@@ -219,7 +227,7 @@ def run_config(
     rank = max(1, round(k / (in_features + out_features)))
 
     variants: list[Variant] = []
-    for fwd, grad in SPARSE_VARIANTS:
+    for fwd, grad in sparse_variants(device):
         layer = sparse_layer(base, indices, values, fwd)
         variants.append(Variant(f"sparse-{fwd}-{grad}", lambda x, layer=layer, grad=grad: layer(x, grad_path=grad), [layer.values]))
     lora = LoRALinear(base, rank)

@@ -8,20 +8,14 @@ so each program writes disjoint positions and needs no atomics.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-try:  # Triton is optional: it is absent on macOS/Windows wheels and unused on CPU.
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - exercised only where triton is missing
-    triton = None
+from ._triton import pick_backend, tl, triton
 
-BACKENDS = ("auto", "triton", "torch")
 _BLOCK = 1024
 
 if triton is not None:
+    from ._triton import round_for_store
 
     @triton.jit
     def _scatter_kernel(
@@ -36,7 +30,7 @@ if triton is not None:
             n: number of positions.
             alpha: scale of the values (1 to merge, -1 to subtract); ignored when ADD is false.
             ADD: add to the current entry (merge) or overwrite it (exact restore).
-            BF16: the weight is bf16, rounded here by hand (see below).
+            BF16: the weight is bf16 (rounded by `round_for_store`).
             BLOCK: positions per program.
         """
         offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -46,15 +40,7 @@ if triton is not None:
         if ADD:
             current = tl.load(weight_ptr + idx, mask=mask, other=0.0).to(tl.float32)
             vals = current + alpha * vals
-        if BF16:
-            # Round to nearest even by integer arithmetic, as torch does: Triton's interpreter truncates a
-            # plain fp32->bf16 cast, which would break bit-exact agreement with the CPU path.
-            bits = vals.to(tl.uint32, bitcast=True)
-            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-            out = bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
-        else:
-            out = vals.to(weight_ptr.dtype.element_ty)
-        tl.store(weight_ptr + idx, out, mask=mask)
+        tl.store(weight_ptr + idx, round_for_store(vals, weight_ptr, BF16), mask=mask)
 
 
 def _launch(weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, alpha: float, add: bool) -> None:
@@ -77,18 +63,6 @@ def scatter_add_reference(weight: torch.Tensor, indices: torch.Tensor, values: t
 def scatter_set_reference(weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> None:
     """Torch reference and CPU path of the exact restore."""
     weight.view(-1).index_copy_(0, indices, values.to(weight.dtype))
-
-
-def _pick_backend(backend: str, weight: torch.Tensor) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"`backend` must be one of {BACKENDS}, got {backend!r}.")
-    if backend == "auto":
-        return "triton" if triton is not None and weight.is_cuda else "torch"
-    if backend == "triton" and triton is None:
-        raise RuntimeError("backend='triton' needs the `triton` package: pip install triton.")
-    if backend == "triton" and not weight.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError("The Triton scatter runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1.")
-    return backend
 
 
 def _check(weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> None:
@@ -125,7 +99,7 @@ def scatter_add_(
         ```
     """
     _check(weight, indices, values)
-    if _pick_backend(backend, weight) == "triton":
+    if pick_backend(backend, weight) == "triton":
         _launch(weight, indices, values, alpha, add=True)
     else:
         scatter_add_reference(weight, indices.long(), values, alpha)
@@ -135,7 +109,7 @@ def scatter_add_(
 def scatter_set_(weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """Overwrite `weight` at the flat `indices` with `values`, in place (the bit-exact unmerge)."""
     _check(weight, indices, values)
-    if _pick_backend(backend, weight) == "triton":
+    if pick_backend(backend, weight) == "triton":
         _launch(weight, indices, values, 0.0, add=False)
     else:
         scatter_set_reference(weight, indices.long(), values)

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from kernel_utils import interpreter
 from sparse_plugin.kernels.scatter import (
     scatter_add_,
     scatter_add_reference,
@@ -10,7 +11,7 @@ from sparse_plugin.kernels.scatter import (
     scatter_set_reference,
 )
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DEVICES = [pytest.param("cpu", marks=interpreter)] + (["cuda"] if torch.cuda.is_available() else [])
 # Sizes around the kernel's block of 1024 and prime shapes, so the tail mask is exercised.
 SHAPES = [(1, 1), (7, 13), (33, 31), (64, 48), (1, 1023), (97, 211)]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -63,6 +64,7 @@ def test_triton_scatter_set_restores_exactly(shape, dtype, device):
     assert torch.equal(scatter_set_(weight.clone(), indices, values, backend="triton"), reference)
 
 
+@interpreter
 def test_empty_indices_is_a_no_op():
     weight = torch.randn(4, 5)
     out = scatter_add_(weight.clone(), torch.empty(0, dtype=torch.int64), torch.empty(0), backend="triton")
