@@ -65,6 +65,7 @@ def atomic_directory(output: Path, replace: bool) -> Iterator[Path]:
     """
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private (0700); the output gets the usual mode
     try:
         yield tmp
         if replace and output.exists():
@@ -74,6 +75,12 @@ def atomic_directory(output: Path, replace: bool) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _swap(new: Path, output: Path) -> None:

@@ -88,3 +88,15 @@ def test_a_real_full_disk_is_one_line_and_leaves_nothing(tmp_path, small_tmpfs):
     with pytest.raises(DiskFullError, match=rf"^no space left on device writing {small_tmpfs}/adapter/({WEIGHTS_NAME}|{CONFIG_NAME}); "):
         save_adapter(saved.model, small_tmpfs / "adapter")
     assert os.listdir(small_tmpfs) == ["filler"]
+
+
+def test_outputs_get_the_usual_directory_mode(tmp_path):
+    from sparse_plugin.atomic import atomic_directory
+
+    previous = os.umask(0o022)
+    try:
+        with atomic_directory(tmp_path / "out", replace=False) as staging:
+            (staging / "f").write_text("x")
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755
