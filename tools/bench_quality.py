@@ -70,8 +70,8 @@ GRIDS = {
     "spiel-ma": (5e-3, 1e-2, 2e-2),
     "spiel-ma-1pct": (5e-3, 1e-2, 2e-2),
     "spiel-ag": (5e-4, 1e-3, 2e-3),
-    "smt": (5e-4, 1e-3, 2e-3),
-    "sift": (5e-4, 1e-3, 2e-3),
+    "smt": (2.5e-4, 5e-4, 1e-3),
+    "sift": (2.5e-4, 5e-4, 1e-3),
     "full": (5e-5, 1e-4, 2e-4),
 }
 DEFAULT_LR = {m: grid[1] for m, grid in GRIDS.items()}

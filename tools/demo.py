@@ -35,8 +35,8 @@ SYSTEM = "You are a concise dictionary."
 METHODS = {
     "spiel-ma": ({"method": "spiel", "regrow": "ma"}, "spiel_sm3", 1e-2),
     "spiel-ag": ({"method": "spiel", "regrow": "ag"}, "spiel_adamw", 1e-3),
-    "smt": ({"method": "smt", "target_modules": "all-linear"}, "spiel_adamw", 1e-3),
-    "sift": ({"method": "sift"}, "spiel_adamw", 1e-3),
+    "smt": ({"method": "smt", "target_modules": "all-linear"}, "spiel_adamw", 5e-4),
+    "sift": ({"method": "sift"}, "spiel_adamw", 5e-4),
 }
 
 
