@@ -23,6 +23,7 @@ import datetime
 import json
 import os
 import platform
+import random
 import subprocess
 import sys
 import time
@@ -298,6 +299,19 @@ def run_child(script: Path, method: str, extra: list[str], timeout: float | None
         tail = " | ".join(done.stderr.strip().splitlines()[-3:])
         rows.append({"method": method, "error": f"exit {done.returncode}: {tail[-400:]}"})
     return rows, load.share()
+
+
+def interleaved_rounds(items: list, repeats: int, min_repeats: int, budget_s: float, seed: int):
+    """Yield `items` round after round, each round in a fresh seeded random order, for `repeats` rounds or until
+    `budget_s` seconds have passed (never fewer than `min_repeats`): drift on a shared box hits every item alike."""
+    order = list(items)
+    rng = random.Random(seed)
+    started = time.perf_counter()
+    for done in range(repeats):
+        if done >= min_repeats and time.perf_counter() - started > budget_s:
+            return
+        rng.shuffle(order)
+        yield from order
 
 
 def percentile(samples: list[float], q: float) -> float:

@@ -37,7 +37,6 @@ import argparse
 import datetime
 import json
 import platform
-import random
 import statistics
 import sys
 import time
@@ -50,7 +49,7 @@ TOOLS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TOOLS.parent))
 sys.path.insert(0, str(TOOLS))
 
-from bench_common import OtherLoad, markdown_table, percentile  # noqa: E402
+from bench_common import OtherLoad, interleaved_rounds, markdown_table, percentile  # noqa: E402
 from sparse_plugin.kernels._triton import triton  # noqa: E402
 from sparse_plugin.kernels.merged_weight import merged_weight, merged_weight_reference  # noqa: E402
 from sparse_plugin.kernels.scatter import scatter_add_  # noqa: E402
@@ -101,19 +100,12 @@ def time_variants(calls: dict[str, Callable[[], object]], device: torch.device, 
         call()
         peaks[name] = _peak_mib(call, device)
     samples: dict[str, list[float]] = {name: [] for name in calls}
-    order = list(calls)
-    rng = random.Random(seed)
-    started = time.perf_counter()
-    for done in range(args.repeats):
-        if done >= args.min_repeats and time.perf_counter() - started > args.budget_s:
-            break
-        rng.shuffle(order)
-        for name in order:
-            _sync(device)
-            t0 = time.perf_counter()
-            calls[name]()
-            _sync(device)
-            samples[name].append(1e3 * (time.perf_counter() - t0))
+    for name in interleaved_rounds(list(calls), args.repeats, args.min_repeats, args.budget_s, seed):
+        _sync(device)
+        t0 = time.perf_counter()
+        calls[name]()
+        _sync(device)
+        samples[name].append(1e3 * (time.perf_counter() - t0))
     return {
         name: {
             "ms": statistics.median(s),

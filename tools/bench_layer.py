@@ -57,7 +57,6 @@ import json
 import math
 import os
 import platform
-import random
 import statistics
 import sys
 import time
@@ -75,7 +74,7 @@ from sparse_plugin.kernels._triton import triton  # noqa: E402
 from sparse_plugin.kernels.sddmm import SAMPLED_MAX_DENSITY, pick_grad_path  # noqa: E402
 from sparse_plugin.layer import MERGED_MIN_DENSITY, SparseDeltaLinear  # noqa: E402
 from sparse_plugin.model import random_indices  # noqa: E402
-from bench_common import OtherLoad  # noqa: E402
+from bench_common import OtherLoad, interleaved_rounds, percentile  # noqa: E402
 
 SMOL_TOKENS = 512
 BIG_TOKENS = 2048
@@ -184,14 +183,6 @@ def peak_extra_bytes(variant: Variant, x: torch.Tensor, dy: torch.Tensor) -> int
     return _cpu_peak_bytes(lambda: _step(variant, x, dy))
 
 
-def _percentile(samples: list[float], q: float) -> float:
-    """Linear-interpolated percentile (numpy's default), q in [0, 100]."""
-    ordered = sorted(samples)
-    pos = (len(ordered) - 1) * q / 100
-    lo, hi = math.floor(pos), math.ceil(pos)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
-
-
 def build_sparse(base: nn.Linear, density: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Random sorted unique indices for `density` of the weight, and nonzero random values."""
     out_features, in_features = base.weight.shape
@@ -258,17 +249,10 @@ def run_config(
         if not args.no_memory and device.type != "cpu":
             variant.peak_bytes = peak_extra_bytes(variant, x, dy)
 
-    order = list(variants)
-    rng = random.Random(seed)
-    timed_started = time.perf_counter()
-    for done in range(args.repeats):
-        if done >= args.min_repeats and time.perf_counter() - timed_started > args.budget_s:
-            break
-        rng.shuffle(order)
-        for variant in order:
-            f, b = _step(variant, x, dy)
-            variant.fwd.append(f)
-            variant.bwd.append(b)
+    for variant in interleaved_rounds(list(variants), args.repeats, args.min_repeats, args.budget_s, seed):
+        f, b = _step(variant, x, dy)
+        variant.fwd.append(f)
+        variant.bwd.append(b)
 
     def stats(v: Variant) -> dict:
         steps = [f + b for f, b in zip(v.fwd, v.bwd)]
@@ -276,8 +260,8 @@ def run_config(
             "fwd_ms": 1e3 * statistics.median(v.fwd),
             "bwd_ms": 1e3 * statistics.median(v.bwd),
             "step_ms": 1e3 * statistics.median(steps),
-            "step_p10_ms": 1e3 * _percentile(steps, 10),
-            "step_p90_ms": 1e3 * _percentile(steps, 90),
+            "step_p10_ms": 1e3 * percentile(steps, 10),
+            "step_p90_ms": 1e3 * percentile(steps, 90),
             "repeats": len(steps),
             "peak_mib": None if v.peak_bytes is None else v.peak_bytes / MIB,
         }
