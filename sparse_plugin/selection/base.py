@@ -4,6 +4,8 @@ last decision."""
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import torch
 from torch import nn
 
@@ -29,7 +31,7 @@ class Collector:
             setattr(self, name, value.to(device) if isinstance(value, torch.Tensor) else value)
 
 
-class Selector:
+class Selector(ABC):
     """Base of `SpielSelector`, `SmtSelector` and `SiftSelector`.
 
     Owned by `SM3`/`SparseAdamW` and advanced by their `step()`: `after_step()` once each optimizer step has
@@ -45,14 +47,17 @@ class Selector:
         self.last_round: dict[str, float] = {}
         self.collectors: dict[str, Collector] = {}
 
+    @abstractmethod
     def make_collector(self, layer) -> Collector:
-        raise NotImplementedError
+        """A fresh statistics collector for `layer`."""
 
+    @abstractmethod
     def prepare_next_step(self) -> None:
-        raise NotImplementedError
+        """Set each layer's collector (or none) for the coming step's micro-batches."""
 
+    @abstractmethod
     def after_step(self) -> None:
-        raise NotImplementedError
+        """Act on the step just applied (decide, prune/regrow), then prepare the next one."""
 
     def updates_allowed(self) -> bool:
         """Whether this step may update the values (not while a method is still choosing positions: DDP hands
