@@ -40,7 +40,7 @@ def tiles_whole_blocks(indices: torch.Tensor, shape: tuple[int, int], block: tup
     if indices.numel() == 0:
         return False
     ids, counts = torch.unique(_block_ids(indices, shape, block), return_counts=True)
-    return bool(torch.equal(counts, _block_areas(ids, shape, block)))
+    return bool(torch.equal(counts, block_areas(ids, shape, block)))
 
 
 def block_positions(block_ids: torch.Tensor, shape: tuple[int, int], block: tuple[int, int]) -> torch.Tensor:
@@ -66,7 +66,8 @@ def _block_ids(indices: torch.Tensor, shape: tuple[int, int], block: tuple[int, 
     return (rows // height) * (-(-in_features // width)) + cols // width
 
 
-def _block_areas(block_ids: torch.Tensor, shape: tuple[int, int], block: tuple[int, int]) -> torch.Tensor:
+def block_areas(block_ids: torch.Tensor, shape: tuple[int, int], block: tuple[int, int]) -> torch.Tensor:
+    """Elements in each given block: edge blocks of dimensions that are not multiples are smaller."""
     heights, widths = _block_dims(block_ids, shape, block)
     return heights * widths
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..kernels.blocks import block_grid, block_positions
+from ..kernels.blocks import block_areas, block_grid, block_positions
 from ..layer import SparseDeltaLinear
 from .base import Collector, OneShotSelector
 from .distributed import summed
@@ -54,12 +54,8 @@ class BlockStats(Collector):
         self.sums += padded.view(grid_rows, height, grid_cols, width).sum(dim=(1, 3))
 
     def block_areas(self) -> torch.Tensor:
-        (out_features, in_features), (height, width) = self.shape, self.block
-        rows = torch.arange(self.sums.shape[0], device=self.sums.device)
-        cols = torch.arange(self.sums.shape[1], device=self.sums.device)
-        heights = (out_features - rows * height).clamp(max=height)
-        widths = (in_features - cols * width).clamp(max=width)
-        return heights[:, None] * widths[None, :]
+        ids = torch.arange(self.sums.numel(), device=self.sums.device)
+        return block_areas(ids, self.shape, self.block).view_as(self.sums)
 
 
 def choose_blocks(scores: list[torch.Tensor], areas: list[torch.Tensor], budget: int) -> list[torch.Tensor]:
