@@ -9,6 +9,7 @@ Example:
 """
 
 from .config import SparseConfig
+from .distributed import keep_deltas_replicated
 from .integrations.hf import SparseCallback, register_optimizers
 from .io import AdapterError, load_adapter, read_adapter, save_adapter
 from .layer import SparseDeltaLinear
@@ -37,6 +38,7 @@ __all__ = [
     "SparseConfig",
     "SparseDeltaLinear",
     "iter_sparse_layers",
+    "keep_deltas_replicated",
     "load_adapter",
     "merge_adapter",
     "prepare_model",

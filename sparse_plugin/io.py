@@ -15,6 +15,7 @@ import os
 import struct
 import uuid
 from importlib.metadata import version as package_version
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from torch import nn
 
 from .atomic import write_files
 from .config import SparseConfig
+from .fsdp import is_whole
 from .layer import SparseDeltaLinear, dense_base_weight
 from .model import require_sparse_layers, iter_sparse_layers, wrap_targets
 
@@ -106,16 +108,27 @@ def fingerprint(entries: dict[str, tuple[tuple[int, ...], str]]) -> str:
 # --------------------------------------------------------------------------------------------- writing
 
 
-def _base_values(layer: SparseDeltaLinear) -> torch.Tensor | None:
+def _base_values(key: str, layer: SparseDeltaLinear) -> torch.Tensor | None:
     if layer.merged:
         return layer._merged_base_values
     try:
-        return dense_base_weight(layer.base_layer).detach().view(-1)[layer.indices]
+        weight = dense_base_weight(layer.base_layer)
     except TypeError:  # a quantised base has no exact entries to restore
         return None
+    if not is_whole(weight, layer.shape):
+        raise ValueError(
+            f"the base weight of `{key}` is sharded (FSDP): gather its entries on every rank with "
+            "`sparse_plugin.fsdp.gathered_base_values(model)` and pass them as `base_values=`, or set store_base_values=False"
+        )
+    return weight.detach().view(-1)[layer.indices]
 
 
-def save_adapter(model: nn.Module, save_directory: str | os.PathLike, base_model_name_or_path: str | None = None) -> None:
+def save_adapter(
+    model: nn.Module,
+    save_directory: str | os.PathLike,
+    base_model_name_or_path: str | None = None,
+    base_values: Mapping[str, torch.Tensor] | None = None,
+) -> None:
     """Write the model's sparse deltas to `save_directory` (created if needed).
 
     Both files are written in full under temporary names before either is renamed into place, so a crash
@@ -128,6 +141,9 @@ def save_adapter(model: nn.Module, save_directory: str | os.PathLike, base_model
         save_directory (`str` or `PathLike`): target directory; other files in it are left alone.
         base_model_name_or_path (`str`, *optional*): recorded as the base; defaults to the model config's
             `_name_or_path`.
+        base_values (`Mapping[str, torch.Tensor]`, *optional*): the base weight at each target's indices, by key,
+            for a model whose base FSDP shards (`sparse_plugin.fsdp.gathered_base_values`); read from the model
+            otherwise.
 
     Example:
         ```python
@@ -136,6 +152,9 @@ def save_adapter(model: nn.Module, save_directory: str | os.PathLike, base_model
     """
     layers = require_sparse_layers(model)
     config: SparseConfig = model.sparse_config
+    if base_values is not None and (missing := [key for key, _ in layers if key not in base_values]):
+        raise ValueError(f"`base_values` lacks `{missing[0]}` ({len(missing)} target(s) missing); gather them with "
+                         "`sparse_plugin.fsdp.gathered_base_values(model)`.")
     tensors, targets = {}, {}
     for key, layer in layers:
         dtype = base_dtype_code(layer.base_layer.weight)
@@ -143,9 +162,10 @@ def save_adapter(model: nn.Module, save_directory: str | os.PathLike, base_model
         index_dtype = torch.int32 if layer.out_features * layer.in_features < _INT32_LIMIT else torch.int64
         tensors[f"{key}.indices"] = layer.indices.to(index_dtype)
         tensors[f"{key}.values"] = layer.values.detach()
-        base_values = _base_values(layer) if config.store_base_values else None
-        if base_values is not None:
-            tensors[f"{key}.base_values"] = base_values
+        if config.store_base_values:
+            base = base_values[key] if base_values is not None else _base_values(key, layer)
+            if base is not None:
+                tensors[f"{key}.base_values"] = base
     has_base_values = all(f"{key}.base_values" in tensors for key in targets)
     if not has_base_values:  # all or nothing, so readers need no per-tensor case
         tensors = {k: v for k, v in tensors.items() if not k.endswith(".base_values")}
@@ -405,5 +425,5 @@ def _set_delta(layer: SparseDeltaLinear, target: TargetDelta) -> None:
         layer.indices.copy_(indices)
         layer.values.copy_(values)
     else:  # a differently sized budget: replace, keeping the same Parameter object
-        layer.indices = indices
-        layer.values.data = values
+        layer.set_indices(indices)
+        layer.values.copy_(values)

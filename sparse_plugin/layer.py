@@ -87,6 +87,41 @@ def dense_base_weight(base_layer: nn.Module) -> torch.Tensor:
     )
 
 
+class SparseDelta(nn.Module):
+    """The trained part of a `SparseDeltaLinear`: sorted unique flat positions `indices` (an `int64` buffer) and
+    their `values` (the `nn.Parameter`, zero at first so a freshly prepared model equals its base).
+
+    A module of its own so that sharding wrappers can leave it whole: FSDP shards the frozen base and is told to
+    ignore these modules (`sparse_plugin.keep_deltas_replicated`), since prune/regrow and SM3's row/column maxima
+    need each layer's whole values vector on every rank.
+    """
+
+    def __init__(self, indices: torch.Tensor, values_dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        self.register_buffer("indices", indices.to(device=device, dtype=torch.int64))
+        self.values = nn.Parameter(torch.zeros(indices.numel(), dtype=values_dtype, device=device))
+
+    @torch.no_grad()
+    def set_indices(self, indices: torch.Tensor) -> None:
+        """Train a new set of positions (any count), all starting at Δ = 0; the `values` Parameter object stays
+        the same (optimizers and gradient hooks keep referring to it), only its data is replaced."""
+        self.indices = indices.to(device=self.indices.device, dtype=torch.int64)
+        new = torch.zeros(indices.numel(), dtype=self.values.dtype, device=self.values.device)
+        # Autograd caches a leaf's gradient accumulator with its shape, and a graph still alive from the last
+        # step (the caller's `loss`) keeps it; assigning `.data` drops that cache only on a dtype change, so
+        # pass through another dtype first or the next backward rejects the new shape.
+        self.values.data = new.to(torch.float64 if new.dtype != torch.float64 else torch.float32)
+        self.values.data = new
+        self.values.grad = None
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A checkpoint of a method that changes per-layer counts (SMT) loads into a freshly prepared model.
+        incoming = state_dict.get(prefix + "indices")
+        if incoming is not None and incoming.shape != self.indices.shape:
+            self.set_indices(incoming)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
 class SparseDeltaLinear(nn.Module):
     """A frozen `base_layer` plus a trainable sparse delta at flat positions `indices` of its weight.
 
@@ -99,8 +134,8 @@ class SparseDeltaLinear(nn.Module):
             the products run as block GEMMs.
 
     Attributes:
-        base_layer: the wrapped module. indices: `int64` buffer. values: the `nn.Parameter` of the delta,
-        initialised to zero so a freshly prepared model equals its base.
+        base_layer: the wrapped module. delta: the `SparseDelta` holding `indices` and `values`, which the
+        layer also exposes as `layer.indices` and `layer.values`.
     """
 
     def __init__(
@@ -117,9 +152,7 @@ class SparseDeltaLinear(nn.Module):
         self.out_features = base_layer.out_features
         self.forward_strategy = forward_strategy
         self.block_size = block_size
-        device = base_layer.weight.device
-        self.register_buffer("indices", indices.to(device=device, dtype=torch.int64))
-        self.values = nn.Parameter(torch.zeros(indices.numel(), dtype=values_dtype, device=device))
+        self.delta = SparseDelta(indices, values_dtype, base_layer.weight.device)
         self.merged = False
         # Called with the dense weight gradient inside backward while a selection method gathers statistics;
         # returns the values' gradient or None.
@@ -145,25 +178,17 @@ class SparseDeltaLinear(nn.Module):
             self._pattern_key = key
         return self._pattern
 
-    @torch.no_grad()
-    def set_indices(self, indices: torch.Tensor) -> None:
-        """Train a new set of positions (any count), all starting at Δ = 0; the `values` Parameter object stays
-        the same (optimizers keep referring to it), only its data is replaced."""
-        self.indices = indices.to(device=self.indices.device, dtype=torch.int64)
-        new = torch.zeros(indices.numel(), dtype=self.values.dtype, device=self.values.device)
-        # Autograd caches a leaf's gradient accumulator with its shape, and a graph still alive from the last
-        # step (the caller's `loss`) keeps it; assigning `.data` drops that cache only on a dtype change, so
-        # pass through another dtype first or the next backward rejects the new shape.
-        self.values.data = new.to(torch.float64 if new.dtype != torch.float64 else torch.float32)
-        self.values.data = new
-        self.values.grad = None
+    @property
+    def indices(self) -> torch.Tensor:
+        return self.delta.indices
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # A checkpoint of a method that changes per-layer counts (SMT) loads into a freshly prepared model.
-        incoming = state_dict.get(prefix + "indices")
-        if incoming is not None and incoming.shape != self.indices.shape:
-            self.set_indices(incoming)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+    @property
+    def values(self) -> nn.Parameter:
+        return self.delta.values
+
+    def set_indices(self, indices: torch.Tensor) -> None:
+        """Train a new set of positions (any count), all starting at Δ = 0 (see `SparseDelta.set_indices`)."""
+        self.delta.set_indices(indices)
 
     def strategy(self, compute_dtype: torch.dtype) -> str:
         """The forward strategy for this call: the configured one, or the measured rule for `"auto"`.

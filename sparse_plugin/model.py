@@ -14,10 +14,15 @@ from .layer import SparseDeltaLinear
 
 def iter_sparse_layers(model: nn.Module) -> Iterator[tuple[str, SparseDeltaLinear]]:
     """Yield `(weight_key, layer)` for every `SparseDeltaLinear`, where `weight_key` is the state-dict key the
-    base weight had before wrapping (`model.layers.0.self_attn.q_proj.weight`): the adapter's tensor names."""
+    base weight had before wrapping (`model.layers.0.self_attn.q_proj.weight`, also inside FSDP1's wrappers):
+    the adapter's tensor names."""
     for name, module in model.named_modules():
         if isinstance(module, SparseDeltaLinear):
-            yield f"{name}.weight", module
+            yield f"{_WRAPPER_SEGMENT.sub('', name)}.weight", module
+
+
+# Module names FSDP1 and its activation-checkpoint wrapper insert, which the base's state-dict keys do not have.
+_WRAPPER_SEGMENT = re.compile(r"(?:_fsdp_wrapped_module|_checkpoint_wrapped_module)\.")
 
 
 def _is_linear(module: nn.Module) -> bool:

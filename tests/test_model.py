@@ -72,7 +72,7 @@ def test_prepare_freezes_wraps_and_keeps_outputs(tiny_model):
     assert len(layers) == 14 and all(isinstance(m, SparseDeltaLinear) for m in layers.values())
     assert "model.layers.0.self_attn.q_proj.weight" in layers
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-    assert trainable == [f"{k.removesuffix('.weight')}.values" for k in layers]
+    assert trainable == [f"{k.removesuffix('.weight')}.delta.values" for k in layers]
     assert sum(m.values.numel() for m in layers.values()) == sum(2 * (m.in_features + m.out_features) for m in layers.values())
     assert model.sparse_config is config
     torch.testing.assert_close(model(ids).logits, before)  # values start at zero

@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
+from ..distributed import averages_delta_gradients, keep_deltas_replicated
+from ..fsdp import gathered_base_values, is_fsdp_wrapped
 from ..io import save_adapter
 from ..model import iter_sparse_layers, require_sparse_layers
 from ..optim import SM3, SparseAdamW
@@ -46,11 +48,16 @@ def _handler(cls):
                 f"optim={ctx.args.optim.value!r} trains sparse deltas, but the model has none: call "
                 "`model = sparse_plugin.prepare_model(model, SparseConfig(...))` before building the Trainer."
             )
-        if ctx.args.fsdp or ctx.args.deepspeed:
+        if ctx.args.deepspeed:
             raise ValueError(
-                f"optim={ctx.args.optim.value!r} needs each layer's whole values vector on every rank (row/column maxima, "
-                "index remapping), which FSDP and DeepSpeed ZeRO shard; train with DDP (torchrun / accelerate launch "
-                "without fsdp/deepspeed): the sparse state is a few percent of the model, so sharding it saves little."
+                f"optim={ctx.args.optim.value!r} cannot run under DeepSpeed: ZeRO replaces the optimizer's view of the "
+                "values with flat fp32 partitions, while prune/regrow and SM3 need each layer's whole values vector; "
+                "train with FSDP (fsdp=True, with SparseCallback) or DDP."
+            )
+        if _fsdp_plugin() is not None and not averages_delta_gradients([layer.delta for _, layer in iter_sparse_layers(model)]):
+            raise ValueError(
+                f"optim={ctx.args.optim.value!r} under FSDP needs the sparse deltas kept out of FSDP's shards: pass "
+                "callbacks=[SparseCallback()] to the Trainer (it sets this up before the model is wrapped)."
             )
         kwargs = dict(ctx.optimizer_kwargs)
         if cls is SparseAdamW:
@@ -122,7 +129,9 @@ class SparseCallback(TrainerCallback):
 
     The optimizer runs prune/regrow itself; this callback gives it the run's length at train begin (from
     `state.max_steps`, also under epoch-based training), writes the adapter into every `checkpoint-N` and into
-    `output_dir` at the end (rank 0 only), and adds `sparse/*` metrics to the Trainer's logs.
+    `output_dir` at the end (rank 0 only), and adds `sparse/*` metrics to the Trainer's logs. Under FSDP it keeps
+    the sparse deltas out of FSDP's shards (added to the plugin's `ignored_modules`, gradients averaged over ranks,
+    see `keep_deltas_replicated`) and gathers the base entries the adapter stores from the shards.
 
     Example:
         ```python
@@ -130,6 +139,11 @@ class SparseCallback(TrainerCallback):
         ...                   callbacks=[SparseCallback()])
         ```
     """
+
+    def on_init_end(self, args, state, control, model=None, **kwargs):
+        plugin = _fsdp_plugin()
+        if plugin is not None and model is not None:
+            _keep_deltas_out_of_fsdp(model, plugin)
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         require_sparse_layers(model)
@@ -139,12 +153,10 @@ class SparseCallback(TrainerCallback):
             sparse.selector.prepare_next_step()
 
     def on_save(self, args, state, control, model=None, **kwargs):
-        if state.is_world_process_zero:
-            save_adapter(model, Path(args.output_dir) / f"checkpoint-{state.global_step}")
+        _save_from_rank_zero(model, Path(args.output_dir) / f"checkpoint-{state.global_step}", state)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
-        if state.is_world_process_zero:
-            save_adapter(model, args.output_dir)
+        _save_from_rank_zero(model, args.output_dir, state)
 
     def on_log(self, args, state, control, logs=None, model=None, optimizer=None, **kwargs):
         if logs is None or model is None or "loss" not in logs:
@@ -157,6 +169,37 @@ class SparseCallback(TrainerCallback):
         logs.update(metrics)
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(metrics)
+
+
+def _fsdp_plugin():
+    """The FSDP plugin of the Trainer's accelerator, or None where it will not shard (no FSDP configured, or a
+    platform accelerate runs `fsdp=True` on as plain DDP, such as CPU)."""
+    from accelerate.state import AcceleratorState
+
+    return AcceleratorState._shared_state.get("fsdp_plugin")
+
+
+def _keep_deltas_out_of_fsdp(model, plugin) -> None:
+    """Add the model's `SparseDelta` modules to the FSDP plugin's `ignored_modules` (a user's regex or list is kept)
+    before the Trainer wraps the model; accelerate passes them to FSDP1 as modules and to FSDP2 as parameters."""
+    import re
+
+    deltas = keep_deltas_replicated(model)
+    ignored = plugin.ignored_modules
+    if isinstance(ignored, str):
+        pattern = re.compile(ignored)
+        ignored = [module for name, module in model.named_modules() if pattern.fullmatch(name)]
+    ignored = list(ignored or [])
+    plugin.ignored_modules = ignored + [d for d in deltas if not any(d is m for m in ignored)]
+
+
+def _save_from_rank_zero(model, directory, state) -> None:
+    """Rank 0 writes the adapter; under FSDP every rank first takes part in gathering the stored base entries."""
+    config = getattr(model, "sparse_config", None)
+    sharded = config is not None and config.store_base_values and is_fsdp_wrapped(model)
+    base_values = gathered_base_values(model) if sharded else None
+    if state.is_world_process_zero:
+        save_adapter(model, directory, base_values=base_values)
 
 
 @torch.no_grad()

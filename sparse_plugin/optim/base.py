@@ -12,7 +12,6 @@ from torch import nn
 from ..layer import SparseDeltaLinear
 from ..model import iter_sparse_layers, require_sparse_layers
 from ..selection import make_selector
-from ..selection.distributed import is_distributed
 
 
 class SparseOptimizer(torch.optim.Optimizer):
@@ -89,8 +88,6 @@ class SparseOptimizer(torch.optim.Optimizer):
                 self.selector.prepare_next_step()
             return loss
         update = self.selector is None or self.selector.updates_allowed()
-        if update and self.selector is not None and self.selector.averages_gradients() and is_distributed():
-            self._average_gradients()
         for group in self.param_groups:
             for param in group["params"]:
                 if update and param.grad is not None:
@@ -99,17 +96,6 @@ class SparseOptimizer(torch.optim.Optimizer):
         if self.selector is not None:
             self.selector.after_step()
         return loss
-
-    def _average_gradients(self) -> None:
-        """Mean of every values gradient over ranks, in one flat all-reduce (idempotent if DDP already did it)."""
-        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None and p.grad.numel()]
-        if not grads:
-            return
-        flat = torch.cat([g.reshape(-1).float() for g in grads])
-        torch.distributed.all_reduce(flat)
-        flat /= torch.distributed.get_world_size()
-        for grad, part in zip(grads, flat.split([g.numel() for g in grads])):
-            grad.copy_(part.view_as(grad))
 
     def _grads_finite(self) -> bool:
         grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None and p.grad.numel()]

@@ -64,11 +64,6 @@ class Selector(ABC):
         zero gradients to parameters that got none, and an optimizer step on them would still age the moments)."""
         return True
 
-    def averages_gradients(self) -> bool:
-        """Whether the optimizer must average the values' gradients over ranks itself: DDP's gradient hooks
-        stay on the accumulators of the values it wrapped, which SMT's resize replaces."""
-        return False
-
     def state_dict(self) -> dict:
         """The statistics gathered so far, per layer key (what a resumed run needs to decide the same way)."""
         return {key: collector.state_dict() for key, collector in self.collectors.items()}

@@ -20,7 +20,7 @@ import torch
 
 from ..layer import SparseDeltaLinear
 from .base import Collector, OneShotSelector
-from .distributed import summed
+from ..distributed import summed
 
 # Pool of candidates kept per matrix, in multiples of its trained count k: 16 bytes per pooled position.
 POOL_FACTOR = 4

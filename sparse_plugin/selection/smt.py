@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from ..kernels.blocks import block_areas, block_grid, block_positions
 from ..layer import SparseDeltaLinear
 from .base import Collector, OneShotSelector
-from .distributed import summed
+from ..distributed import average_gradients_after_backward, is_distributed, summed
 
 # The paper warms up for 100 steps; shorter runs use a tenth of their length.
 MAX_WARMUP_STEPS = 100
@@ -82,8 +82,12 @@ class SmtSelector(OneShotSelector):
         super().__init__(model, config, optimizer, total_steps)
         self.prepare_next_step()
 
-    def averages_gradients(self) -> bool:
-        return self.selected
+    def prepare_next_step(self) -> None:
+        if self.selected and is_distributed():
+            # DDP's gradient hooks stay on the accumulators of the values it wrapped, which the resize replaced, so
+            # the resized values' gradients are averaged by hooks of our own (before clipping, unlike in step()).
+            average_gradients_after_backward([layer.delta for _, layer in self.layers])
+        super().prepare_next_step()
 
     def make_collector(self, layer: SparseDeltaLinear) -> BlockStats:
         return BlockStats(layer, self.config.block_size)

@@ -22,7 +22,7 @@ import torch
 
 from ..layer import SparseDeltaLinear
 from .base import Collector, Selector
-from .distributed import summed
+from ..distributed import summed
 from .schedule import is_gathering_step, is_reselection_step, reselection_rate
 
 # Elements of one chunk of MA scores (16 MiB of fp32): bounds memory for any matrix size.

@@ -54,13 +54,45 @@ def test_unknown_optim_arg_is_refused(tmp_path):
         trainer.create_optimizer()
 
 
-def test_sharded_training_is_refused_with_the_supported_alternative(tmp_path):
+def test_deepspeed_is_refused_with_the_supported_alternatives(tmp_path):
     args = _args(tmp_path)
-    args.fsdp = ["full_shard"]  # set after construction: building FSDP args needs accelerate's FSDP plugin and a GPU
+    args.deepspeed = {"zero_optimization": {"stage": 2}}  # set after construction: building it needs deepspeed
     trainer = Trainer(model=_prepared(), args=_args(tmp_path), train_dataset=_dataset())
     trainer.args = args
-    with pytest.raises(ValueError, match="FSDP and DeepSpeed ZeRO shard; train with DDP"):
+    with pytest.raises(ValueError, match="cannot run under DeepSpeed.*train with FSDP \\(fsdp=True, with SparseCallback\\) or DDP"):
         trainer.create_optimizer()
+
+
+def _with_fsdp_plugin(monkeypatch):
+    """Put an FSDP plugin in accelerate's shared state, as a GPU run with `fsdp=True` has (on CPU accelerate runs
+    DDP instead); after the Trainer is built, whose Accelerator resets that state."""
+    from types import SimpleNamespace
+
+    from accelerate.state import AcceleratorState
+
+    plugin = SimpleNamespace(ignored_modules=None)
+    monkeypatch.setitem(AcceleratorState._shared_state, "fsdp_plugin", plugin)
+    return plugin
+
+
+def test_fsdp_without_the_callback_is_refused(tmp_path, monkeypatch):
+    trainer = Trainer(model=_prepared(), args=_args(tmp_path), train_dataset=_dataset())
+    _with_fsdp_plugin(monkeypatch)
+    with pytest.raises(ValueError, match="under FSDP needs the sparse deltas kept out of FSDP's shards: pass callbacks=\\[SparseCallback\\(\\)\\]"):
+        trainer.create_optimizer()
+
+
+def test_callback_keeps_the_deltas_out_of_fsdp_and_keeps_the_users_ignored_modules(tmp_path, monkeypatch):
+    model = _prepared()
+    trainer = Trainer(model=model, args=_args(tmp_path), train_dataset=_dataset(), callbacks=[SparseCallback()])
+    plugin = _with_fsdp_plugin(monkeypatch)
+    plugin.ignored_modules = "lm_head"  # a user's regex, as accelerate accepts it
+    trainer.callback_handler.on_init_end(trainer.args, trainer.state, trainer.control)
+    deltas = [layer.delta for _, layer in iter_sparse_layers(model)]
+    assert plugin.ignored_modules[0] is model.lm_head
+    assert len(plugin.ignored_modules) == 1 + len(deltas)
+    assert all(a is b for a, b in zip(plugin.ignored_modules[1:], deltas))
+    assert type(trainer.create_optimizer()) is SM3  # and the optimizer then accepts the run
 
 
 def test_model_without_sparse_layers_gets_a_clear_error(tmp_path):

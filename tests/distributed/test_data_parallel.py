@@ -1,0 +1,79 @@
+"""Two CPU processes on gloo (torchrun) under DDP, FSDP1 (FULL_SHARD, use_orig_params) and FSDP2: every rank ends
+with the same indices and values, equal to one process training on the whole global batch (within fp tolerance),
+for each selection method; under FSDP the adapter saved from rank 0 carries the base entries gathered from the shards."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from sparse_plugin import iter_sparse_layers, load_adapter
+
+from conftest import tiny_llama
+
+JOB = Path(__file__).with_name("train_job.py")
+METHODS = ["ma", "ag", "sift", "smt"]
+
+
+def _run(out: Path, method: str, *extra: str, processes: int = 2) -> None:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+    command = (launcher if processes > 1 else [sys.executable]) + [str(JOB), str(out), method, *extra]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    run = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+
+
+def _result(path: Path) -> dict:
+    return torch.load(path)
+
+
+@pytest.fixture(scope="module")
+def single_process(tmp_path_factory):
+    """One process on whole batches, per method: the reference every multi-process run must equal."""
+    root = tmp_path_factory.mktemp("single")
+    cache = {}
+
+    def layers(method: str) -> dict:
+        if method not in cache:
+            _run(root / method, method, processes=1)
+            cache[method] = _result(root / method / "rank0.pt")["layers"]
+        return cache[method]
+
+    return layers
+
+
+def _assert_ranks_agree_with(reference: dict, rank0: dict, rank1: dict) -> None:
+    for key, (indices, values) in reference.items():
+        assert torch.equal(rank0[key][0], rank1[key][0]) and torch.equal(rank0[key][1], rank1[key][1]), key
+        assert torch.equal(rank0[key][0], indices), key
+        torch.testing.assert_close(rank0[key][1], values, rtol=1e-5, atol=1e-6)
+    assert any(v.count_nonzero() for _, v in reference.values())
+
+
+@pytest.mark.parametrize("wrap", ["ddp", "fsdp1", "fsdp2"])
+@pytest.mark.parametrize("method", METHODS)
+def test_ranks_agree_and_match_one_process(tmp_path, single_process, method, wrap):
+    _run(tmp_path, method, "--wrap", wrap)
+    rank0, rank1 = _result(tmp_path / "rank0.pt"), _result(tmp_path / "rank1.pt")
+    assert rank0["fsdp"] == rank1["fsdp"] == wrap.startswith("fsdp")
+    _assert_ranks_agree_with(single_process(method), rank0["layers"], rank1["layers"])
+    if wrap.startswith("fsdp"):  # load_adapter checks the stored base entries against an unsharded base
+        loaded = dict(iter_sparse_layers(load_adapter(tiny_llama(), tmp_path / "adapter")))
+        assert all(torch.equal(loaded[k].values.detach(), v) for k, (_, v) in rank0["layers"].items())
+
+
+def test_trainer_under_ddp_and_fsdp2_trains_alike_and_saves_one_adapter_from_rank_zero(tmp_path):
+    """Two micro-batches per step, so averaging over ranks meets gradient accumulation; the Trainer's clipping
+    (`max_grad_norm`) sees averaged gradients under both. FSDP1 runs only on accelerator devices in accelerate."""
+    runs = {}
+    for wrap in ("ddp", "fsdp2"):
+        _run(tmp_path / wrap, "ag", "--trainer", "--wrap", wrap)
+        runs[wrap] = [_result(tmp_path / wrap / f"rank{r}.pt") for r in (0, 1)]
+        assert sorted(p.name for p in (tmp_path / wrap).glob("sparse_*")) == ["sparse_adapter.safetensors", "sparse_config.json"]
+    assert [r["fsdp"] for r in runs["ddp"] + runs["fsdp2"]] == [False, False, True, True]
+    _assert_ranks_agree_with(runs["ddp"][0]["layers"], *(r["layers"] for r in runs["fsdp2"]))
+    loaded = dict(iter_sparse_layers(load_adapter(tiny_llama(), tmp_path / "fsdp2")))
+    assert all(torch.equal(loaded[k].values.detach(), v) for k, (_, v) in runs["fsdp2"][0]["layers"].items())

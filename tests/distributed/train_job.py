@@ -1,0 +1,152 @@
+"""Training job for the multi-process tests: a tiny Llama, the same global batches split over the ranks.
+
+    torchrun --nproc_per_node 2 train_job.py OUT METHOD [--wrap ddp|fsdp1|fsdp2]   # each rank trains on its half
+    python train_job.py OUT METHOD                                                # one process, whole batches
+    torchrun --nproc_per_node 2 train_job.py OUT METHOD --trainer [--wrap ...]    # the HF Trainer + SparseCallback
+
+The plain loop clips the values' gradient norm as the Trainer does, so averaging after clipping would show.
+`fsdp1` is FullyShardedDataParallel (FULL_SHARD, use_orig_params, one unit per decoder layer), `fsdp2` is
+`fully_shard` per decoder layer and on the root; both shard the frozen base and leave the deltas whole
+(`keep_deltas_replicated`). Each rank writes OUT/rank{R}.pt with every layer's indices and values (and the plain
+loop's losses); the plain FSDP runs also save an adapter to OUT/adapter from rank 0.
+"""
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from conftest import tiny_llama  # noqa: E402
+
+from sparse_plugin import SM3, SparseAdamW, SparseCallback, SparseConfig, iter_sparse_layers, prepare_model, save_adapter  # noqa: E402
+from sparse_plugin.distributed import keep_deltas_replicated  # noqa: E402
+from sparse_plugin.fsdp import gathered_base_values, is_fsdp_wrapped  # noqa: E402
+
+METHODS = {
+    "ma": ({"method": "spiel", "regrow": "ma", "density": 0.05, "reselection_steps": 2, "initial_reselection_rate": 0.5}, SM3),
+    "ag": ({"method": "spiel", "regrow": "ag", "density": 0.05, "reselection_steps": 2, "selection_accumulation_steps": 1,
+            "initial_reselection_rate": 0.5}, SparseAdamW),
+    "sift": ({"method": "sift", "density": 0.05, "selection_steps": 2}, SparseAdamW),
+    "smt": ({"method": "smt", "density": 0.2, "block_size": 16, "warmup_steps": 2, "target_modules": "all-linear"}, SparseAdamW),
+}
+STEPS, GLOBAL_BATCH, CLIP = int(os.environ.get("DDP_JOB_STEPS", "8")), 4, 0.05
+
+
+def wrap(model, how):
+    """The model as the training loop calls it, and a function clipping the gradient norm to CLIP."""
+    values = [layer.values for _, layer in iter_sparse_layers(model)]
+    if how == "ddp":
+        return torch.nn.parallel.DistributedDataParallel(model), lambda: torch.nn.utils.clip_grad_norm_(values, CLIP)
+    deltas = keep_deltas_replicated(model)
+    if how == "fsdp1":
+        from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
+        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+        from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+        wrapped = FullyShardedDataParallel(
+            model, sharding_strategy=ShardingStrategy.FULL_SHARD, auto_wrap_policy=ModuleWrapPolicy({LlamaDecoderLayer}),
+            use_orig_params=True, ignored_modules=deltas, device_id=torch.device("cpu"))
+        return wrapped, lambda: wrapped.clip_grad_norm_(CLIP)
+    from torch.distributed.fsdp import fully_shard
+
+    ignored = {p for delta in deltas for p in delta.parameters()}
+    for block in model.model.layers:
+        fully_shard(block, ignored_params=ignored)
+    fully_shard(model, ignored_params=ignored)
+    return model, lambda: torch.nn.utils.clip_grad_norm_(values, CLIP)
+
+
+def plain_loop(model, method, rank, world, how):
+    fields, cls = METHODS[method]
+    optimizer = cls(model, lr=1e-2, total_steps=STEPS)
+    if world > 1:
+        forward, clip = wrap(model, how)
+    else:
+        values = [layer.values for _, layer in iter_sparse_layers(model)]
+        forward, clip = model, lambda: torch.nn.utils.clip_grad_norm_(values, CLIP)
+    gen = torch.Generator().manual_seed(1)
+    losses = []
+    for _ in range(STEPS):
+        batch = torch.randint(3, 97, (GLOBAL_BATCH, 12), generator=gen)
+        mine = batch.chunk(world)[rank]
+        loss = forward(input_ids=mine, labels=mine).loss
+        loss.backward()
+        clip()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(float(loss))
+    return losses
+
+
+def let_accelerate_shard_on_cpu() -> None:
+    """Accelerate turns FSDP on only for accelerator devices and trains `fsdp=True` on CPU as DDP; switch it to FSDP
+    for CPU processes too, so the Trainer's real FSDP path (wrapping, clipping, saving) runs on gloo."""
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType
+
+    original = AcceleratorState.__init__
+
+    def init(self, *args, fsdp_plugin=None, **kwargs):
+        original(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            self.distributed_type, self.fsdp_plugin = DistributedType.FSDP, fsdp_plugin
+
+    AcceleratorState.__init__ = init
+
+
+def trainer_run(model, method, out, how):
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    ids = torch.randint(3, 97, (32, 12), generator=torch.Generator().manual_seed(0)).tolist()
+    optim = "spiel_sm3" if METHODS[method][1] is SM3 else "spiel_adamw"
+    fsdp = {}
+    if how.startswith("fsdp"):
+        let_accelerate_shard_on_cpu()
+        # sync_module_states would look for an accelerator device; every rank builds the same model anyway.
+        config = {"version": int(how[-1]), "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"], "sync_module_states": False}
+        fsdp = {"fsdp": True, "fsdp_config": config}
+    # No Trainer checkpoints: accelerate cannot gather an FSDP model's full state dict on CPU (a plain model fails
+    # the same way); the adapter written at the end goes through the same gathering as one in a checkpoint.
+    args = TrainingArguments(output_dir=str(out), optim=optim, learning_rate=1e-2, max_steps=STEPS, max_grad_norm=CLIP,
+                             per_device_train_batch_size=1, gradient_accumulation_steps=2, save_strategy="no", report_to=[], use_cpu=True,
+                             ddp_backend="gloo", seed=0, data_seed=0, disable_tqdm=True, **fsdp)
+    Trainer(model=model, args=args, train_dataset=Dataset.from_dict({"input_ids": ids, "labels": ids}),
+            callbacks=[SparseCallback()]).train()
+    return []
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out", type=Path)
+    parser.add_argument("method", choices=list(METHODS))
+    parser.add_argument("--trainer", action="store_true")
+    parser.add_argument("--wrap", choices=["ddp", "fsdp1", "fsdp2"], default="ddp")
+    args = parser.parse_args()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not args.trainer:
+        dist.init_process_group("gloo")
+    rank = int(os.environ.get("RANK", "0"))
+    model = prepare_model(tiny_llama(), SparseConfig(**METHODS[args.method][0]))
+    if args.trainer:
+        losses = trainer_run(model, args.method, args.out, args.wrap)
+    else:
+        losses = plain_loop(model, args.method, rank, world, args.wrap)
+    layers = {key: (layer.indices.clone(), layer.values.detach().clone()) for key, layer in iter_sparse_layers(model)}
+    sharded = is_fsdp_wrapped(model)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if not args.trainer and args.wrap.startswith("fsdp"):
+        base_values = gathered_base_values(model)  # every rank takes part
+        if rank == 0:
+            save_adapter(model, args.out / "adapter", base_values=base_values)
+    torch.save({"losses": losses, "layers": layers, "fsdp": sharded}, args.out / f"rank{rank}.pt")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
