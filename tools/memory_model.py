@@ -11,6 +11,7 @@ Usage (from the repository root):
 
     .venv/bin/python tools/memory_model.py                          # 7B-70B table: bf16, seq 2048, batch 1
     .venv/bin/python tools/memory_model.py --checkpointing --json   # with gradient checkpointing, JSON lines too
+    .venv/bin/python tools/memory_model.py --shards 8 --totals      # per GPU, base sharded by FSDP over 8 GPUs
     .venv/bin/python tools/memory_model.py --model smollm2 --batch 4 --seq 128 --dtype fp32 --sift-selection-steps 1
         # bench_step.py's setting (CPU, fp32; SIFT chooses on its first step); totals include the loaded weights
     .venv/bin/python tools/memory_model.py --compare bench.jsonl --measure-runtime   # vs `bench_step.py --json`
@@ -67,6 +68,13 @@ Components (bytes):
   Optimizer step: torch's single-tensor AdamW on CPU keeps two temporaries of the largest parameter; fused
   AdamW (the Trainer's default on GPU) none; SM3/SparseAdamW a few per matrix; an MA round a 16 MiB chunk of
   scores.
+
+FSDP (`--shards N`, per rank): the frozen weights /N; LoRA's and full fine-tuning's trained tensors, gradients and
+optimizer state /N (a layer's gradient is whole until its reduce-scatter); the sparse state stays whole on every
+rank (`keep_deltas_replicated`), plus a flat fp32 copy of the values' gradients for their all-reduce (4 B per value)
+at the end of the backward. Transient during forward/backward: the root's unsharded parameters and two decoder
+layers (running + prefetched), `fsdp_gathered_bytes`. tests/distributed checks the sharded weights term against
+the base storage FSDP1 and FSDP2 leave on each of two gloo ranks.
 
 The peak is the largest total over the moments of a step: the start of the backward (all activations + the
 loss transient), each layer's backward (activations of the layers below, gradients of those above, its
@@ -185,7 +193,7 @@ class Setting:
     """The training setup. `dtype` is the activation/compute dtype (bf16: Trainer `bf16=True`, autocast);
     `base` the frozen weights' dtype (fp32, bf16 or nf4; default: `dtype`); `device` picks the code paths
     that differ (cuda: Triton SDDMM below 2% density, fused AdamW; cpu: sampled SDDMM below 5%,
-    torch's single-tensor AdamW)."""
+    torch's single-tensor AdamW); `shards` the FSDP world size (1: one process, or DDP)."""
 
     batch: int = 1
     seq: int = 2048
@@ -199,6 +207,7 @@ class Setting:
     sift_selection_steps: int = 4
     sm3_momentum: bool = False
     block_size: int = 256
+    shards: int = 1
 
     @property
     def tokens(self) -> int:
@@ -317,6 +326,20 @@ def activation_bytes(arch: Arch, setting: Setting, method: str) -> int:
             + outside_activation_bytes(arch, setting, method) * t + per_step_activation_bytes(arch, setting, method))
 
 
+def fsdp_gathered_bytes(arch: Arch, setting: Setting, method: str) -> int:
+    """Unsharded parameters alive during a forward/backward under FSDP2 with one unit per decoder layer: the root's
+    (embeddings, head, final norm; the root does not reshard after forward) and two decoder layers (the one
+    running and the next one, prefetched), in their stored dtype (mixed precision would gather in the compute
+    dtype; an NF4 base gathers its packed codes and scales)."""
+    a = DTYPE_BYTES[setting.dtype]
+    base = setting.base_dtype
+    per_linear = a if method == "full" else (NF4_BYTES_PER_PARAM if base == "nf4" else DTYPE_BYTES[base])
+    other = a if method == "full" else (DTYPE_BYTES[base] if base in DTYPE_BYTES else a)
+    layer = sum(o * i for o, i in arch.layer_shapes()) * per_linear + 2 * arch.hidden * other
+    root = (arch.vocab * arch.hidden * (1 if arch.tied else 2) + arch.hidden) * other
+    return round(root + 2 * layer)
+
+
 def layer_backward_transient(arch: Arch, setting: Setting) -> int:
     """Gradient buffers alive inside one layer's backward (the MLP's: dy, d(gate·up), d(SiLU), d(up)); over an
     NF4 base also bitsandbytes' dequantised weight (compute dtype) of the largest matrix, rebuilt per call."""
@@ -433,6 +456,22 @@ def estimate(arch: Arch | str, method: str, setting: Setting | None = None) -> E
     else:
         grads_per_layer = grad_total / L
     head_grad = a * arch.vocab * arch.hidden if method == "full" else 0
+    n = setting.shards
+    gathered = flat_grads = 0
+    if n > 1:
+        # FSDP shards the frozen base, and LoRA's and full fine-tuning's trained tensors with their gradients and
+        # optimizer state; the sparse deltas stay whole on every rank (keep_deltas_replicated), and their
+        # gradients are averaged through one flat fp32 buffer at the end of each backward.
+        weights = math.ceil(weights / n)
+        gathered = fsdp_gathered_bytes(arch, setting, method)
+        if method in SPARSE:
+            flat_grads = 4 * trainable
+        else:
+            trained, grad_total, opt = math.ceil(trained / n), math.ceil(grad_total / n), math.ceil(opt / n)
+            # a layer's gradient exists unsharded until its reduce-scatter; the sharded ones pile up above it
+            grads_per_layer, head_grad = grads_per_layer / n, head_grad / n
+            if method == "full":
+                gathered += a * (sum(o * i for o, i in arch.layer_shapes()) + 2 * arch.hidden)
 
     # Regimes: steady training; AG's gathering steps; SIFT's/SMT's selection phase (no optimizer state yet).
     regimes = {"steady": {"selection": 0, "opt": opt, "grads": True}}
@@ -465,7 +504,7 @@ def estimate(arch: Arch | str, method: str, setting: Setting | None = None) -> E
         suffix = "" if regime == "steady" else f" ({regime})"
         # Start of the backward: every activation saved, the loss's gradients of the logits.
         moments["loss backward" + suffix] = {**base, "grads": 0, "activations": saved_layers + outside_act,
-                                             "transient": loss_backward_transient(arch, setting)}
+                                             "transient": loss_backward_transient(arch, setting) + gathered}
         # Backward of each layer, top down: activations of the layers below, gradients of those above.
         if method in SPARSE:
             extra, _ = sparse_layer_transient(arch, setting, method, counts, regime)
@@ -480,14 +519,14 @@ def estimate(arch: Arch | str, method: str, setting: Setting | None = None) -> E
             total_grads = int(above + (head_grad if grads_on else 0))
             moment = {**base, "grads": total_grads,
                       "activations": int(below + outside_act - 4 * arch.vocab * t),
-                      "transient": generic + extra}
+                      "transient": generic + extra + gathered}
             if worst is None or sum(moment.values()) > sum(worst.values()):
                 worst = moment
         moments["layer backward" + suffix] = worst
         # Optimizer step: all gradients, its temporaries.
         if grads_on:
-            moments["optimizer step" + suffix] = {**base, "grads": grad_total, "activations": 0,
-                                                  "transient": optimizer_step_transient(arch, setting, method, counts)}
+            step = max(optimizer_step_transient(arch, setting, method, counts), flat_grads)
+            moments["optimizer step" + suffix] = {**base, "grads": grad_total, "activations": 0, "transient": step}
     totals = {name: int(sum(c.values())) for name, c in moments.items()}
     peak_at = max(totals, key=totals.get)
     components = {key: int(moments[peak_at].get(key, 0)) for key in COMPONENTS}
@@ -496,6 +535,8 @@ def estimate(arch: Arch | str, method: str, setting: Setting | None = None) -> E
                      f"{setting.dtype}")
     if method == "full" and a != 4:
         notes.append("mixed precision: bf16 weights + bf16 grads + fp32 master + 2 fp32 moments = 16 B/param")
+    if n > 1:
+        notes.append(f"FSDP over {n} ranks: per rank; the sparse state is replicated, LoRA/full state sharded")
     return Estimate(arch.name, method, asdict(setting), totals[peak_at], peak_at, components, totals, trainable, notes)
 
 
@@ -657,6 +698,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rank", type=int, default=16, help="LoRA rank and the sparse budget's LoRA equivalent")
     parser.add_argument("--sift-selection-steps", type=int, default=4)
     parser.add_argument("--sm3-momentum", action="store_true")
+    parser.add_argument("--shards", type=int, default=1,
+                        help="FSDP world size: per-rank memory with the base sharded over this many GPUs")
     parser.add_argument("--no-nf4-rows", action="store_true",
                         help="omit the QSpIEL-MA / QLoRA rows of the default table")
     parser.add_argument("--json", action="store_true", help="print one JSON object per row before the table")
@@ -666,6 +709,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--measure-runtime", action="store_true",
                         help="with --compare: measure the library/runtime RSS term (3 small subprocesses)")
     args = parser.parse_args(argv)
+    if args.shards < 1:
+        parser.error(f"--shards must be at least 1 (the number of GPUs FSDP shards over), got {args.shards}")
 
     if args.compare:
         runtime = None
@@ -689,7 +734,7 @@ def main(argv: list[str] | None = None) -> int:
     setting = Setting(batch=args.batch, seq=args.seq, dtype=args.dtype, base=args.base, values_dtype=args.values_dtype,
                       adapter_dtype=args.adapter_dtype, checkpointing=args.checkpointing, device=device,
                       lora_rank=args.rank, sift_selection_steps=args.sift_selection_steps,
-                      sm3_momentum=args.sm3_momentum)
+                      sm3_momentum=args.sm3_momentum, shards=args.shards)
     plan = [(setting, m) for m in methods]
     if args.base is None and args.dtype != "fp32" and not args.no_nf4_rows:
         nf4 = Setting(**{**asdict(setting), "base": "nf4"})
@@ -704,8 +749,9 @@ def main(argv: list[str] | None = None) -> int:
                                   "peak_gib": round(est.peak_bytes / GIB, 3),
                                   "components_gib": {k: round(v / GIB, 3) for k, v in est.components.items()}}))
     ckpt = "with" if setting.checkpointing else "without"
+    where = f"per GPU with FSDP over {setting.shards} GPUs" if setting.shards > 1 else "one process"
     print(f"batch {setting.batch} × seq {setting.seq}, {setting.dtype} activations, {ckpt} gradient checkpointing, "
-          f"sparse budget = LoRA r{setting.lora_rank} on all linear layers; GiB at the peak moment")
+          f"sparse budget = LoRA r{setting.lora_rank} on all linear layers; GiB at the peak moment, {where}")
     print()
     print(totals_markdown(rows) if args.totals else markdown(rows))
     return 0

@@ -14,7 +14,12 @@ from sparse_plugin import iter_sparse_layers, load_adapter
 
 from conftest import tiny_llama
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
+import memory_model as mm  # noqa: E402
+
 JOB = Path(__file__).with_name("train_job.py")
+# tests/conftest.py's tiny Llama, for the memory model
+TINY = mm.Arch("tiny", hidden=48, intermediate=80, layers=2, heads=4, kv_heads=2, vocab=97)
 METHODS = ["ma", "ag", "sift", "smt"]
 
 
@@ -60,6 +65,12 @@ def test_ranks_agree_and_match_one_process(tmp_path, single_process, method, wra
     rank0, rank1 = _result(tmp_path / "rank0.pt"), _result(tmp_path / "rank1.pt")
     assert rank0["fsdp"] == rank1["fsdp"] == wrap.startswith("fsdp")
     _assert_ranks_agree_with(single_process(method), rank0["layers"], rank1["layers"])
+    # What each rank holds of the frozen base: all of it under DDP, half under FSDP (plus shard padding), as the
+    # memory model's `weights` term says.
+    whole = mm.weight_bytes(TINY, mm.Setting(dtype="fp32"), "spiel-ma")  # the same for every sparse method
+    predicted = mm.estimate(TINY, "spiel-ma", mm.Setting(dtype="fp32", device="cpu", shards=2)).components["weights"]
+    for rank in (rank0, rank1):
+        assert rank["base_bytes"] == whole if wrap == "ddp" else abs(rank["base_bytes"] - predicted) <= 0.01 * whole
     if wrap.startswith("fsdp"):  # load_adapter checks the stored base entries against an unsharded base
         loaded = dict(iter_sparse_layers(load_adapter(tiny_llama(), tmp_path / "adapter")))
         assert all(torch.equal(loaded[k].values.detach(), v) for k, (_, v) in rank0["layers"].items())

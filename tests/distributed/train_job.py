@@ -120,6 +120,19 @@ def trainer_run(model, method, out, how):
     return []
 
 
+def base_bytes_here(model) -> int:
+    """Bytes of frozen-base storage this rank holds (FSDP1's flat shards, FSDP2's local DTensor shards, or whole)."""
+    from torch.distributed.tensor import DTensor
+
+    deltas = {id(layer.values) for _, layer in iter_sparse_layers(model)}
+    storages = {}
+    for param in model.parameters():
+        if id(param) not in deltas:
+            storage = (param.to_local() if isinstance(param, DTensor) else param).untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("out", type=Path)
@@ -137,13 +150,13 @@ def main() -> None:
     else:
         losses = plain_loop(model, args.method, rank, world, args.wrap)
     layers = {key: (layer.indices.clone(), layer.values.detach().clone()) for key, layer in iter_sparse_layers(model)}
-    sharded = is_fsdp_wrapped(model)
+    sharded, base_bytes = is_fsdp_wrapped(model), base_bytes_here(model)
     args.out.mkdir(parents=True, exist_ok=True)
     if not args.trainer and args.wrap.startswith("fsdp"):
         base_values = gathered_base_values(model)  # every rank takes part
         if rank == 0:
             save_adapter(model, args.out / "adapter", base_values=base_values)
-    torch.save({"losses": losses, "layers": layers, "fsdp": sharded}, args.out / f"rank{rank}.pt")
+    torch.save({"losses": losses, "layers": layers, "fsdp": sharded, "base_bytes": base_bytes}, args.out / f"rank{rank}.pt")
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -133,6 +133,27 @@ def test_cli_json_and_table(capsys):
     assert "SmolLM2-135M | full FT" in capsys.readouterr().out
 
 
+def test_fsdp_shards_the_base_and_keeps_the_sparse_state_whole(capsys):
+    one = mm.Setting(batch=1, seq=4, dtype="bf16", lora_rank=2)
+    eight = mm.Setting(batch=1, seq=4, dtype="bf16", lora_rank=2, shards=8)
+    # Unsharded during a forward/backward: the root (embedding, head, final norm) and two decoder layers, bf16.
+    layer = 2 * (960 // 2 + 2 * 8)
+    assert mm.fsdp_gathered_bytes(TOY, one, "spiel-ma") == 2 * (2 * 80 + 8) + 2 * layer
+    for method in mm.METHODS:
+        whole, sharded = mm.estimate(TOY, method, one), mm.estimate(TOY, method, eight)
+        assert sharded.components["weights"] == -(-whole.components["weights"] // 8), method
+        kept = ("trained", "indices") if method in mm.SPARSE else ()
+        assert all(sharded.components[c] == whole.components[c] for c in kept), method
+        if method not in mm.SPARSE:
+            assert sharded.components["trained"] == -(-whole.components["trained"] // 8), method
+        assert sharded.peak_bytes < whole.peak_bytes + mm.fsdp_gathered_bytes(TOY, one, method) + 8 * 464
+    assert mm.main(["--model", "llama-3-70b", "--shards", "8", "--totals"]) == 0
+    assert "per GPU with FSDP over 8 GPUs" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        mm.main(["--shards", "0"])
+    assert "--shards must be at least 1" in capsys.readouterr().err
+
+
 def test_compare_with_bench_rows(tmp_path, capsys):
     bench = tmp_path / "bench.jsonl"
     rows = [{"method": "spiel-ma", "peak_mem_mb": 1000.0}, {"method": "floor", "peak_mem_mb": 900.0}]
