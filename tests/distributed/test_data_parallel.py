@@ -77,8 +77,9 @@ def test_ranks_agree_and_match_one_process(tmp_path, single_process, method, wra
 
 
 def test_trainer_under_ddp_and_fsdp2_trains_alike_and_saves_one_adapter_from_rank_zero(tmp_path):
-    """Two micro-batches per step, so averaging over ranks meets gradient accumulation; the Trainer's clipping
-    (`max_grad_norm`) sees averaged gradients under both. FSDP1 runs only on accelerator devices in accelerate."""
+    """Two micro-batches per step, so averaging over ranks meets gradient accumulation, with gradient checkpointing;
+    the Trainer's clipping (`max_grad_norm`) sees averaged gradients under both. Accelerate runs FSDP1 only on
+    accelerator devices."""
     runs = {}
     for wrap in ("ddp", "fsdp2"):
         _run(tmp_path / wrap, "ag", "--trainer", "--wrap", wrap)

@@ -113,7 +113,8 @@ def trainer_run(model, method, out, how):
     # No Trainer checkpoints: accelerate cannot gather an FSDP model's full state dict on CPU (a plain model fails
     # the same way); the adapter written at the end goes through the same gathering as one in a checkpoint.
     args = TrainingArguments(output_dir=str(out), optim=optim, learning_rate=1e-2, max_steps=STEPS, max_grad_norm=CLIP,
-                             per_device_train_batch_size=1, gradient_accumulation_steps=2, save_strategy="no", report_to=[], use_cpu=True,
+                             per_device_train_batch_size=1, gradient_accumulation_steps=2, gradient_checkpointing=True,
+                             save_strategy="no", report_to=[], use_cpu=True,
                              ddp_backend="gloo", seed=0, data_seed=0, disable_tqdm=True, **fsdp)
     Trainer(model=model, args=args, train_dataset=Dataset.from_dict({"input_ids": ids, "labels": ids}),
             callbacks=[SparseCallback()]).train()
