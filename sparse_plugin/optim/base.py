@@ -14,6 +14,10 @@ from ..model import iter_sparse_layers, require_sparse_layers
 from ..selection import make_selector
 
 
+# Prefix of the selection statistics inside a values parameter's state in the optimizer's state dict.
+_SELECTION = "selection."
+
+
 class SparseOptimizer(torch.optim.Optimizer):
     """Base of `SM3` and `SparseAdamW`: a plain `torch.optim.Optimizer` that also owns the selection schedule.
 
@@ -37,6 +41,11 @@ class SparseOptimizer(torch.optim.Optimizer):
             self._layers = {id(layer.values): layer for _, layer in iter_sparse_layers(model)}
         for group in self.param_groups:
             group.setdefault("sparse_step", 0)
+            for param in group["params"]:
+                # An entry per parameter (empty until its first update): torch.distributed.checkpoint, which FSDP
+                # checkpoints go through, runs a zero-gradient step() on an optimizer without state, and that
+                # would advance the selection schedule.
+                self.reset_state(param)
         self.selector = None
         config = getattr(model, "sparse_config", None)
         if model is not None and config is not None and self._layers:
@@ -56,19 +65,41 @@ class SparseOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:  # state dicts written before the counter existed
             group.setdefault("sparse_step", 0)
 
+    def reset_state(self, param: torch.Tensor) -> None:
+        """Forget `param`'s state (it starts afresh at its next update), keeping its entry."""
+        self.state[param] = {}
+
     def state_dict(self):
+        """Torch's optimizer state dict, with the selection statistics gathered so far stored in the state of each
+        layer's values under `selection.<name>`: per-parameter state is what torch.distributed.checkpoint (FSDP
+        checkpoints) keeps, and it drops any other top-level key."""
         state = super().state_dict()
         if self.selector is not None:
-            state["selection"] = self.selector.state_dict()
+            slot = {id(p): i for i, p in enumerate(p for group in self.param_groups for p in group["params"])}
+            layers = dict(self.selector.layers)
+            for key, saved in self.selector.state_dict().items():
+                index = slot[id(layers[key].values)]
+                # a copy: torch's state dict shares the per-parameter dicts with `self.state`
+                state["state"][index] = dict(state["state"].get(index, {})) | {
+                    f"{_SELECTION}{name}": value for name, value in saved.items()}
         return state
 
     def load_state_dict(self, state_dict):
         state_dict = dict(state_dict)
-        selection = state_dict.pop("selection", None)
-        super().load_state_dict(state_dict)
+        saved_slots = [i for group in state_dict["param_groups"] for i in group["params"]]
+        params = [p for group in self.param_groups for p in group["params"]]
+        param_of = dict(zip(saved_slots, params))
+        selection, per_param = {}, {}
+        for index, entry in state_dict["state"].items():
+            per_param[index] = {k: v for k, v in entry.items() if not k.startswith(_SELECTION)}
+            stats = {k.removeprefix(_SELECTION): v for k, v in entry.items() if k.startswith(_SELECTION)}
+            layer = self.layer_of(param_of[index]) if index in param_of else None
+            if stats and layer is not None:
+                selection[layer] = stats
+        super().load_state_dict(state_dict | {"state": per_param})
         if self.selector is not None:
-            if selection is not None:
-                self.selector.load_state_dict(selection)
+            keys = {layer: key for key, layer in self.selector.layers}
+            self.selector.load_state_dict({keys[layer]: stats for layer, stats in selection.items()})
             self.selector.prepare_next_step()
 
     @torch.no_grad()

@@ -112,6 +112,6 @@ class SmtSelector(OneShotSelector):
         trained = 0
         for (_, layer), blocks, s in zip(self.layers, chosen, stats):
             layer.set_indices(block_positions(blocks, layer.shape, s.block))
-            self.optimizer.state.pop(layer.values, None)
+            self.optimizer.reset_state(layer.values)
             trained += layer.indices.numel()
         self.mark_selected({"sparse/selected_blocks": sum(b.numel() for b in chosen), "sparse/trained_values": trained})

@@ -33,7 +33,7 @@ METHODS = {
     "sift": ({"method": "sift", "density": 0.05, "selection_steps": 2}, SparseAdamW),
     "smt": ({"method": "smt", "density": 0.2, "block_size": 16, "warmup_steps": 2, "target_modules": "all-linear"}, SparseAdamW),
 }
-STEPS, GLOBAL_BATCH, CLIP = int(os.environ.get("DDP_JOB_STEPS", "8")), 4, 0.05
+STEPS, GLOBAL_BATCH, CLIP, RESTART_AT = int(os.environ.get("DDP_JOB_STEPS", "8")), 4, 0.05, 1
 
 
 def wrap(model, how):
@@ -60,17 +60,57 @@ def wrap(model, how):
     return model, lambda: torch.nn.utils.clip_grad_norm_(values, CLIP)
 
 
-def plain_loop(model, method, rank, world, how):
+def optimizer_state(optimizer, forward, how):
+    """The optimizer's state dict as an FSDP checkpoint takes it (accelerate's save_fsdp_optimizer)."""
+    if how == "fsdp1":
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        return FullyShardedDataParallel.optim_state_dict(forward, optimizer)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(forward, optimizer, options=StateDictOptions(full_state_dict=True))
+
+
+def load_optimizer_state(optimizer, forward, how, state) -> None:
+    if how == "fsdp1":
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        optimizer.load_state_dict(FullyShardedDataParallel.optim_state_dict_to_load(forward, optimizer, state))
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(forward, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+def start(method, world, how, deltas=None):
+    """A prepared model (with `deltas` copied in), its optimizer, the wrapped forward and the clipping function."""
     fields, cls = METHODS[method]
+    model = prepare_model(tiny_llama(), SparseConfig(**fields))
+    for key, layer in iter_sparse_layers(model):
+        if deltas is not None:
+            layer.set_indices(deltas[key][0])
+            layer.values.data.copy_(deltas[key][1])
     optimizer = cls(model, lr=1e-2, total_steps=STEPS)
     if world > 1:
         forward, clip = wrap(model, how)
     else:
         values = [layer.values for _, layer in iter_sparse_layers(model)]
         forward, clip = model, lambda: torch.nn.utils.clip_grad_norm_(values, CLIP)
+    return model, optimizer, forward, clip
+
+
+def plain_loop(method, rank, world, how):
+    """Train STEPS steps; FSDP runs restart after RESTART_AT steps from what an FSDP checkpoint holds (the deltas and
+    the optimizer state through FSDP's state-dict APIs), mid-way through SMT's warm-up and SIFT's selection."""
+    model, optimizer, forward, clip = start(method, world, how)
     gen = torch.Generator().manual_seed(1)
     losses = []
-    for _ in range(STEPS):
+    for step in range(STEPS):
+        if step == RESTART_AT and how.startswith("fsdp") and world > 1:
+            state = optimizer_state(optimizer, forward, how)
+            deltas = {key: (layer.indices.clone(), layer.values.detach().clone()) for key, layer in iter_sparse_layers(model)}
+            model, optimizer, forward, clip = start(method, world, how, deltas)
+            load_optimizer_state(optimizer, forward, how, state)
         batch = torch.randint(3, 97, (GLOBAL_BATCH, 12), generator=gen)
         mine = batch.chunk(world)[rank]
         loss = forward(input_ids=mine, labels=mine).loss
@@ -79,7 +119,7 @@ def plain_loop(model, method, rank, world, how):
         optimizer.step()
         optimizer.zero_grad()
         losses.append(float(loss))
-    return losses
+    return model, losses
 
 
 def let_accelerate_shard_on_cpu() -> None:
@@ -145,11 +185,11 @@ def main() -> None:
     if world > 1 and not args.trainer:
         dist.init_process_group("gloo")
     rank = int(os.environ.get("RANK", "0"))
-    model = prepare_model(tiny_llama(), SparseConfig(**METHODS[args.method][0]))
     if args.trainer:
+        model = prepare_model(tiny_llama(), SparseConfig(**METHODS[args.method][0]))
         losses = trainer_run(model, args.method, args.out, args.wrap)
     else:
-        losses = plain_loop(model, args.method, rank, world, args.wrap)
+        model, losses = plain_loop(args.method, rank, world, args.wrap)
     layers = {key: (layer.indices.clone(), layer.values.detach().clone()) for key, layer in iter_sparse_layers(model)}
     sharded, base_bytes = is_fsdp_wrapped(model), base_bytes_here(model)
     args.out.mkdir(parents=True, exist_ok=True)
