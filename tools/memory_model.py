@@ -79,7 +79,8 @@ the base storage FSDP1 and FSDP2 leave on each of two gloo ranks.
 The peak is the largest total over the moments of a step: the start of the backward (all activations + the
 loss transient), each layer's backward (activations of the layers below, gradients of those above, its
 transient), and the optimizer step (all gradients, its temporaries); for AG also during its gathering steps,
-for SIFT and SMT during their selection phase (selection buffers, no optimizer state yet). The table reports
+for SIFT and SMT during their selection phase (selection buffers; the optimizer state exists from the start,
+zeroed, since FSDP's checkpoint APIs need it). The table reports
 the components at that moment, so they add up to the total.
 
 Not modelled: the CUDA context and library workspaces (~0.3-1 GiB per GPU process), the caching allocator's
@@ -473,17 +474,18 @@ def estimate(arch: Arch | str, method: str, setting: Setting | None = None) -> E
             if method == "full":
                 gathered += a * (sum(o * i for o, i in arch.layer_shapes()) + 2 * arch.hidden)
 
-    # Regimes: steady training; AG's gathering steps; SIFT's/SMT's selection phase (no optimizer state yet).
+    # Regimes: steady training; AG's gathering steps; SIFT's/SMT's selection phase (no gradients; optimizer state
+    # allocated from the start).
     regimes = {"steady": {"selection": 0, "opt": opt, "grads": True}}
     if method == "spiel-ag":
         regimes["gather"] = {"selection": 12 * trainable, "opt": opt, "grads": True}
     if method == "sift":
         pool = sum(min(o * i, POOL_FACTOR * k) * 16 for (o, i), k in zip(shapes, counts))
-        regimes["selection"] = {"selection": pool if setting.sift_selection_steps > 1 else 0, "opt": 0, "grads": False}
+        regimes["selection"] = {"selection": pool if setting.sift_selection_steps > 1 else 0, "opt": opt, "grads": False}
     if method == "smt":
         b = setting.block_size
         cells = sum(math.ceil(o / min(b, o)) * math.ceil(i / min(b, i)) for o, i in shapes)
-        regimes["selection"] = {"selection": 4 * cells, "opt": 0, "grads": False}
+        regimes["selection"] = {"selection": 4 * cells, "opt": opt, "grads": False}
 
     layer_act = layer_activation_bytes(arch, setting, method) * t
     outside_act = outside_activation_bytes(arch, setting, method) * t + per_step_activation_bytes(arch, setting, method)

@@ -28,8 +28,9 @@ class SparseOptimizer(torch.optim.Optimizer):
     else; `total_steps` is the run length the schedules need (the `SparseCallback` fills it in from the Trainer).
     """
 
-    # Names of the state tensors with one entry per trained position (subclasses set them); `_update(param,
-    # group)` is the subclass's per-parameter update.
+    # Names of the state tensors with one entry per trained position (subclasses set them). Subclasses define
+    # `_new_state(param, group)` (a fresh, zeroed state) and `_update(param, group)` (the per-parameter update), and
+    # may override `_prepare_group(group)` to check or convert a param group before states are made.
     per_position_state: tuple[str, ...] = ()
 
     def __init__(self, params, defaults: dict, model: nn.Module | None = None, total_steps: int | None = None):
@@ -41,11 +42,12 @@ class SparseOptimizer(torch.optim.Optimizer):
             self._layers = {id(layer.values): layer for _, layer in iter_sparse_layers(model)}
         for group in self.param_groups:
             group.setdefault("sparse_step", 0)
+            self._prepare_group(group)
             for param in group["params"]:
-                # An entry per parameter (empty until its first update): torch.distributed.checkpoint, which FSDP
-                # checkpoints go through, runs a zero-gradient step() on an optimizer without state, and that
-                # would advance the selection schedule.
-                self.reset_state(param)
+                # State from the start, not at the first update: torch.distributed.checkpoint, which FSDP checkpoints
+                # go through, runs a zero-gradient step() on an optimizer without state (that would advance the
+                # selection schedule) and loads a full state dict only into one that has state tensors.
+                self.state[param] = self._new_state(param, group)
         self.selector = None
         config = getattr(model, "sparse_config", None)
         if model is not None and config is not None and self._layers:
@@ -65,9 +67,13 @@ class SparseOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:  # state dicts written before the counter existed
             group.setdefault("sparse_step", 0)
 
+    def _prepare_group(self, group: dict) -> None:
+        """Check or convert a param group before its states are made (nothing by default)."""
+
     def reset_state(self, param: torch.Tensor) -> None:
-        """Forget `param`'s state (it starts afresh at its next update), keeping its entry."""
-        self.state[param] = {}
+        """A fresh, zeroed state for `param`, sized for its current values (after SMT's resize)."""
+        group = next(g for g in self.param_groups if any(p is param for p in g["params"]))
+        self.state[param] = self._new_state(param, group)
 
     def state_dict(self):
         """Torch's optimizer state dict, with the selection statistics gathered so far stored in the state of each

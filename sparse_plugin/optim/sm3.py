@@ -63,29 +63,36 @@ class SM3(SparseOptimizer):
                 raise ValueError(f"SM3 `{name}` must be {bound}, got {value!r}.")
         defaults = {"lr": lr, "momentum": momentum, "beta": beta, "eps": eps, "weight_decay": weight_decay}
         super().__init__(params, defaults, model=model, total_steps=total_steps)
-        for group in self.param_groups:
-            for param in group["params"]:
-                if self.layer_of(param) is None:
-                    raise ValueError(
-                        "SM3 here trains sparse deltas only: every parameter must be the `values` of a "
-                        "SparseDeltaLinear of `model`; freeze the others or train them with another optimizer."
-                    )
+
+    def _prepare_group(self, group: dict) -> None:
+        if any(self.layer_of(param) is None for param in group["params"]):
+            raise ValueError(
+                "SM3 here trains sparse deltas only: every parameter must be the `values` of a "
+                "SparseDeltaLinear of `model`; freeze the others or train them with another optimizer."
+            )
+
+    def _new_state(self, param: torch.Tensor, group: dict) -> dict:
+        layer = self.layer_of(param)
+        state = {
+            "step": torch.zeros((), dtype=torch.float32),
+            "row_acc": torch.zeros(layer.out_features, dtype=torch.float32, device=param.device),
+            "col_acc": torch.zeros(layer.in_features, dtype=torch.float32, device=param.device),
+        }
+        if group["momentum"] > 0:
+            state["momentum_buffer"] = torch.zeros(param.numel(), dtype=torch.float32, device=param.device)
+        return state
 
     def row_col_accumulators(self, param: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(r, c) of a values tensor, or None before its first step: SpIEL-MA's regrowth statistics."""
+        """(r, c) of a values tensor, or None before its first update: SpIEL-MA's regrowth statistics."""
         state = self.state.get(param)
-        return (state["row_acc"], state["col_acc"]) if state else None
+        return (state["row_acc"], state["col_acc"]) if state and state["step"] > 0 else None
 
     def _update(self, param: torch.Tensor, group: dict) -> None:
         layer = self.layer_of(param)
         pattern = layer.pattern()
         state = self.state[param]
-        if not state:
-            state["step"] = torch.zeros((), dtype=torch.float32)
-            state["row_acc"] = torch.zeros(layer.out_features, dtype=torch.float32, device=param.device)
-            state["col_acc"] = torch.zeros(layer.in_features, dtype=torch.float32, device=param.device)
-            if group["momentum"] > 0:
-                state["momentum_buffer"] = torch.zeros(param.numel(), dtype=torch.float32, device=param.device)
+        if not state:  # a state dict without this parameter's state was loaded
+            state.update(self._new_state(param, group))
         grad = param.grad.float()
         nu = torch.minimum(state["row_acc"][pattern.rows], state["col_acc"][pattern.cols])
         beta = group["beta"]

@@ -58,11 +58,16 @@ class SparseAdamW(SparseOptimizer):
             raise ValueError(f"SparseAdamW `eps` and `weight_decay` must be >= 0, got {eps!r}, {weight_decay!r}.")
         defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay, "mask": None}
         super().__init__(params, defaults, model=model, total_steps=total_steps)
-        for group in self.param_groups:
-            if group["mask"] is not None:
-                if len(group["params"]) != 1:
-                    raise ValueError("A SparseAdamW group with `mask` must hold exactly one parameter.")
-                group["mask"] = _flat_positions(group["mask"], group["params"][0])
+
+    def _prepare_group(self, group: dict) -> None:
+        if group["mask"] is not None:
+            if len(group["params"]) != 1:
+                raise ValueError("A SparseAdamW group with `mask` must hold exactly one parameter.")
+            group["mask"] = _flat_positions(group["mask"], group["params"][0])
+
+    def _new_state(self, param: torch.Tensor, group: dict) -> dict:
+        count = param.numel() if group["mask"] is None else group["mask"].numel()
+        return {key: torch.zeros(count, dtype=torch.float32, device=param.device) for key in self.per_position_state}
 
     def _update(self, param: torch.Tensor, group: dict) -> None:
         positions = group["mask"]
@@ -72,9 +77,8 @@ class SparseAdamW(SparseOptimizer):
             grad = grad[positions]
         grad = grad.float()
         state = self.state[param]
-        if not state:
-            for key in self.per_position_state:
-                state[key] = torch.zeros(grad.numel(), dtype=torch.float32, device=param.device)
+        if not state:  # a state dict without this parameter's state was loaded
+            state.update(self._new_state(param, group))
         beta1, beta2 = group["betas"]
         state["age"] += 1
         state["exp_avg"].lerp_(grad, 1 - beta1)

@@ -23,12 +23,27 @@ class Collector:
         """Called before each optimizer step's micro-batches."""
 
     def state_dict(self) -> dict:
-        return {name: getattr(self, name) for name in self.STATE}
+        """The `STATE` attributes that are set, numbers as one-element float64 tensors: torch.distributed.checkpoint
+        (FSDP checkpoints) carries neither None nor a plain number that a freshly built optimizer lacks."""
+        saved = {}
+        for name in self.STATE:
+            value = getattr(self, name)
+            if isinstance(value, (int, float)):
+                value = torch.tensor([value], dtype=torch.float64)
+            if value is not None:
+                saved[name] = value
+        return saved
 
     def load_state_dict(self, state: dict, device: torch.device) -> None:
         for name in self.STATE:
-            value = state[name]
-            setattr(self, name, value.to(device) if isinstance(value, torch.Tensor) else value)
+            if name not in state:  # not set yet when saved, as in a fresh collector
+                continue
+            value, default = state[name], getattr(self, name)
+            if isinstance(default, (int, float)):
+                value = type(default)(value.item() if isinstance(value, torch.Tensor) else value)
+            elif isinstance(value, torch.Tensor):
+                value = value.to(device)
+            setattr(self, name, value)
 
 
 class Selector(ABC):

@@ -23,10 +23,13 @@ def _step(model, opt, seed):
     opt.zero_grad()
 
 
-def test_every_parameter_has_a_state_entry_before_its_first_update():
+def test_every_parameter_has_zeroed_state_before_its_first_update():
     model, opt = _smt()
     assert set(opt.state) == {layer.values for _, layer in iter_sparse_layers(model)}
-    assert all(entry == {} for entry in opt.state.values())
+    for _, layer in iter_sparse_layers(model):
+        state = opt.state[layer.values]
+        assert set(state) == {"exp_avg", "exp_avg_sq", "age"}
+        assert all(t.shape == layer.values.shape and not t.count_nonzero() for t in state.values())
 
 
 def test_checkpoint_round_trip_in_the_warm_up_keeps_the_schedule_and_block_statistics():

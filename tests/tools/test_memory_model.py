@@ -91,7 +91,8 @@ def test_sift_selection_pool_and_checkpointing():
     sift = mm.estimate(TOY, "sift", setting)
     counts = mm.allocate_budget(TOY.linear_shapes(), 464)
     pool = sum(16 * min(o * i, 4 * k) for (o, i), k in zip(TOY.linear_shapes(), counts))
-    assert sift.moments["loss backward (selection)"] - sift.moments["loss backward"] == pool - 12 * 464
+    # the selection phase adds the pool; the optimizer state is there in both (allocated at construction)
+    assert sift.moments["loss backward (selection)"] - sift.moments["loss backward"] == pool
     plain = mm.estimate(TOY, "spiel-ma", setting)
     ckpt = mm.estimate(TOY, "spiel-ma", mm.Setting(**{**setting.__dict__, "checkpointing": True}))
     saved_plain = plain.moments["loss backward"] - ckpt.moments["loss backward"]
