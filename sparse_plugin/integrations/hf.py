@@ -8,6 +8,7 @@ Transformers has no public way to add an optimizer name: `TrainingArguments` con
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -182,8 +183,6 @@ def _fsdp_plugin():
 def _keep_deltas_out_of_fsdp(model, plugin) -> None:
     """Add the model's `SparseDelta` modules to the FSDP plugin's `ignored_modules` (a user's regex or list is kept)
     before the Trainer wraps the model; accelerate passes them to FSDP1 as modules and to FSDP2 as parameters."""
-    import re
-
     deltas = keep_deltas_replicated(model)
     ignored = plugin.ignored_modules
     if isinstance(ignored, str):
