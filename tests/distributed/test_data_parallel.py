@@ -76,16 +76,16 @@ def test_ranks_agree_and_match_one_process(tmp_path, single_process, method, wra
         assert all(torch.equal(loaded[k].values.detach(), v) for k, (_, v) in rank0["layers"].items())
 
 
-def test_trainer_under_ddp_and_fsdp2_trains_alike_and_saves_one_adapter_from_rank_zero(tmp_path):
+def test_trainer_under_ddp_fsdp1_and_fsdp2_trains_alike_and_saves_one_adapter_from_rank_zero(tmp_path):
     """Two micro-batches per step, so averaging over ranks meets gradient accumulation, with gradient checkpointing;
-    the Trainer's clipping (`max_grad_norm`) sees averaged gradients under both. Accelerate runs FSDP1 only on
-    accelerator devices."""
+    the Trainer's clipping (`max_grad_norm`) sees averaged gradients under all three."""
     runs = {}
-    for wrap in ("ddp", "fsdp2"):
+    for wrap in ("ddp", "fsdp1", "fsdp2"):
         _run(tmp_path / wrap, "ag", "--trainer", "--wrap", wrap)
         runs[wrap] = [_result(tmp_path / wrap / f"rank{r}.pt") for r in (0, 1)]
         assert sorted(p.name for p in (tmp_path / wrap).glob("sparse_*")) == ["sparse_adapter.safetensors", "sparse_config.json"]
-    assert [r["fsdp"] for r in runs["ddp"] + runs["fsdp2"]] == [False, False, True, True]
-    _assert_ranks_agree_with(runs["ddp"][0]["layers"], *(r["layers"] for r in runs["fsdp2"]))
-    loaded = dict(iter_sparse_layers(load_adapter(tiny_llama(), tmp_path / "fsdp2")))
-    assert all(torch.equal(loaded[k].values.detach(), v) for k, (_, v) in runs["fsdp2"][0]["layers"].items())
+        assert [r["fsdp"] for r in runs[wrap]] == [wrap != "ddp"] * 2
+    for wrap in ("fsdp1", "fsdp2"):
+        _assert_ranks_agree_with(runs["ddp"][0]["layers"], *(r["layers"] for r in runs[wrap]))
+        loaded = dict(iter_sparse_layers(load_adapter(tiny_llama(), tmp_path / wrap)))
+        assert all(torch.equal(loaded[k].values.detach(), v) for k, (_, v) in runs[wrap][0]["layers"].items())

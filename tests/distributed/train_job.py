@@ -124,7 +124,7 @@ def plain_loop(method, rank, world, how):
 
 def let_accelerate_shard_on_cpu() -> None:
     """Accelerate turns FSDP on only for accelerator devices and trains `fsdp=True` on CPU as DDP; switch it to FSDP
-    for CPU processes too, so the Trainer's real FSDP path (wrapping, clipping, saving) runs on gloo."""
+    for CPU processes too, so the Trainer's real FSDP path (wrapping, clipping, adapter saving) runs on gloo."""
     from accelerate.state import AcceleratorState
     from accelerate.utils import DistributedType
 
@@ -134,6 +134,7 @@ def let_accelerate_shard_on_cpu() -> None:
         original(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
         if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
             self.distributed_type, self.fsdp_plugin = DistributedType.FSDP, fsdp_plugin
+            self.device = torch.device("cpu")  # FSDP1 compares its device_id with "cpu", not accelerate's "cpu:0"
 
     AcceleratorState.__init__ = init
 
