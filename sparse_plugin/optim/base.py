@@ -91,21 +91,19 @@ class SparseOptimizer(torch.optim.Optimizer):
         return state
 
     def load_state_dict(self, state_dict):
-        state_dict = dict(state_dict)
-        saved_slots = [i for group in state_dict["param_groups"] for i in group["params"]]
-        params = [p for group in self.param_groups for p in group["params"]]
-        param_of = dict(zip(saved_slots, params))
+        slots = [i for group in state_dict["param_groups"] for i in group["params"]]
+        param_of = dict(zip(slots, (p for group in self.param_groups for p in group["params"])))
+        key_of = {id(layer.values): key for key, layer in self.selector.layers} if self.selector is not None else {}
         selection, per_param = {}, {}
         for index, entry in state_dict["state"].items():
             per_param[index] = {k: v for k, v in entry.items() if not k.startswith(_SELECTION)}
             stats = {k.removeprefix(_SELECTION): v for k, v in entry.items() if k.startswith(_SELECTION)}
-            layer = self.layer_of(param_of[index]) if index in param_of else None
-            if stats and layer is not None:
-                selection[layer] = stats
-        super().load_state_dict(state_dict | {"state": per_param})
+            key = key_of.get(id(param_of.get(index)))
+            if stats and key is not None:
+                selection[key] = stats
+        super().load_state_dict(dict(state_dict) | {"state": per_param})
         if self.selector is not None:
-            keys = {layer: key for key, layer in self.selector.layers}
-            self.selector.load_state_dict({keys[layer]: stats for layer, stats in selection.items()})
+            self.selector.load_state_dict(selection)
             self.selector.prepare_next_step()
 
     @torch.no_grad()

@@ -84,11 +84,8 @@ class Selector(ABC):
         return {key: collector.state_dict() for key, collector in self.collectors.items()}
 
     def load_state_dict(self, state: dict) -> None:
+        """Collectors from saved statistics, per layer key (the optimizer maps its state dict's entries to keys)."""
         layers = dict(self.layers)
-        unknown = sorted(set(state) - set(layers))
-        if unknown:
-            raise ValueError(f"The optimizer checkpoint has selection statistics for layers this model lacks: {unknown[:3]}; "
-                             "resume with the model prepared by the same SparseConfig.")
         self.collectors = {}
         for key, saved in state.items():
             self.collectors[key] = self.make_collector(layers[key])

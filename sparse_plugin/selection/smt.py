@@ -85,7 +85,7 @@ class SmtSelector(OneShotSelector):
     def prepare_next_step(self) -> None:
         if self.selected and is_distributed():
             # DDP's gradient hooks stay on the accumulators of the values it wrapped, which the resize replaced, so
-            # the resized values' gradients are averaged by hooks of our own (before clipping, unlike in step()).
+            # the resized values' gradients are averaged by hooks of our own, at the end of each backward.
             average_gradients_after_backward([layer.delta for _, layer in self.layers])
         super().prepare_next_step()
 
