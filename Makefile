@@ -11,7 +11,7 @@ AXOLOTL_VERSION ?= 0.19.0
 # Axolotl's telemetry would reach out to the network on every run.
 export AXOLOTL_DO_NOT_TRACK := 1
 
-.PHONY: demo test test-all test-compat axolotl-demo env clean-env
+.PHONY: demo test test-all test-compat axolotl-demo data env clean-env
 
 env: $(STAMP)
 
@@ -51,6 +51,11 @@ test-compat: $(AXOLOTL_VENV)/.installed
 axolotl-demo: $(AXOLOTL_VENV)/.installed
 	$(AXOLOTL_VENV)/bin/python tools/axolotl_setup.py
 	PATH="$(CURDIR)/$(AXOLOTL_VENV)/bin:$$PATH" axolotl train axolotl_configs/smollm2-spiel-ma.yml
+
+# Rebuild the shipped corpora from Debian packages (byte-identical to the shipped files).
+data: env
+	apt-get install -y -q wordnet-base python3.11-doc
+	cd tools && ../$(PY) -m corpora.wordnet build && ../$(PY) -m corpora.pydocs build
 
 clean-env:
 	rm -rf $(VENV) $(AXOLOTL_VENV)

@@ -3,7 +3,7 @@
 Axolotl reads datasets and models by path, and these configs must run offline, so this writes, under
 `axolotl_configs/local/` (git-ignored; paths in the YAML files are relative to the repository root):
 
-- `wordnet_train.jsonl` / `wordnet_heldout.jsonl`: the shipped WordNet pairs (tools/data.py) as chat
+- `wordnet_train.jsonl` / `wordnet_heldout.jsonl`: the shipped WordNet pairs (tools/corpora/wordnet.py; held-out = its test split) as chat
   conversations, `{"messages": [system, user, assistant]}`, with the demo's system prompt, so Axolotl's
   `type: chat_template` trains on the answers only, as `tools/demo.py` does. Train rows are a seeded
   sample (Axolotl tokenizes the whole file before training; all 105,000 would take minutes on a CPU).
@@ -23,7 +23,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bundled_model import CACHE_NAME, model_dir  # noqa: E402
-from data import load_pairs, write_atomic  # noqa: E402
+from corpora import write_atomic  # noqa: E402
+from corpora.wordnet import load_pairs  # noqa: E402
 from demo import SYSTEM  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "axolotl_configs" / "local"
@@ -64,8 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
 
-    for split, rows in (("train", args.train_rows), ("heldout", args.heldout_rows)):
-        path = args.out / f"wordnet_{split}.jsonl"
+    for name, split, rows in (("train", "train", args.train_rows), ("heldout", "test", args.heldout_rows)):
+        path = args.out / f"wordnet_{name}.jsonl"
         print(f"wrote {path}: {write_split(path, load_pairs(split), rows, args.seed)} conversations")
     print(f"linked {link_model(args.out)} -> {model_dir()}")
     return 0

@@ -111,7 +111,7 @@ def schedule(steps: int):
 
 
 def train(method: str, lr: float, steps: int, heldout_n: int) -> dict:
-    from data import load_pairs
+    from corpora.wordnet import load_pairs
     from demo import collate
 
     started = time.perf_counter()
@@ -119,7 +119,7 @@ def train(method: str, lr: float, steps: int, heldout_n: int) -> dict:
     model, tokenizer = load_base()
     train_pairs = load_pairs("train")
     order = random.Random(SEED).sample(range(len(train_pairs)), steps * BATCH)
-    heldout = random.Random(SEED).sample(load_pairs("heldout"), heldout_n)
+    heldout = random.Random(SEED).sample(load_pairs("test"), heldout_n)
     model, optimizer, info = build_method(model, method, lr=lr, total_steps=steps)
     model.train()
     before = heldout_loss(model, tokenizer, heldout)

@@ -24,7 +24,7 @@ from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bundled_model import load_model, model_dir  # noqa: E402
-from data import load_pairs  # noqa: E402
+from corpora.wordnet import load_pairs  # noqa: E402
 
 import sparse_plugin  # noqa: E402  (importing it registers optim="spiel_sm3")
 from sparse_plugin import SparseCallback, SparseConfig  # noqa: E402
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
 
     model, tokenizer = load_model()
     train_pairs = load_pairs("train")
-    heldout = random.Random(args.seed).sample(load_pairs("heldout"), args.heldout)
+    heldout = random.Random(args.seed).sample(load_pairs("test"), args.heldout)
     probe = heldout[0]["prompt"]
     print(f"data: {len(train_pairs):,d} train pairs, {args.heldout} held-out pairs used for evaluation")
     before_text = generate(model, tokenizer, probe)

@@ -3,7 +3,7 @@
 import json
 
 import axolotl_setup
-from data import load_pairs
+from corpora.wordnet import load_pairs
 from demo import SYSTEM
 
 
@@ -21,8 +21,8 @@ def test_writes_seeded_chat_splits_and_links_the_model(tmp_path, monkeypatch):
         assert [m["role"] for m in row["messages"]] == ["system", "user", "assistant"]
         assert row["messages"][0]["content"] == SYSTEM
     prompts = {split: {r["messages"][1]["content"] for r in rows[split]} for split in rows}
-    assert prompts["heldout"] <= {p["prompt"] for p in load_pairs("heldout")}
-    assert not prompts["train"] & {p["prompt"] for p in load_pairs("heldout")}
+    assert prompts["heldout"] <= {p["prompt"] for p in load_pairs("test")}
+    assert not prompts["train"] & {p["prompt"] for p in load_pairs("test")}
     assert (out / "smollm2-135m-instruct").resolve() == model.resolve()
 
     first = (out / "wordnet_train.jsonl").read_bytes()

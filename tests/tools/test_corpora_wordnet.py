@@ -1,4 +1,4 @@
-"""tools/data.py: WordNet parsing, byte-identical rebuilds, stable disjoint splits, error messages."""
+"""tools/corpora/wordnet.py: WordNet parsing, byte-identical rebuilds, stable disjoint splits, error messages."""
 
 import gzip
 import json
@@ -6,8 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
-
-import data
+from corpora import split_of, wordnet
 
 HEADER = (
     "  1 This software and database is being provided to you, the LICENSEE, by  \n"
@@ -50,7 +49,7 @@ def wordnet_dir(tmp_path):
 @pytest.fixture
 def built(wordnet_dir, tmp_path):
     out = tmp_path / "out" / "define.jsonl.gz"
-    data.build(wordnet_dir, out)
+    wordnet.build(wordnet_dir, out)
     return out
 
 
@@ -61,7 +60,7 @@ def test_parses_first_lemmas_definitions_and_pos(built):
 
 
 def test_license_travels_with_the_data(built):
-    text = (built.parent / data.LICENSE_NAME).read_text()
+    text = (built.parent / wordnet.LICENSE_NAME).read_text()
     assert built.name in text.splitlines()[0]
     assert "This software and database is being provided to you, the LICENSEE, by\nPrinceton University" in text
     assert "  1 " not in text
@@ -69,21 +68,21 @@ def test_license_travels_with_the_data(built):
 
 def test_rebuild_gives_identical_bytes_and_no_temp_files(wordnet_dir, built, tmp_path):
     first = built.read_bytes()
-    data.build(wordnet_dir, built)
+    wordnet.build(wordnet_dir, built)
     other = tmp_path / "elsewhere" / "other-name.jsonl.gz"
-    data.build(wordnet_dir, other)
+    wordnet.build(wordnet_dir, other)
     assert built.read_bytes() == first == other.read_bytes()
-    assert sorted(p.name for p in built.parent.iterdir()) == sorted([built.name, data.LICENSE_NAME])
+    assert sorted(p.name for p in built.parent.iterdir()) == sorted([built.name, wordnet.LICENSE_NAME])
 
 
 def test_cli_build_reports_counts(wordnet_dir, tmp_path, capsys):
     out = tmp_path / "cli.jsonl.gz"
-    assert data.main(["build", "--wordnet-dir", str(wordnet_dir), "--out", str(out)]) == 0
-    assert "8 pairs, 7 train / 1 heldout" in capsys.readouterr().out
+    assert wordnet.main(["build", "--wordnet-dir", str(wordnet_dir), "--out", str(out)]) == 0
+    assert "8 pairs, 6 train / 1 validation / 1 test" in capsys.readouterr().out
 
 
 def test_prompts_name_pos_only_for_words_with_several(built):
-    pairs = data.load_pairs("train", built) + data.load_pairs("heldout", built)
+    pairs = [p for split in ("train", "validation", "test") for p in wordnet.load_pairs(split, built)]
     prompts = {p["prompt"] for p in pairs}
     assert "Define the word 'bank' (noun)." in prompts
     assert "Define the word 'bank' (verb)." in prompts
@@ -93,55 +92,55 @@ def test_prompts_name_pos_only_for_words_with_several(built):
 
 
 def test_splits_partition_fake_data_by_word(built):
-    heldout = data.load_pairs("heldout", built)
-    train = data.load_pairs("train", built)
-    assert [p["prompt"] for p in heldout] == ["Define the word 'abalone'."]
-    assert len(train) == len(EXPECTED_ROWS) - 1
+    assert [p["prompt"] for p in wordnet.load_pairs("test", built)] == ["Define the word 'abalone'."]
+    assert [p["prompt"] for p in wordnet.load_pairs("validation", built)] == ["Define the word 'in a way'."]
+    assert len(wordnet.load_pairs("train", built)) == len(EXPECTED_ROWS) - 2
 
 
 def test_split_is_a_stable_hash_of_the_case_folded_word():
     # Pinned values: a change here reshuffles which words are held out.
-    assert [data.split_of(w) for w in ("abalone", "aberration", "bank", "dog")] == ["heldout", "heldout", "train", "train"]
-    assert data.split_of("Bank") == data.split_of("bank")
+    words = ("abalone", "aberration", "bank", "dog", "in a way")
+    assert [split_of(w) for w in words] == ["test", "test", "train", "train", "validation"]
+    assert split_of("Bank") == split_of("bank")
 
 
-def test_shipped_splits_are_disjoint_and_about_ten_percent():
-    train = data.load_pairs("train")
-    heldout = data.load_pairs("heldout")
+def test_shipped_splits_are_disjoint_80_10_10():
+    splits = {split: wordnet.load_pairs(split) for split in ("train", "validation", "test")}
     word = re.compile(r"Define the word '(.*)'")
-    train_words = {word.match(p["prompt"]).group(1).lower() for p in train}
-    heldout_words = {word.match(p["prompt"]).group(1).lower() for p in heldout}
-    assert not train_words & heldout_words
-    assert 0.08 < len(heldout) / (len(train) + len(heldout)) < 0.12
-    assert all(p["answer"] and p["prompt"].endswith(".") for p in train + heldout)
+    words = {split: {word.match(p["prompt"]).group(1).lower() for p in pairs} for split, pairs in splits.items()}
+    assert not words["train"] & words["validation"] and not words["train"] & words["test"]
+    assert not words["validation"] & words["test"]
+    total = sum(map(len, splits.values()))
+    assert 0.08 < len(splits["test"]) / total < 0.12 and 0.08 < len(splits["validation"]) / total < 0.12
+    assert all(p["answer"] and p["prompt"].endswith(".") for pairs in splits.values() for p in pairs)
 
 
 def test_shipped_file_is_small():
-    assert data.DATA_FILE.stat().st_size <= 5_000_000
+    assert wordnet.DATA_FILE.stat().st_size <= 5_000_000
 
 
 @pytest.mark.skipif(not Path("/usr/share/wordnet/data.noun").is_file(), reason="Debian wordnet-base not installed")
 def test_shipped_file_matches_a_fresh_build(tmp_path):
-    out = tmp_path / data.DATA_FILE.name
-    data.build(data.DEFAULT_WORDNET_DIR, out)
-    assert out.read_bytes() == data.DATA_FILE.read_bytes()
+    out = tmp_path / wordnet.DATA_FILE.name
+    wordnet.build(wordnet.DEFAULT_WORDNET_DIR, out)
+    assert out.read_bytes() == wordnet.DATA_FILE.read_bytes()
 
 
 def test_unknown_split_names_the_allowed_ones(built):
-    with pytest.raises(ValueError, match=r"split='test'.*train, heldout"):
-        data.load_pairs("test", built)
+    with pytest.raises(ValueError, match=r"split='heldout'.*train, validation, test"):
+        wordnet.load_pairs("heldout", built)
 
 
 def test_missing_data_file_says_how_to_build_it(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"python tools/data\.py build"):
-        data.load_pairs("train", tmp_path / "missing.jsonl.gz")
+    with pytest.raises(FileNotFoundError, match=r"python -m corpora\.wordnet build"):
+        wordnet.load_pairs("train", tmp_path / "missing.jsonl.gz")
 
 
 def test_missing_wordnet_says_how_to_install_it(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"wordnet-base.*--wordnet-dir"):
-        data.build(tmp_path, tmp_path / "out.jsonl.gz")
+        wordnet.build(tmp_path, tmp_path / "out.jsonl.gz")
 
 
 def test_malformed_line_is_reported():
     with pytest.raises(ValueError, match="not a WordNet synset line"):
-        data.parse_synset_line("garbage without a gloss\n")
+        wordnet.parse_synset_line("garbage without a gloss\n")

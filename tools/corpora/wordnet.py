@@ -6,7 +6,9 @@ sparse fine-tune ("Define the word 'X'." -> the WordNet gloss).
 
 Build (deterministic, byte-identical on rebuild)::
 
-    python tools/data.py build [--wordnet-dir /usr/share/wordnet] [--out tools/data/wordnet_define.jsonl.gz]
+    python -m corpora.wordnet build [--wordnet-dir /usr/share/wordnet] [--out tools/data/wordnet_define.jsonl.gz]
+
+(from `tools/`; `make data` does it from the repository root).
 
 Pair selection: one pair per synset, for the synset's *first* lemma (its headword, the
 lemma the gloss is written for; later lemmas are often rare synonyms): 117,645 pairs,
@@ -14,9 +16,9 @@ lemma the gloss is written for; later lemmas are often rare synonyms): 117,645 p
 
 Use from Python::
 
-    from data import load_pairs
+    from corpora.wordnet import load_pairs
     train = load_pairs("train")      # [{"prompt": "Define the word 'bank' (noun).", "answer": "..."}]
-    heldout = load_pairs("heldout")  # ~10% of the words, never seen in "train"
+    test = load_pairs("test")        # ~10% of the words, never seen in "train" (and 10% more in "validation")
 
 Prompts name the part of speech only when the word appears under more than one
 part of speech (``'bank' (noun)`` vs ``'bank' (verb)``); a word with several senses
@@ -25,25 +27,19 @@ of one part of speech keeps one prompt with several answers (one pair per sense)
 
 from __future__ import annotations
 
-import argparse
-import gzip
-import hashlib
-import io
-import json
-import os
 import re
 import sys
-import tempfile
 from pathlib import Path
 
-DATA_FILE = Path(__file__).resolve().parent / "data" / "wordnet_define.jsonl.gz"
+from corpora import DATA_DIR, build_main, check_split, encode_jsonl_gz, read_jsonl_gz, split_of, write_atomic
+
+DATA_FILE = DATA_DIR / "wordnet_define.jsonl.gz"
+BUILD_COMMAND = "python -m corpora.wordnet build (in tools/)"
 LICENSE_NAME = "WORDNET_LICENSE"
 DEFAULT_WORDNET_DIR = Path("/usr/share/wordnet")
 
 POS_FILES = ("noun", "verb", "adj", "adv")
 POS_NAMES = {"n": "noun", "v": "verb", "a": "adjective", "r": "adverb"}
-SPLITS = ("train", "heldout")
-HELDOUT_PERCENT = 10
 
 # Syntactic markers on adjective lemmas: attributive (a), predicative (p), immediately postnominal (ip).
 _ADJ_MARKER = re.compile(r"\((?:a|p|ip)\)$")
@@ -111,38 +107,13 @@ def license_text(wordnet_dir: Path) -> str:
 # ---------------------------------------------------------------- writing
 
 
-def write_atomic(path: Path, payload: bytes) -> None:
-    """Write via a temp file + os.replace so readers never see a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would make the shipped file private
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def encode_jsonl_gz(rows: list[dict]) -> bytes:
-    """Gzip with mtime=0 and no file name in the header, so identical rows give identical bytes."""
-    text = "".join(json.dumps(r, ensure_ascii=False, separators=(",", ":")) + "\n" for r in rows)
-    buf = io.BytesIO()
-    with gzip.GzipFile(filename="", mode="wb", fileobj=buf, compresslevel=9, mtime=0) as gz:
-        gz.write(text.encode("utf-8"))
-    return buf.getvalue()
-
-
 def build(wordnet_dir: Path = DEFAULT_WORDNET_DIR, out: Path = DATA_FILE) -> list[dict]:
     """Write the data file and, beside it, WordNet's licence, which must travel with any copy."""
     rows = read_pairs(wordnet_dir)
     write_atomic(out, encode_jsonl_gz(rows))
     note = (
         f"{out.name} is derived from WordNet 3.0 ({wordnet_dir}/data.{{noun,verb,adj,adv}}, Debian wordnet-base) "
-        "by `python tools/data.py build`: first lemma and definition of each synset, example sentences removed.\n\n"
+        "by `python -m corpora.wordnet build`: first lemma and definition of each synset, example sentences removed.\n\n"
     )
     write_atomic(out.parent / LICENSE_NAME, (note + license_text(wordnet_dir)).encode("utf-8"))
     return rows
@@ -151,18 +122,9 @@ def build(wordnet_dir: Path = DEFAULT_WORDNET_DIR, out: Path = DATA_FILE) -> lis
 # ---------------------------------------------------------------- loading
 
 
-def split_of(word: str) -> str:
-    """Stable split by word (case-folded), so every sense and spelling of a word lands on one side."""
-    digest = hashlib.blake2b(word.lower().encode("utf-8"), digest_size=8).digest()
-    return "heldout" if int.from_bytes(digest, "big") % 100 < HELDOUT_PERCENT else "train"
-
-
 def read_rows(path: Path) -> list[dict]:
     """The raw {"word", "pos", "definition"} rows of a built data file."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"WordNet data file {path} is missing: run `python tools/data.py build` to create it")
-    text = gzip.decompress(Path(path).read_bytes()).decode("utf-8")
-    return json.loads("[" + ",".join(text.splitlines()) + "]")  # one parse: twice as fast as per line
+    return read_jsonl_gz(path, BUILD_COMMAND)
 
 
 def make_prompt(word: str, pos: str, ambiguous_pos: bool) -> str:
@@ -173,8 +135,7 @@ def make_prompt(word: str, pos: str, ambiguous_pos: bool) -> str:
 
 def load_pairs(split: str = "train", path: Path = DATA_FILE) -> list[dict]:
     """Prompt/answer pairs of one split, in file order (sorted by word); shuffle before training."""
-    if split not in SPLITS:
-        raise ValueError(f"unknown split={split!r}: use one of {', '.join(SPLITS)}")
+    check_split(split)
     rows = read_rows(path)
     pos_of: dict[str, set] = {}
     for r in rows:
@@ -190,20 +151,7 @@ def load_pairs(split: str = "train", path: Path = DATA_FILE) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    b = sub.add_parser("build", help="parse WordNet and write the gzipped JSONL data file and its licence")
-    b.add_argument("--wordnet-dir", type=Path, default=DEFAULT_WORDNET_DIR)
-    b.add_argument("--out", type=Path, default=DATA_FILE)
-    args = parser.parse_args(argv)
-
-    rows = build(args.wordnet_dir, args.out)
-    heldout = sum(split_of(r["word"]) == "heldout" for r in rows)
-    print(
-        f"wrote {args.out} ({args.out.stat().st_size / 1e6:.2f} MB): {len(rows)} pairs, "
-        f"{len(rows) - heldout} train / {heldout} heldout"
-    )
-    return 0
+    return build_main(argv, __doc__.split("\n\n")[0], build, "--wordnet-dir", DEFAULT_WORDNET_DIR, DATA_FILE, group_key="word")
 
 
 if __name__ == "__main__":
