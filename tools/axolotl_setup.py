@@ -24,8 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bundled_model import CACHE_NAME, model_dir  # noqa: E402
 from corpora import write_atomic  # noqa: E402
-from corpora.wordnet import load_pairs  # noqa: E402
-from demo import SYSTEM  # noqa: E402
+from corpora.wordnet import SYSTEM, load_pairs  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "axolotl_configs" / "local"
 

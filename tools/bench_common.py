@@ -188,13 +188,15 @@ def trainable_params(model) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def build_method(model, method: str, *, lr: float, total_steps: int, sparse_overrides: dict | None = None):
+def build_method(model, method: str, *, lr: float, total_steps: int, sparse_overrides: dict | None = None,
+                 seed: int = 0):
     """Turn the loaded base `model` into `method`'s trainable model; returns (model, optimizer, info).
 
     `sparse_overrides` are extra `SparseConfig` fields for the sparse methods (bench_step shortens AG's
     reselection period so gathering and non-gathering steps both occur in its window, and ends SMT's and
     SIFT's selection within its warm-up steps). All sparse methods target every linear layer but the head, at
     LoRA-r16's trainable count (SMT too, though its paper's default is Q/K/V), so rows compare like for like.
+    `seed` draws the random initial positions (SpIEL) and SHiRA's mask; LoRA's A comes from torch's global seed.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
@@ -213,7 +215,8 @@ def build_method(model, method: str, *, lr: float, total_steps: int, sparse_over
 
         budget = {"density": ONE_PERCENT} if method.endswith("-1pct") else {"lora_rank_equivalent": LORA_RANK}
         regrow = "ag" if method == "spiel-ag" else "ma"
-        config = SparseConfig(method=family, regrow=regrow, target_modules="all-linear", **budget, **(sparse_overrides or {}))
+        config = SparseConfig(method=family, regrow=regrow, target_modules="all-linear", seed=seed, **budget,
+                              **(sparse_overrides or {}))
         model = sparse_plugin.prepare_model(model, config)
         cls = SM3 if METHODS[method][1] == "SM3" else SparseAdamW
         optimizer = cls(model, lr=lr, total_steps=total_steps)
@@ -239,7 +242,7 @@ def build_method(model, method: str, *, lr: float, total_steps: int, sparse_over
     else:  # shira
         from peft import ShiraConfig
 
-        peft_config = ShiraConfig(r=LORA_RANK, target_modules="all-linear", random_seed=0, task_type="CAUSAL_LM")
+        peft_config = ShiraConfig(r=LORA_RANK, target_modules="all-linear", random_seed=seed, task_type="CAUSAL_LM")
     model = get_peft_model(model, peft_config)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)

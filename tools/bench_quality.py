@@ -1,34 +1,38 @@
-"""Held-out loss after equal steps: SpIEL vs PEFT LoRA / DoRA / SHiRA vs full fine-tuning on WordNet glosses.
+"""Test-split loss after equal steps on two real corpora: our methods vs PEFT LoRA / DoRA / SHiRA vs full fine-tuning.
 
-Every method (see `bench_common.py`; `floor` has nothing to train) fine-tunes SmolLM2-135M-Instruct for the
-same `--steps` optimizer steps (default 60) of batch 8 from the WordNet "define the word" train split, in one
-fixed order (seed 0), chat-formatted by `demo.encode` / `demo.collate` (answer tokens only are learned,
-max 96 tokens). Schedule for all: linear warm-up over the first 10% of steps, then linear decay to 0;
-gradient-norm clipping at 1.0. SpIEL keeps its defaults (prune/regrow every 20 steps; AG gathers over the
-5 steps before each round). Held-out loss = token-weighted mean cross-entropy over a fixed sample of 128
-held-out pairs (`random.Random(0).sample`, as in demo.py, whose words never occur in train), measured
-right after the method is set up ("before": every adapter starts as the identity, so this is the base
-model's loss and a check of that) and after training.
+Protocol (choose on validation, report test; see `tools/corpora/` for the data and splits):
 
-Each run is its own subprocess (`bench_quality.py --method X --lr LR --json`). Without `--sweep` each
-method runs at its default learning rate; with `--sweep` at each rate of its grid, and the table shows
-the best (lowest held-out loss after) with every rate's result beside it. Grids (default in brackets),
-centred on the best rate of a wider sweep at 60 steps (2026-11, SmolLM2, batch 8; tried: LoRA r16 5e-4..4e-3,
-SM3 2e-3..2e-2, SparseAdamW 5e-4..5e-3, full 5e-5..2e-4, SHiRA 1e-3..3e-3, DoRA 5e-4..2e-3):
+- Corpora: `wordnet` ("Define the word 'X'." → gloss, grouped by word) and `pydocs` ("Describe the Python
+  function `f(...)`." → prose, grouped by module). Train / validation / test are disjoint groups (80/10/10).
+- A run = (corpus, method, lr, seed): `--steps` optimizer steps (default 60) of batch 8 from the corpus's train
+  split in a seed-dependent order, chat-formatted by `demo.collate` with the corpus's system prompt (answer tokens
+  only are learned, at most the corpus's `MAX_LENGTH` tokens). The seed also draws the method's random parts
+  (SpIEL's initial positions, SHiRA's mask, LoRA's A). Schedule: linear warm-up over 10% of the steps then linear
+  decay to 0 (`--schedule constant`: a flat rate); gradient-norm clipping at 1.0.
+- After training, the token-weighted mean cross-entropy of the answers over fixed samples (`random.Random(0)`,
+  the same for every run) of `--eval-pairs` validation and as many test pairs; "before" (every adapter starts as
+  the identity) is the base model's and a check of that.
+- Each method's learning rate is the one with the lowest mean validation loss over the seeds run; the table
+  reports that rate's test loss (mean ± sample standard deviation over seeds), and the transfer check: the test
+  loss here at the rate the *other* corpus's validation chose.
+
+Each run is its own subprocess (`bench_quality.py --method X --lr LR --corpus C --seed S --json`). Grids (default in
+the middle) are centred on the best rate of wider sweeps at 60 steps (2026-11, SmolLM2, batch 8, WordNet):
 
     lora-r16, dora-r16, lora-1pct   1e-3, [2e-3], 4e-3       (torch AdamW, alpha = 2r)
     shira                           1e-3, [3e-3], 1e-2       (torch AdamW)
     spiel-ma, spiel-ma-1pct         5e-3, [1e-2], 2e-2       (SM3)
     spiel-ag                        5e-4, [1e-3], 2e-3       (SparseAdamW)
+    smt, sift                       2.5e-4, [5e-4], 1e-3     (SparseAdamW)
     full                            5e-5, [1e-4], 2e-4       (torch AdamW)
 
-Usage (from the repository root):
+Usage (from the repository root; a 60-step run takes 2-4 min on 2 idle cores):
 
-    .venv/bin/python tools/bench_quality.py                     # default rates, ~20 min on 2 CPU cores
-    .venv/bin/python tools/bench_quality.py --sweep --json --jobs 2 --threads 1   # 3 rates per method, ~1 h
+    .venv/bin/python tools/bench_quality.py                     # default rates, WordNet, seed 0
+    .venv/bin/python tools/bench_quality.py --sweep --corpora wordnet,pydocs --json --jobs 2 --threads 1 > sweep.jsonl
+    .venv/bin/python tools/bench_quality.py --methods spiel-ma,lora-r16 --lrs spiel-ma=1e-2 --seeds 0,1,2
     .venv/bin/python tools/bench_quality.py --methods "" --merge a.jsonl --merge b.jsonl   # table of earlier runs
-    .venv/bin/python tools/bench_quality.py --methods spiel-ma,lora-r16 --steps 100 --lrs spiel-ma=3e-3,4e-3
-    .venv/bin/python tools/bench_quality.py --quick             # 6 steps, 32 held-out pairs: a smoke run
+    .venv/bin/python tools/bench_quality.py --quick             # 6 steps, 32 evaluation pairs: a smoke run
 """
 
 from __future__ import annotations
@@ -46,22 +50,19 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import (  # noqa: E402
-    METHODS,
     build_method,
     environment,
     header_lines,
     load_base,
     markdown_table,
     optimizer_state_bytes,
-    ratio,
     run_child,
     trainable_params,
 )
 
 BATCH = 8
 EVAL_BATCH = 16
-MAX_LENGTH = 96
-SEED = 0
+EVAL_SEED = 0
 GRIDS = {
     "lora-r16": (1e-3, 2e-3, 4e-3),
     "dora-r16": (1e-3, 2e-3, 4e-3),
@@ -79,7 +80,7 @@ QUALITY_METHODS = list(GRIDS)
 
 
 @torch.no_grad()
-def heldout_loss(model, tokenizer, pairs: list[dict]) -> float:
+def answer_loss(model, tokenizer, pairs: list[dict], corpus) -> float:
     """Token-weighted mean cross-entropy of the answer tokens (labels != -100) over `pairs`."""
     from demo import collate
 
@@ -87,7 +88,7 @@ def heldout_loss(model, tokenizer, pairs: list[dict]) -> float:
     model.eval()
     total = count = 0.0
     for start in range(0, len(pairs), EVAL_BATCH):
-        batch = collate(tokenizer, pairs[start:start + EVAL_BATCH], MAX_LENGTH)
+        batch = collate(tokenizer, pairs[start:start + EVAL_BATCH], corpus.MAX_LENGTH, corpus.SYSTEM)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         labels = batch["labels"][:, 1:]
         loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
@@ -98,11 +99,13 @@ def heldout_loss(model, tokenizer, pairs: list[dict]) -> float:
     return total / count
 
 
-def schedule(steps: int):
-    """Linear warm-up over the first 10% of steps (at least one), then linear decay to 0."""
+def schedule(steps: int, shape: str):
+    """`linear`: warm-up over the first 10% of steps (at least one), then linear decay to 0; `constant`: flat."""
     warmup = max(1, steps // 10)
 
     def factor(step: int) -> float:  # step = optimizer steps already taken
+        if shape == "constant":
+            return 1.0
         if step < warmup:
             return (step + 1) / warmup
         return max(0.0, (steps - step) / max(1, steps - warmup))
@@ -110,77 +113,109 @@ def schedule(steps: int):
     return factor
 
 
-def train(method: str, lr: float, steps: int, heldout_n: int) -> dict:
-    from corpora.wordnet import load_pairs
+def train(method: str, lr: float, *, corpus_name: str, seed: int, steps: int, eval_pairs: int, shape: str) -> dict:
+    from corpora import corpus_module
     from demo import collate
 
     started = time.perf_counter()
-    torch.manual_seed(SEED)
+    corpus = corpus_module(corpus_name)
+    torch.manual_seed(seed)
     model, tokenizer = load_base()
-    train_pairs = load_pairs("train")
-    order = random.Random(SEED).sample(range(len(train_pairs)), steps * BATCH)
-    heldout = random.Random(SEED).sample(load_pairs("test"), heldout_n)
-    model, optimizer, info = build_method(model, method, lr=lr, total_steps=steps)
+    train_pairs = corpus.load_pairs("train")
+    order = random.Random(seed).sample(range(len(train_pairs)), steps * BATCH)
+    evaluation = {split: random.Random(EVAL_SEED).sample(corpus.load_pairs(split), eval_pairs)
+                  for split in ("validation", "test")}
+    model, optimizer, info = build_method(model, method, lr=lr, total_steps=steps, seed=seed)
     model.train()
-    before = heldout_loss(model, tokenizer, heldout)
+    before = {split: answer_loss(model, tokenizer, pairs, corpus) for split, pairs in evaluation.items()}
     params = [p for p in model.parameters() if p.requires_grad]
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule(steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule(steps, shape))
     losses = []
     train_started = time.perf_counter()
     for step in range(steps):
         pairs = [train_pairs[i] for i in order[step * BATCH:(step + 1) * BATCH]]
-        loss = model(**collate(tokenizer, pairs, MAX_LENGTH)).loss
+        loss = model(**collate(tokenizer, pairs, corpus.MAX_LENGTH, corpus.SYSTEM)).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if not math.isfinite(losses[-1]):
             break
     train_seconds = time.perf_counter() - train_started
-    after = heldout_loss(model, tokenizer, heldout)
+    after = {split: answer_loss(model, tokenizer, pairs, corpus) for split, pairs in evaluation.items()}
     selector = getattr(optimizer, "selector", None)
     return {
+        "corpus": corpus_name,
         "method": method,
         "lr": lr,
-        "heldout_loss_before": round(before, 5),
-        "heldout_loss_after": round(after, 5),
+        "seed": seed,
+        "schedule": shape,
+        "validation_before": round(before["validation"], 5),
+        "test_before": round(before["test"], 5),
+        "validation_after": round(after["validation"], 5),
+        "test_after": round(after["test"], 5),
         "train_loss_last10": round(sum(losses[-10:]) / len(losses[-10:]), 5),
         "trainable_params": trainable_params(model),
         "optimizer_state_bytes": optimizer_state_bytes(optimizer),
         "steps": len(losses),
         "batch": BATCH,
-        "heldout_pairs": heldout_n,
+        "eval_pairs": eval_pairs,
         "seconds": round(time.perf_counter() - started, 1),
         "train_seconds": round(train_seconds, 1),
         "info": {**info, **({"last_round": selector.last_round} if selector is not None else {})},
     }
 
 
-def markdown(env: dict, runs: list[dict], note: str) -> str:
-    best: dict[str, dict] = {}
-    tried: dict[str, list[str]] = {}
-    errors = []
+def _mean_sd(values: list[float]) -> tuple[float, float]:
+    mean = sum(values) / len(values)
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return mean, sd
+
+
+def summarize(runs: list[dict]) -> dict:
+    """{corpus: {method: {lr: {"validation": [...], "test": [...], "seeds": [...]}}}} over the successful runs."""
+    table: dict = {}
     for r in runs:
         if "error" in r:
-            errors.append(f"- `{r['method']}` lr {r.get('lr')}: {r['error']}")
             continue
-        tried.setdefault(r["method"], []).append(f"{r['lr']:g}: {r['heldout_loss_after']:.4f}")
-        if r["method"] not in best or r["heldout_loss_after"] < best[r["method"]]["heldout_loss_after"]:
-            best[r["method"]] = r
-    lora = best.get("lora-r16", {}).get("heldout_loss_after")
-    full = best.get("full", {}).get("heldout_loss_after")
-    rows = []
-    for m, r in best.items():
-        after = r["heldout_loss_after"]
-        rows.append([m, f"{r['trainable_params']:,}", f"{r['lr']:g}", f"{r['heldout_loss_before']:.4f}", f"{after:.4f}",
-                     f"{after - r['heldout_loss_before']:+.4f}",
-                     f"{after - lora:+.4f}" if lora is not None else "–", f"{after - full:+.4f}" if full is not None else "–",
-                     f"{r['train_loss_last10']:.3f}", f"{r['train_seconds']:.0f}", "; ".join(tried[m])])
-    headers = ["method", "trainable", "best lr", "held-out before", "held-out after", "Δ", "after − LoRA-r16",
-               "after − full", "train loss (last 10)", "train s", "lr: held-out after (all tried)"]
-    return "\n".join([header_lines(env, note), "", markdown_table(headers, rows)] + ([""] + errors if errors else []))
+        cell = table.setdefault(r["corpus"], {}).setdefault(r["method"], {}).setdefault(r["lr"], {})
+        for key, value in (("validation", r["validation_after"]), ("test", r["test_after"]), ("seeds", r["seed"])):
+            cell.setdefault(key, []).append(value)
+    return table
+
+
+def chosen_lr(by_lr: dict) -> float:
+    """The rate with the lowest mean validation loss (ties: the smaller rate)."""
+    return min(by_lr, key=lambda lr: (_mean_sd(by_lr[lr]["validation"])[0], lr))
+
+
+def markdown(env: dict, runs: list[dict], note: str) -> str:
+    table = summarize(runs)
+    sections = [header_lines(env, note)]
+    for corpus, methods in table.items():
+        others = [c for c in table if c != corpus]
+        lora = methods.get("lora-r16")
+        lora_test = _mean_sd(lora[chosen_lr(lora)]["test"])[0] if lora else None
+        rows = []
+        for method, by_lr in methods.items():
+            lr = chosen_lr(by_lr)
+            mean, sd = _mean_sd(by_lr[lr]["test"])
+            transfer = "–"
+            if others and method in table[others[0]]:
+                other_lr = chosen_lr(table[others[0]][method])
+                if other_lr in by_lr:
+                    transfer = f"{other_lr:g}: {_mean_sd(by_lr[other_lr]['test'])[0]:.4f}"
+            tried = "; ".join(f"{x:g}: {_mean_sd(c['validation'])[0]:.4f}" for x, c in sorted(by_lr.items()))
+            rows.append([method, f"{lr:g}", f"{mean:.4f} ± {sd:.4f}", str(len(by_lr[lr]["test"])),
+                         f"{mean - lora_test:+.4f}" if lora_test is not None else "–", transfer, tried])
+        rows.sort(key=lambda row: float(row[2].split()[0]))
+        headers = ["method", "lr (validation)", "test loss, mean ± sd", "seeds", "− LoRA r16",
+                   "test at the other corpus's lr", "validation mean per lr"]
+        sections += ["", f"**{corpus}**", "", markdown_table(headers, rows)]
+    errors = [f"- `{r['method']}` on {r.get('corpus')} lr {r.get('lr')}: {r['error']}" for r in runs if "error" in r]
+    return "\n".join(sections + ([""] + errors if errors else []))
 
 
 def parse_lrs(items: list[str]) -> dict[str, list[float]]:
@@ -193,54 +228,64 @@ def parse_lrs(items: list[str]) -> dict[str, list[float]]:
     return out
 
 
+def _csv(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--methods", default=",".join(QUALITY_METHODS), help="comma-separated (default %(default)s)")
+    parser.add_argument("--corpora", default="wordnet", help="comma-separated: wordnet, pydocs (default %(default)s)")
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds (default %(default)s)")
     parser.add_argument("--method", help="run one method in this process (what the driver calls)")
+    parser.add_argument("--corpus", default="wordnet", help="with --method: its corpus")
+    parser.add_argument("--seed", type=int, default=0, help="with --method: its seed")
     parser.add_argument("--lr", type=float, help="with --method: its learning rate (default: the grid's middle)")
     parser.add_argument("--steps", type=int, default=60, help="optimizer steps per run (default %(default)s)")
-    parser.add_argument("--heldout", type=int, default=128, help="held-out pairs (default %(default)s)")
-    parser.add_argument("--sweep", action="store_true", help="run every rate of each method's grid, report the best")
+    parser.add_argument("--eval-pairs", type=int, default=128, help="validation and test pairs each (default %(default)s)")
+    parser.add_argument("--schedule", choices=("linear", "constant"), default="linear")
+    parser.add_argument("--sweep", action="store_true", help="run every rate of each method's grid")
     parser.add_argument("--lrs", action="append", default=[], help="METHOD=lr,lr,...: rates to run for METHOD (repeatable)")
     parser.add_argument("--jobs", type=int, default=1, help="runs at once (losses do not depend on it; use with --threads 1)")
     parser.add_argument("--merge", action="append", default=[], help="JSON-lines file of earlier runs to include in the table")
-    parser.add_argument("--quick", action="store_true", help="6 steps and 32 held-out pairs: a smoke run")
+    parser.add_argument("--quick", action="store_true", help="6 steps and 32 evaluation pairs: a smoke run")
     parser.add_argument("--threads", type=int, help="torch threads in each run (default: torch's, one per core)")
     parser.add_argument("--json", action="store_true", help="print one JSON object per run before the table")
     args = parser.parse_args(argv)
     if args.quick:
-        args.steps, args.heldout = 6, 32
+        args.steps, args.eval_pairs = 6, 32
 
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.method:
         if args.method not in GRIDS:
             parser.error(f"--method must be one of {', '.join(GRIDS)}")
-        row = train(args.method, args.lr if args.lr is not None else DEFAULT_LR[args.method], args.steps, args.heldout)
+        row = train(args.method, args.lr if args.lr is not None else DEFAULT_LR[args.method], corpus_name=args.corpus,
+                    seed=args.seed, steps=args.steps, eval_pairs=args.eval_pairs, shape=args.schedule)
         print(json.dumps(row) if args.json else json.dumps(row, indent=1))
         return 0
 
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    methods, corpora, seeds = _csv(args.methods), _csv(args.corpora), [int(x) for x in _csv(args.seeds)]
     unknown = [m for m in methods if m not in GRIDS]
     if unknown:
         parser.error(f"unknown or untrainable method(s) {unknown}; choose from {', '.join(GRIDS)}")
     explicit = parse_lrs(args.lrs)
     env = environment()
     started = time.perf_counter()
-    tasks = [(method, lr) for method in methods
-             for lr in explicit.get(method) or (GRIDS[method] if args.sweep else (DEFAULT_LR[method],))]
-    extra = ["--steps", str(args.steps), "--heldout", str(args.heldout)] + (["--threads", str(args.threads)] if args.threads else [])
+    tasks = [(corpus, method, lr, seed) for corpus in corpora for method in methods
+             for lr in explicit.get(method) or (GRIDS[method] if args.sweep else (DEFAULT_LR[method],)) for seed in seeds]
+    extra = ["--steps", str(args.steps), "--eval-pairs", str(args.eval_pairs), "--schedule", args.schedule]
+    extra += ["--threads", str(args.threads)] if args.threads else []
 
     def run(task):
-        method, lr = task
-        rows, load = run_child(Path(__file__), method, ["--lr", repr(lr), *extra])
+        corpus, method, lr, seed = task
+        rows, _ = run_child(Path(__file__), method, ["--lr", repr(lr), "--corpus", corpus, "--seed", str(seed), *extra])
         for row in rows:
-            row.setdefault("lr", lr)
-            row["other_load"] = round(load, 2) if load is not None and args.jobs == 1 else None
+            row.update({"lr": lr, "corpus": corpus, "seed": seed} if "error" in row else {})
         last = rows[-1]
-        print(f"[{time.perf_counter() - started:6.0f}s] {method} lr {lr:g}: "
-              + (last.get("error") or f"held-out {last['heldout_loss_before']:.4f} -> {last['heldout_loss_after']:.4f} "
-                 f"({last['train_seconds']:.0f} s training)"), file=sys.stderr, flush=True)
+        print(f"[{time.perf_counter() - started:6.0f}s] {corpus} {method} lr {lr:g} seed {seed}: "
+              + (last.get("error") or f"validation {last['validation_before']:.4f} -> {last['validation_after']:.4f}, "
+                 f"test -> {last['test_after']:.4f} ({last['train_seconds']:.0f} s training)"), file=sys.stderr, flush=True)
         return rows
 
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
@@ -250,9 +295,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         for row in runs:
             print(json.dumps({"env": env, **row}))
-    note = (f"{args.steps} steps × batch {BATCH} of WordNet train pairs (same order for all), warm-up 10% + linear "
-            f"decay, clip 1.0; held-out = {args.heldout} pairs; best lr of those tried shown; "
-            f"total {time.perf_counter() - started:.0f} s")
+    note = (f"{args.steps} steps × batch {BATCH}, {args.schedule} schedule, clip 1.0; lr chosen by mean validation "
+            f"loss over {args.eval_pairs} pairs, test loss over {args.eval_pairs} others; total "
+            f"{time.perf_counter() - started:.0f} s")
     print(markdown(env, runs, note))
     return 0
 

@@ -24,12 +24,11 @@ from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bundled_model import load_model, model_dir  # noqa: E402
-from corpora.wordnet import load_pairs  # noqa: E402
+from corpora.wordnet import SYSTEM, load_pairs  # noqa: E402
 
 import sparse_plugin  # noqa: E402  (importing it registers optim="spiel_sm3")
 from sparse_plugin import SparseCallback, SparseConfig  # noqa: E402
 
-SYSTEM = "You are a concise dictionary."
 # --method: SparseConfig fields, optimizer, and learning rate (the best of tools/bench_quality.py's grid). SMT
 # targets every linear layer here (its paper: Q/K/V) so all methods train the same layers at the same budget.
 METHODS = {
@@ -40,18 +39,18 @@ METHODS = {
 }
 
 
-def encode(tokenizer, pair: dict) -> tuple[list[int], list[int]]:
+def encode(tokenizer, pair: dict, system: str = SYSTEM) -> tuple[list[int], list[int]]:
     """Chat-formatted ids and labels; only the answer (and its end token) is learned."""
-    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": pair["prompt"]}]
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": pair["prompt"]}]
     prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     answer_ids = tokenizer(pair["answer"] + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
     return prompt_ids + answer_ids, [-100] * len(prompt_ids) + answer_ids
 
 
-def collate(tokenizer, pairs: list[dict], max_length: int) -> dict[str, torch.Tensor]:
+def collate(tokenizer, pairs: list[dict], max_length: int, system: str = SYSTEM) -> dict[str, torch.Tensor]:
     """Right-padded batch; padding is masked by attention and labels, never by token id (pad == eos here)."""
-    rows = [encode(tokenizer, p) for p in pairs]
+    rows = [encode(tokenizer, p, system) for p in pairs]
     width = min(max_length, max(len(ids) for ids, _ in rows))
     batch = {"input_ids": [], "attention_mask": [], "labels": []}
     for ids, labels in rows:

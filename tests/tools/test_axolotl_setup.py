@@ -3,8 +3,7 @@
 import json
 
 import axolotl_setup
-from corpora.wordnet import load_pairs
-from demo import SYSTEM
+from corpora.wordnet import SYSTEM, load_pairs
 
 
 def test_writes_seeded_chat_splits_and_links_the_model(tmp_path, monkeypatch):

@@ -8,7 +8,7 @@ corpus (a WordNet word, a Python module), so no group is on two sides:
 - `validation` (10%): choosing learning rates and recipes;
 - `train` (80%).
 
-`load_corpus(name, split)` gives the pairs of either corpus.
+`corpus_module(name)` gives either corpus's module.
 """
 
 from __future__ import annotations
@@ -76,14 +76,16 @@ def read_jsonl_gz(path: Path, build_command: str) -> list[dict]:
     return json.loads("[" + ",".join(text.splitlines()) + "]")  # one parse: twice as fast as per line
 
 
-def load_corpus(name: str, split: str) -> list[dict]:
-    """Prompt/answer pairs of corpus `name` ("wordnet" or "pydocs") and `split`."""
-    from . import pydocs, wordnet
+CORPORA = ("wordnet", "pydocs")
 
-    corpora = {"wordnet": wordnet.load_pairs, "pydocs": pydocs.load_pairs}
-    if name not in corpora:
-        raise ValueError(f"unknown corpus={name!r}: use one of {', '.join(corpora)}")
-    return corpora[name](split)
+
+def corpus_module(name: str):
+    """The module of corpus `name`: `load_pairs(split)`, its chat `SYSTEM` prompt and training `MAX_LENGTH`."""
+    if name not in CORPORA:
+        raise ValueError(f"unknown corpus={name!r}: use one of {', '.join(CORPORA)}")
+    import importlib
+
+    return importlib.import_module(f"corpora.{name}")
 
 
 def build_main(argv: list[str] | None, description: str, build: Callable[[Path, Path], list[dict]], source_flag: str,

@@ -29,6 +29,8 @@ from pathlib import Path
 from corpora import DATA_DIR, build_main, check_split, encode_jsonl_gz, read_jsonl_gz, split_of, write_atomic
 
 DATA_FILE = DATA_DIR / "pydocs_describe.jsonl.gz"
+SYSTEM = "You are a concise Python reference."
+MAX_LENGTH = 192  # tokens per chat-formatted pair: nine in ten answers fit whole
 LICENSE_NAME = "PSF_LICENSE"
 BUILD_COMMAND = "python -m corpora.pydocs build (in tools/)"
 DEFAULT_SOURCE_DIR = Path("/usr/share/doc/python3.11/html/_sources")

@@ -34,6 +34,8 @@ from pathlib import Path
 from corpora import DATA_DIR, build_main, check_split, encode_jsonl_gz, read_jsonl_gz, split_of, write_atomic
 
 DATA_FILE = DATA_DIR / "wordnet_define.jsonl.gz"
+SYSTEM = "You are a concise dictionary."  # the chat system prompt the demo, Axolotl data and benchmarks use
+MAX_LENGTH = 96  # tokens per chat-formatted pair in training: every gloss fits
 BUILD_COMMAND = "python -m corpora.wordnet build (in tools/)"
 LICENSE_NAME = "WORDNET_LICENSE"
 DEFAULT_WORDNET_DIR = Path("/usr/share/wordnet")
