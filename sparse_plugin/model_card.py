@@ -105,6 +105,8 @@ def _body(meta: dict, base_revision: str | None) -> list[str]:
     title, arxiv, bibtex = _CITATIONS[method]
     revision = f" (revision `{base_revision}`)" if base_revision else ""
     settings = [*_COMMON_SETTINGS, *_METHOD_SETTINGS[method]]
+    if method == "spiel" and config.get("regrow") != "ag":  # gathering steps exist only for SpIEL-AG
+        settings.remove("selection_accumulation_steps")
     return [
         f"# {_METHOD_NAMES[method]} sparse adapter for {base}", "",
         (f"A sparse fine-tuning adapter of `{base}`{revision}, trained with {_METHOD_NAMES[method]} "
