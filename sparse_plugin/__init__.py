@@ -11,6 +11,7 @@ Example:
 from .config import SparseConfig
 from .distributed import keep_deltas_replicated
 from .integrations.hf import SparseCallback, register_optimizers
+from .hub import push_adapter_to_hub
 from .io import AdapterError, load_adapter, read_adapter, save_adapter
 from .layer import SparseDeltaLinear
 from .model import iter_sparse_layers, merge_adapter, prepare_model, print_trainable_parameters, unmerge_adapter
@@ -43,6 +44,7 @@ __all__ = [
     "merge_adapter",
     "prepare_model",
     "print_trainable_parameters",
+    "push_adapter_to_hub",
     "read_adapter",
     "register_optimizers",
     "save_adapter",

@@ -166,6 +166,11 @@ def test_merge_of_native_peft_adapter_equals_peft_model(tmp_path, format):
     merged = model_with_state(read_checkpoint(tmp_path / "merged"))
     # PEFT adds the delta to a copy of W0 for each call, as the merge adds it once: the same fp32 sums.
     torch.testing.assert_close(logits(merged), logits(peft_model), atol=1e-6, rtol=1e-6)
+    result = apply_adapter(tmp_path / "merged", tmp_path / "peft", tmp_path / "unmerged", unmerge=True, device="cpu",
+                           progress=False)
+    assert result["exact"] is False  # PEFT stores no base values: unmerged by subtraction, within fp32 rounding
+    for key, weight in read_checkpoint(tmp_path / "unmerged").items():
+        torch.testing.assert_close(weight, base_state()[key], atol=1e-6, rtol=0)
 
 
 def test_read_peft_sums_repeated_positions(tmp_path):
