@@ -10,8 +10,8 @@ Example:
 
 from .config import SparseConfig
 from .distributed import keep_deltas_replicated
-from .integrations.hf import SparseCallback, register_optimizers
 from .hub import push_adapter_to_hub
+from .integrations.hf import SparseCallback, register_optimizers
 from .io import AdapterError, load_adapter, read_adapter, save_adapter
 from .layer import SparseDeltaLinear
 from .model import iter_sparse_layers, merge_adapter, prepare_model, print_trainable_parameters, unmerge_adapter
