@@ -64,7 +64,6 @@ def _resolve(name_or_path, revision, token, **patterns) -> Path:
         return path
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import (
-        HfHubHTTPError,
         HFValidationError,
         LocalEntryNotFoundError,
         RepositoryNotFoundError,
@@ -89,7 +88,7 @@ def _resolve(name_or_path, revision, token, **patterns) -> Path:
         raise AdapterError(f"{where}: no local directory, and not in the Hugging Face cache ({constants.HF_HUB_CACHE}) "
                            "while the Hub cannot be reached (HF_HUB_OFFLINE or no network); download it once online or "
                            "pass a local directory") from None
-    except (HfHubHTTPError, OSError) as err:
+    except OSError as err:  # other HTTP errors (HfHubHTTPError is one) and local I/O
         raise AdapterError(f"{where}: the Hub download failed ({type(err).__name__}: {err}); retry, or pass a local "
                            "directory") from None
 
