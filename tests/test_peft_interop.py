@@ -10,7 +10,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from adapter_utils import TOKENS, base_state, dense_reference, logits, model_with_state, read_checkpoint, train_values
+from adapter_utils import (
+    TOKENS,
+    base_state,
+    dense_reference,
+    logits,
+    model_with_state,
+    read_checkpoint,
+    snapshot,
+    train_values,
+)
 from conftest import tiny_llama
 from safetensors.torch import load_file, save_file
 
@@ -242,6 +251,10 @@ def test_export_refuses_an_existing_output(tmp_path, capsys):
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
     assert main(["export-peft", str(adapter), str(tmp_path / "out"), "--overwrite"]) == 0
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME]
+    before = snapshot(adapter)
+    for out in (adapter, adapter / "peft"):  # the adapter read is never replaced, nor written into
+        _refused(capsys, ["export-peft", adapter, out, "--overwrite"], f"output must be a new directory outside {adapter}")
+    assert snapshot(adapter) == before
 
 
 @pytest.mark.parametrize("config, message", [
