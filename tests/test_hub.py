@@ -117,6 +117,17 @@ def test_sparse_merge_resolves_base_and_adapter_through_the_hub(hub):
     assert not any(p.is_symlink() for p in out.iterdir())  # files of the cache's links, copied as files
 
 
+def test_sparse_merge_unmerge_resolves_the_merged_model_through_the_hub(hub, capsys):
+    root, saved = hub
+    assert main(["merge", "--base", str(saved.base), "--adapter", str(saved.adapter), "--output", str(root / "merged"),
+                 "--quiet"]) == 0
+    cache_repo(root / "cache", "org/merged", root / "merged", "d" * 40)
+    assert main(["unmerge", "--merged", "org/merged", "--merged-revision", "main", "--adapter", "org/adapter",
+                 "--output", str(root / "unmerged"), "--device", "cpu", "--quiet"]) == 0, capsys.readouterr().err
+    restored = read_checkpoint(root / "unmerged")
+    assert all(torch.equal(restored[k], v) for k, v in saved.base_state.items())  # bit-exact, from the base values
+
+
 def test_inspect_and_export_take_a_repo_id(hub, capsys):
     root, _ = hub
     assert main(["inspect", "org/adapter", "--revision", "v2", "--json"]) == 0
