@@ -10,6 +10,7 @@ Example:
 
 from .config import SparseConfig
 from .distributed import keep_deltas_replicated
+from .hub import push_adapter_to_hub
 from .integrations.hf import SparseCallback, register_optimizers
 from .io import AdapterError, load_adapter, read_adapter, save_adapter
 from .layer import SparseDeltaLinear
@@ -43,6 +44,7 @@ __all__ = [
     "merge_adapter",
     "prepare_model",
     "print_trainable_parameters",
+    "push_adapter_to_hub",
     "read_adapter",
     "register_optimizers",
     "save_adapter",

@@ -1,6 +1,8 @@
-"""`sparse-merge`: merge, unmerge and inspect sparse adapters from the command line.
+"""`sparse-merge`: merge, unmerge, inspect and export sparse adapters from the command line.
 
-Every refusal is one line on stderr and exit code 2, with no output directory left behind.
+Every refusal is one line on stderr and exit code 2, with no output directory left behind. Models and adapters
+may be Hub repo ids (`org/name`), found through huggingface_hub's cache as `from_pretrained` finds them; an
+existing local directory always wins.
 """
 
 from __future__ import annotations
@@ -11,9 +13,12 @@ import sys
 
 import torch
 
+from .hub import resolve_adapter, resolve_model
 from .io import AdapterError, read_adapter
 from .merge import apply_adapter, rounded_away
+from .peft_interop import FORMATS, export_peft
 
+_HUB_HELP = "Hub revision (branch, tag or commit) when {} is a repo id; tokens come from `hf auth login` or HF_TOKEN"
 _ROUNDING_FIX = "to keep them, merge into an fp32 copy of the base or serve the adapter unmerged (load_adapter)"
 
 
@@ -23,12 +28,16 @@ def _parser() -> argparse.ArgumentParser:
 
     merge = sub.add_parser("merge", help="write BASE + adapter as a new model directory",
                            description="Stream BASE shard by shard, add the adapter's deltas, write OUTPUT atomically.")
-    merge.add_argument("--base", required=True, metavar="MODEL_DIR", help="base checkpoint directory (safetensors)")
+    merge.add_argument("--base", required=True, metavar="MODEL_DIR", help="base checkpoint directory (safetensors) or Hub repo id")
+    merge.add_argument("--base-revision", metavar="REV", help=_HUB_HELP.format("--base"))
     unmerge = sub.add_parser("unmerge", help="restore the base from a merged model directory",
                              description="Remove the adapter from MERGED: bit-exact with stored base values, else by subtraction.")
-    unmerge.add_argument("--merged", required=True, metavar="MODEL_DIR", help="merged checkpoint directory")
+    unmerge.add_argument("--merged", required=True, metavar="MODEL_DIR", help="merged checkpoint directory or Hub repo id")
+    unmerge.add_argument("--merged-revision", metavar="REV", help=_HUB_HELP.format("--merged"))
     for command in (merge, unmerge):
-        command.add_argument("--adapter", required=True, metavar="ADAPTER_DIR", help="directory written by save_adapter")
+        command.add_argument("--adapter", required=True, metavar="ADAPTER_DIR",
+                             help="directory written by save_adapter, a PEFT SHiRA or Super-Tuning adapter directory, or a Hub repo id")
+        command.add_argument("--adapter-revision", metavar="REV", help=_HUB_HELP.format("--adapter"))
         command.add_argument("--output", required=True, metavar="OUT_DIR", help="new directory to write (must not exist)")
         command.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                              help="where to scatter: cuda uses the Triton kernel (default: auto)")
@@ -39,6 +48,18 @@ def _parser() -> argparse.ArgumentParser:
     inspect = sub.add_parser("inspect", help="summarise an adapter", description="Per target: shape, count, density, deltas a merge into the base would round away, |delta| mean/max.")
     inspect.add_argument("adapter", metavar="ADAPTER_DIR")
     inspect.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+
+    export = sub.add_parser("export-peft", help="write the adapter as a stock PEFT adapter",
+                            description="Write ADAPTER as a PEFT Super-Tuning or SHiRA adapter directory that "
+                                        "PeftModel.from_pretrained loads without sparse_plugin, with the same logits.")
+    export.add_argument("adapter", metavar="ADAPTER_DIR")
+    export.add_argument("output", metavar="OUT_DIR", help="new PEFT adapter directory (must not exist)")
+    export.add_argument("--format", choices=FORMATS, default="supertuning",
+                        help="supertuning: one sparsity for all targets; shira: one rank r, r*(in+out) positions per target "
+                             "(default: supertuning)")
+    export.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    for command in (inspect, export):
+        command.add_argument("--revision", metavar="REV", help=_HUB_HELP.format("ADAPTER_DIR"))
     return parser
 
 
@@ -99,10 +120,19 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "inspect":
-            summary = summarize(args.adapter)
+            summary = summarize(resolve_adapter(args.adapter, revision=args.revision))
             print(json.dumps(summary, indent=2)) if args.json else _print_summary(summary)
             return 0
+        if args.command == "export-peft":
+            result = export_peft(resolve_adapter(args.adapter, revision=args.revision), args.output, args.format, args.overwrite)
+            setting = f"sparsity={result['sparsity']!r}" if args.format == "supertuning" else f"r={result['r']}"
+            print(f"exported {result['positions']:,d} positions ({result['padding']:,d} of them padding at 0) as PEFT "
+                  f"{args.format} with {setting} -> {args.output}")
+            return 0
         unmerge = args.command == "unmerge"
+        model = resolve_model(args.merged if unmerge else args.base,
+                              revision=args.merged_revision if unmerge else args.base_revision)
+        adapter = resolve_adapter(args.adapter, revision=args.adapter_revision)
         # The CPU scatter is a few million indexed writes, too little work to share between threads: with one
         # core busy elsewhere, OpenMP's spinning made the SmolLM2 merge 14.6 s instead of 1.1 s single-threaded
         # (tools/bench_merge.py, 2 cores); so one thread while merging.
@@ -110,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(1)
         try:
             result = apply_adapter(
-                args.merged if unmerge else args.base, args.adapter, args.output, unmerge=unmerge,
+                model, adapter, args.output, unmerge=unmerge,
                 device=args.device, force=args.force, overwrite=args.overwrite, progress=not args.quiet,
             )
         finally:

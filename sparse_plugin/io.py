@@ -28,6 +28,7 @@ from .config import SparseConfig
 from .fsdp import is_whole
 from .layer import SparseDeltaLinear, dense_base_weight
 from .model import require_sparse_layers, iter_sparse_layers, wrap_targets
+from .model_card import CARD_NAME, card_writer
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "sparse_config.json"
@@ -129,7 +130,7 @@ def save_adapter(
     base_model_name_or_path: str | None = None,
     base_values: Mapping[str, torch.Tensor] | None = None,
 ) -> None:
-    """Write the model's sparse deltas to `save_directory` (created if needed).
+    """Write the model's sparse deltas to `save_directory` (created if needed), with a `README.md` model card.
 
     Both files are written in full under temporary names before either is renamed into place, so a crash
     or a full disk while writing leaves the previous adapter (or no directory at all), never half a file. A
@@ -138,7 +139,8 @@ def save_adapter(
 
     Args:
         model (`nn.Module`): a model prepared with `prepare_model` or `load_adapter`.
-        save_directory (`str` or `PathLike`): target directory; other files in it are left alone.
+        save_directory (`str` or `PathLike`): target directory; other files in it are left alone, and so is a
+            `README.md` that this library did not write.
         base_model_name_or_path (`str`, *optional*): recorded as the base; defaults to the model config's
             `_name_or_path`.
         base_values (`Mapping[str, torch.Tensor]`, *optional*): the base weight at each target's indices, by key,
@@ -192,6 +194,9 @@ def save_adapter(
         WEIGHTS_NAME: lambda p: save_file(tensors, p, metadata={"format": "pt", "save_id": save_id}),
         CONFIG_NAME: lambda p: p.write_text(json.dumps(meta, indent=2, sort_keys=True)),
     }
+    revision = getattr(getattr(model, "config", None), "_commit_hash", None)  # set by from_pretrained on Hub models
+    if (card := card_writer(Path(save_directory), meta, type(model).__name__, revision)) is not None:
+        writers[CARD_NAME] = card
     write_files(Path(save_directory), writers, fix="free space or save to another directory")
 
 
@@ -238,6 +243,11 @@ def _read_meta(directory: Path) -> dict:
     if not directory.is_dir():
         raise _fail(directory, "adapter directory not found; pass the directory that save_adapter wrote")
     if not path.is_file():
+        from .peft_interop import PEFT_CONFIG_NAME  # peft_interop imports this module
+
+        if (directory / PEFT_CONFIG_NAME).is_file():
+            raise _fail(directory, "a PEFT adapter, not a sparse_plugin one; `sparse-merge merge` folds PEFT SHiRA and "
+                                   "Super-Tuning adapters into a base, PeftModel.from_pretrained loads them")
         raise _fail(path, f"missing; an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}")
     with open(path, "rb") as fh:
         raw = fh.read(_MAX_CONFIG_BYTES + 1)
@@ -363,14 +373,24 @@ def read_adapter(adapter_dir: str | os.PathLike) -> Adapter:
 # --------------------------------------------------------------------------------------------- loading
 
 
-def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike, check_base: bool = True) -> nn.Module:
+def load_adapter(
+    model: nn.Module,
+    adapter_dir: str | os.PathLike,
+    check_base: bool = True,
+    *,
+    revision: str | None = None,
+    token: str | bool | None = None,
+) -> nn.Module:
     """Load an adapter into `model`, wrapping its targets first if it has no sparse layers yet.
 
     Args:
         model (`nn.Module`): the base model (plain, or already prepared with the same targets).
-        adapter_dir (`str` or `PathLike`): a directory written by `save_adapter`.
+        adapter_dir (`str` or `PathLike`): a directory written by `save_adapter`, or a Hub repo id (`org/name`),
+            found as `from_pretrained` finds models (cache, `HF_HUB_OFFLINE`); an existing directory wins.
         check_base (`bool`, defaults to `True`): compare the stored base values with the model's weights
             and refuse a different base.
+        revision (`str`, *optional*): Hub branch, tag or commit; ignored for a local directory.
+        token (`str` or `bool`, *optional*): Hub token; the stored login or `HF_TOKEN` when `None`.
 
     Returns:
         The model, with indices and values set.
@@ -381,7 +401,9 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike, check_base: b
         >>> model = load_adapter(model, "out/adapter")
         ```
     """
-    adapter = read_adapter(adapter_dir)
+    from .hub import resolve_adapter  # hub imports this module
+
+    adapter = read_adapter(resolve_adapter(adapter_dir, revision=revision, token=token))
     layers = dict(iter_sparse_layers(model))
     if not layers:
         modules = dict(model.named_modules())

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from .atomic import atomic_directory, reporting_disk_full
 from .io import QUANTIZED_DTYPES, Adapter, AdapterError, TargetDelta, fingerprint, quote, read_adapter
 from .kernels.scatter import scatter_add_, scatter_set_
+from .peft_interop import is_peft_adapter, read_peft_adapter
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -258,7 +259,7 @@ def apply_adapter(
 
     Args:
         model_dir: base checkpoint (merge) or merged checkpoint (unmerge), safetensors, single or sharded.
-        adapter_dir: directory written by `save_adapter`.
+        adapter_dir: directory written by `save_adapter`, or a PEFT SHiRA / Super-Tuning adapter directory.
         output_dir: new checkpoint directory; must not exist unless `overwrite`.
         unmerge (`bool`, defaults to `False`): subtract instead of add; exact when the adapter holds base values.
         device (`str`, defaults to `"auto"`): `"cuda"` (Triton scatter), `"cpu"` or `"auto"`.
@@ -274,11 +275,15 @@ def apply_adapter(
         DiskFullError: the disk filled; the output is absent (with `overwrite`: the previous one, intact).
     """
     started = time.perf_counter()
-    adapter = read_adapter(adapter_dir)
+    peft = is_peft_adapter(adapter_dir)
+    adapter = None if peft else read_adapter(adapter_dir)
     checkpoint = open_checkpoint(model_dir)
     output = Path(output_dir).absolute()
     _check_output(output, checkpoint.directory, overwrite)
-    check_targets(adapter, checkpoint.header(), force)
+    header = checkpoint.header()
+    if peft:  # PEFT's files record no shapes: the base's header supplies them
+        adapter = read_peft_adapter(adapter_dir, header)
+    check_targets(adapter, header, force)
     torch_device = _resolve_device(device)
     copies, skipped = _plan_copies(checkpoint.directory, checkpoint.shards)
     by_shard: dict[str, list[TargetDelta]] = {}

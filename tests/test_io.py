@@ -45,6 +45,7 @@ from sparse_plugin import (
 )
 from sparse_plugin.atomic import DiskFullError
 from sparse_plugin.io import CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME
+from sparse_plugin.model_card import CARD_NAME
 
 # Loading the adapter into a different base and running the delta sparsely (additive: base(x) + x·Δᵀ) is compared
 # with a dense fp32 model holding W0 + Δ. The two sum the same products in another order, so each layer differs by
@@ -62,7 +63,7 @@ def test_save_names_tensors_by_base_key_with_int32_indices_and_base_values(tmp_p
     base = base_state()
     save_adapter(model, tmp_path, base_model_name_or_path="tiny/base")
 
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([CONFIG_NAME, WEIGHTS_NAME])  # no temporary files left
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([CONFIG_NAME, WEIGHTS_NAME, CARD_NAME])  # no temporary files left
     tensors = load_file(tmp_path / WEIGHTS_NAME)
     keys = target_keys(tiny_llama())
     assert "model.layers.0.self_attn.q_proj.weight" in keys and len(keys) == 14
@@ -209,7 +210,7 @@ def test_saving_again_replaces_the_adapter_atomically(tmp_path):
     adapter = read_adapter(tmp_path)
     assert adapter.meta["save_id"] != first
     assert torch.equal(adapter.targets[KEY].values, _layers(model)[KEY].values.detach())
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([CONFIG_NAME, WEIGHTS_NAME])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([CONFIG_NAME, WEIGHTS_NAME, CARD_NAME])
 
 
 @pytest.mark.parametrize("case", sorted(HOSTILE_ADAPTERS))
@@ -268,7 +269,7 @@ def test_save_on_a_full_disk_changes_nothing(tmp_path, monkeypatch, at, existing
     assert isinstance(refused.value, OSError) and refused.value.errno == errno.ENOSPC
     if existing:
         assert snapshot(target) == before
-        assert sorted(p.name for p in target.iterdir()) == sorted([CONFIG_NAME, WEIGHTS_NAME, "trainer_state.json"])
+        assert sorted(p.name for p in target.iterdir()) == sorted([CONFIG_NAME, WEIGHTS_NAME, CARD_NAME, "trainer_state.json"])
     else:
         assert not target.exists()
     assert leftovers(target) == []

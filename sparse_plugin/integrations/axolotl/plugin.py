@@ -92,14 +92,13 @@ def _save_adapter_only(model, save_directory, *args, **kwargs) -> None:
 
 
 def _merge_into(cfg, output: Path) -> None:
-    """`sparse-merge merge --base <base_model> --adapter <output_dir> --output <output>`, replacing `output`."""
-    base = Path(cfg.base_model)
-    if not base.is_dir():  # a hub id: the files Axolotl loaded, from the local cache
-        from huggingface_hub import snapshot_download
+    """`sparse-merge merge --base <base_model> --adapter <output_dir> --output <output>`, replacing `output`.
 
-        patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]  # no other weight formats
-        base = Path(snapshot_download(cfg.base_model, revision=cfg.revision_of_model, allow_patterns=patterns))
-    argv = ["merge", "--base", str(base), "--adapter", str(cfg.output_dir), "--output", str(output), "--overwrite", "--quiet"]
+    A hub id base resolves as sparse-merge resolves any: from the cache Axolotl filled when it loaded the model.
+    """
+    argv = ["merge", "--base", str(cfg.base_model), "--adapter", str(cfg.output_dir), "--output", str(output), "--overwrite", "--quiet"]
+    if cfg.revision_of_model:
+        argv += ["--base-revision", str(cfg.revision_of_model)]
     LOG.info("sparse_merge_on_finish: sparse-merge " + " ".join(argv))
     if cli.main(argv) != 0:
         raise RuntimeError(f"sparse_merge_on_finish: `sparse-merge {' '.join(argv)}` failed (its error is printed above)")
