@@ -1,6 +1,7 @@
 """`sparse-merge`: merge, unmerge and inspect sparse adapters from the command line.
 
-Every refusal is one line on stderr and exit code 2, with no output directory left behind.
+Every refusal is one line on stderr and exit code 2, with no output directory left behind. SIGTERM, SIGINT and
+SIGHUP are refusals too: the run unwinds, removes what it had written, and exits the same way.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import sys
 
 import torch
 
+from .atomic import Interrupted, signals_as_errors
 from .io import AdapterError, read_adapter
 from .merge import apply_adapter, rounded_away
 
@@ -108,14 +110,17 @@ def main(argv: list[str] | None = None) -> int:
         # (tools/bench_merge.py, 2 cores); so one thread while merging.
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
+        # Armed before anything is written, so a signal at any point unwinds through the output's cleanup; once
+        # the output is in place, the defaults are back (a signal then can only cut the summary short).
         try:
-            result = apply_adapter(
-                args.merged if unmerge else args.base, args.adapter, args.output, unmerge=unmerge,
-                device=args.device, force=args.force, overwrite=args.overwrite, progress=not args.quiet,
-            )
+            with signals_as_errors():
+                result = apply_adapter(
+                    args.merged if unmerge else args.base, args.adapter, args.output, unmerge=unmerge,
+                    device=args.device, force=args.force, overwrite=args.overwrite, progress=not args.quiet,
+                )
         finally:
             torch.set_num_threads(threads)
-    except (AdapterError, OSError) as err:
+    except (AdapterError, OSError, Interrupted) as err:
         print(f"sparse-merge: error: {err}", file=sys.stderr)
         return 2
     how = ""

@@ -199,7 +199,8 @@ def _(saved, tmp_path):
     return _merge(_edited_base(saved, tmp_path, _to_bf16), saved.adapter, tmp_path / "out")
 
 
-@_refusal("base-other-weights", "differs from the base the adapter was trained on; pass the right base or --force")
+@_refusal("base-other-weights", r"differs from the base the adapter was trained on \(\d+ of \d+ entries at its indices differ, the first "
+                                r"at flat position \d+: \S+ there, \S+ in the adapter\); pass the right base or --force")
 def _(saved, tmp_path):
     return _merge(_other_seed_base(saved, tmp_path), saved.adapter, tmp_path / "out")
 
