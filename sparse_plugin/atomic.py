@@ -70,12 +70,14 @@ class Interrupted(BaseException):
 
 
 _SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGHUP") if hasattr(signal, name))
-# Signals that arrived inside `_signals_held`, or None outside one. Python runs signal handlers in the main thread
-# only, between bytecodes, so this needs no lock.
+# Signals that arrived under `signals_as_errors`, and those inside `_signals_held` (None outside one). Python runs
+# signal handlers in the main thread only, between bytecodes, so these need no lock.
+_received: list[int] = []
 _held: list[int] | None = None
 
 
 def _on_signal(signum: int, _frame) -> None:
+    _received.append(signum)
     if _held is not None:
         _held.append(signum)
         return
@@ -88,14 +90,23 @@ def signals_as_errors() -> Iterator[None]:
 
     Their defaults end the process at once (SIGTERM, SIGHUP) or may land anywhere (SIGINT), which would leave a
     temporary directory behind; raised as an exception instead, they unwind through `atomic_directory`'s cleanup.
+    Native code can swallow the exception or turn it into its own (safetensors' loader, calling back into torch,
+    raises a ValueError instead), so the signals are also recorded: any exception leaving the block after one is
+    re-raised as `Interrupted`, and `atomic_directory` refuses to put an output in place after one.
     """
     previous = {signum: signal.signal(signum, _on_signal) for signum in _SIGNALS}
+    _received.clear()
     try:
         yield
+    except BaseException as err:
+        if _received and not isinstance(err, Interrupted):
+            raise Interrupted(_received[0]) from err
+        raise
     finally:
         with _signals_held():  # one landing now finds the block over: its work is done or already unwinding
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
+        _received.clear()
 
 
 @contextmanager
@@ -133,6 +144,8 @@ def atomic_directory(output: Path, replace: bool) -> Iterator[Path]:
             raise Interrupted(held[0])
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private (0700); the output gets the usual mode
         yield tmp
+        if _received:  # a signal whose exception native code swallowed
+            raise Interrupted(_received[0])
         with _signals_held():
             _commit(tmp, output, replace)
     except BaseException:
