@@ -163,6 +163,13 @@ def save_adapter(
     kill between the two renames leaves a json/safetensors pair from two saves, which the `save_id` they
     share exposes to every reader.
 
+    Each target also records `base_sha256` and `merged_sha256` (`entries_digest` of the base's entries at the
+    indices, and of those entries with the values merged in), whether or not the base values are stored: with
+    `store_base_values=False` they are what lets a merge refuse another base and an unmerge refuse a model this
+    adapter did not make. A bitsandbytes base has no exact entries (the merge goes into its unquantised
+    checkpoint, whose entries the quantised model cannot know), and a base FSDP shards is not gathered just for
+    them, so neither records digests; such adapters merge unchecked, as adapters saved before the digests do.
+
     Args:
         model (`nn.Module`): a model prepared with `prepare_model` or `load_adapter`.
         save_directory (`str` or `PathLike`): target directory; other files in it are left alone.

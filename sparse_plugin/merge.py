@@ -137,7 +137,8 @@ def check_targets(adapter: Adapter, header: dict[str, tuple[tuple[int, ...], str
         if tuple(shape) != target.shape:
             raise AdapterError(f"{adapter.path}: `{key}` is {list(shape)} in the base but {list(target.shape)} in the adapter; pass the matching base model")
         if dtype not in ("F32", "BF16", "F16", "F64"):
-            raise AdapterError(f"{adapter.path}: `{key}` is {dtype} in the base, not a float weight; merge into the unquantised checkpoint")
+            raise AdapterError(f"{adapter.path}: `{key}` is {dtype} in the base, not a float weight (it was {target.base_dtype} in "
+                               "training); merge into the unquantised checkpoint")
         if dtype != target.base_dtype and target.base_dtype not in QUANTIZED_DTYPES and not force:
             raise AdapterError(
                 f"{adapter.path}: base fingerprint differs: `{key}` is {dtype} in the base but was {target.base_dtype} in training; "
