@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from adapter_utils import (
     HOSTILE_ADAPTERS,
@@ -196,16 +196,18 @@ def _mlp_as_embedding():
 
 # Each mismatch names what the adapter records and what the model has at the same place.
 MODEL_MISMATCHES = {
-    "other-shape": (lambda: tiny_llama(intermediate_size=64),
-                    r"target `model\.layers\.0\.mlp\.down_proj\.weight` is a Linear weight of shape \[48, 80\] in the adapter, "
-                    r"but `model\.layers\.0\.mlp\.down_proj` is a Linear of shape \[48, 64\] in LlamaForCausalLM; load the base"),
-    "other-architecture": (_gpt2, r"target `model\.layers\.0\.mlp\.down_proj\.weight` is a Linear weight of shape \[48, 80\] in the "
-                                  r"adapter, but `model\.layers\.0\.mlp\.down_proj` is no such module in GPT2LMHeadModel; load the base"),
-    "other-module-type": (_mlp_as_embedding, r"`model\.layers\.0\.mlp\.down_proj\.weight` is a Linear weight of shape \[48, 80\] in the "
-                                             r"adapter, but `model\.layers\.0\.mlp\.down_proj` is a module of type Embedding in LlamaForCausalLM"),
-    "prepared-other-targets": (lambda: prepare_model(tiny_llama(), SparseConfig(density=0.05, target_modules=["q_proj", "lm_head"])),
-                               r"targets differ from the model's sparse layers: only the adapter has \['model\.layers\.0\.mlp\.down_proj\.weight', .*\] \(12\), "
-                               r"only the model has \['lm_head\.weight'\] \(1\); prepare the model"),
+    "other-shape": (lambda: tiny_llama(intermediate_size=64), (
+        r"target `model\.layers\.0\.mlp\.down_proj\.weight` is a Linear weight of shape \[48, 80\] in the adapter, "
+        r"but `model\.layers\.0\.mlp\.down_proj` is a Linear of shape \[48, 64\] in LlamaForCausalLM; load the base")),
+    "other-architecture": (_gpt2, (
+        r"target `model\.layers\.0\.mlp\.down_proj\.weight` is a Linear weight of shape \[48, 80\] in the "
+        r"adapter, but `model\.layers\.0\.mlp\.down_proj` is no such module in GPT2LMHeadModel; load the base")),
+    "other-module-type": (_mlp_as_embedding, (
+        r"`model\.layers\.0\.mlp\.down_proj\.weight` is a Linear weight of shape \[48, 80\] in the "
+        r"adapter, but `model\.layers\.0\.mlp\.down_proj` is a module of type Embedding in LlamaForCausalLM")),
+    "prepared-other-targets": (lambda: prepare_model(tiny_llama(), SparseConfig(density=0.05, target_modules=["q_proj", "lm_head"])), (
+        r"targets differ from the model's sparse layers: only the adapter has \['model\.layers\.0\.mlp\.down_proj\.weight', .*\] \(12\), "
+        r"only the model has \['lm_head\.weight'\] \(1\); prepare the model")),
     "prepared-other-shape": (lambda: prepare_model(tiny_llama(intermediate_size=64), SparseConfig(density=0.05)),
                              r"target `model\.layers\.0\.mlp\.\w+_proj\.weight` is \[(80, 48|48, 80)\] in the adapter but \[(64, 48|48, 64)\] in the model"),
 }
