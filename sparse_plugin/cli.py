@@ -1,8 +1,9 @@
 """`sparse-merge`: merge, unmerge, inspect and export sparse adapters from the command line.
 
-Every refusal is one line on stderr and exit code 2, with no output directory left behind. Models and adapters
-may be Hub repo ids (`org/name`), found through huggingface_hub's cache as `from_pretrained` finds them; an
-existing local directory always wins.
+Every refusal is one line on stderr and exit code 2, with no output directory left behind. SIGTERM, SIGINT and
+SIGHUP are refusals too: the run unwinds, removes what it had written, and exits the same way. Models and
+adapters may be Hub repo ids (`org/name`), found through huggingface_hub's cache as `from_pretrained` finds them;
+an existing local directory always wins.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import sys
 
 import torch
 
+from .atomic import Interrupted, signals_as_errors
 from .hub import resolve_adapter, resolve_model
 from .io import AdapterError, read_adapter
 from .merge import apply_adapter, rounded_away
@@ -138,14 +140,17 @@ def main(argv: list[str] | None = None) -> int:
         # (tools/bench_merge.py, 2 cores); so one thread while merging.
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
+        # Armed before anything is written, so a signal at any point unwinds through the output's cleanup; once
+        # the output is in place, the defaults are back (a signal then can only cut the summary short).
         try:
-            result = apply_adapter(
-                model, adapter, args.output, unmerge=unmerge,
-                device=args.device, force=args.force, overwrite=args.overwrite, progress=not args.quiet,
-            )
+            with signals_as_errors():
+                result = apply_adapter(
+                    model, adapter, args.output, unmerge=unmerge,
+                    device=args.device, force=args.force, overwrite=args.overwrite, progress=not args.quiet,
+                )
         finally:
             torch.set_num_threads(threads)
-    except (AdapterError, OSError) as err:
+    except (AdapterError, OSError, Interrupted) as err:
         print(f"sparse-merge: error: {err}", file=sys.stderr)
         return 2
     how = ""

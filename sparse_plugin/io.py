@@ -2,9 +2,11 @@
 
 Tensors are named by the base model's state-dict key of each targeted weight:
 `<key>.indices` (int32 when the matrix has < 2^31 entries, else int64), `<key>.values` and, by default,
-`<key>.base_values` (the base weight's entries at the indices, for a bit-exact unmerge). Every reader goes
-through `read_adapter`, which refuses anything inconsistent with one line naming the file, the tensor and
-the fix.
+`<key>.base_values` (the base weight's entries at the indices, for a bit-exact unmerge). Each target's entry
+in `sparse_config.json` also records `base_sha256` and `merged_sha256`, digests of the base's entries at the
+indices before and after the merge (`entries_digest`): a few bytes that let a merge, unmerge or load refuse the
+wrong base or merged model even when the adapter stores no base values. Every reader goes through
+`read_adapter`, which refuses anything inconsistent with one line naming the file, the tensor and the fix.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from torch import nn
 from .atomic import write_files
 from .config import SparseConfig
 from .fsdp import is_whole
+from .kernels.scatter import scatter_add_
 from .layer import SparseDeltaLinear, dense_base_weight
 from .model import require_sparse_layers, iter_sparse_layers, wrap_targets
 from .model_card import CARD_NAME, card_writer
@@ -60,6 +63,8 @@ class TargetDelta:
     indices: torch.Tensor  # int64, sorted, unique
     values: torch.Tensor
     base_values: torch.Tensor | None
+    base_sha256: str | None = None  # `entries_digest` of the base at the indices; None in adapters saved before it
+    merged_sha256: str | None = None  # the same, of the merged model
 
 
 @dataclass
@@ -100,6 +105,24 @@ def base_dtype_code(weight: torch.Tensor) -> str:
     return dtype_code(weight.dtype)
 
 
+def entries_digest(entries: torch.Tensor) -> str:
+    """sha256 of a weight's entries at an adapter's indices, as stored (dtype and bytes, little-endian).
+
+    Recorded per target by `save_adapter` for the base (`base_sha256`) and for the merged model (`merged_sha256`:
+    the entries plus the values, added in fp32 and rounded once, which is what every merge path computes, bit for
+    bit); compared by the merge, the unmerge and `load_adapter`.
+    """
+    data = entries.detach().contiguous().cpu()
+    return hashlib.sha256(dtype_code(data.dtype).encode() + data.view(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def merged_entries(entries: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """The entries a merge writes: `entries + values` in fp32, rounded once to the entries' dtype (the merge's own
+    scatter, so the result is the merged model's, not an estimate)."""
+    values = values.to(entries.device)
+    return scatter_add_(entries.clone(), torch.arange(len(entries), device=entries.device), values)
+
+
 def fingerprint(entries: dict[str, tuple[tuple[int, ...], str]]) -> str:
     """sha256 of the sorted (name, shape, dtype) of the targeted base tensors."""
     rows = sorted((key, list(shape), dtype) for key, (shape, dtype) in entries.items())
@@ -109,7 +132,9 @@ def fingerprint(entries: dict[str, tuple[tuple[int, ...], str]]) -> str:
 # --------------------------------------------------------------------------------------------- writing
 
 
-def _base_values(key: str, layer: SparseDeltaLinear) -> torch.Tensor | None:
+def _base_values(key: str, layer: SparseDeltaLinear, required: bool = True) -> torch.Tensor | None:
+    """The base weight's entries at the layer's indices; None for a quantised base (it has no exact entries), and
+    for a base FSDP shards unless `required`."""
     if layer.merged:
         return layer._merged_base_values
     try:
@@ -117,6 +142,8 @@ def _base_values(key: str, layer: SparseDeltaLinear) -> torch.Tensor | None:
     except TypeError:  # a quantised base has no exact entries to restore
         return None
     if not is_whole(weight, layer.shape):
+        if not required:
+            return None
         raise ValueError(
             f"the base weight of `{key}` is sharded (FSDP): gather its entries on every rank with "
             "`sparse_plugin.fsdp.gathered_base_values(model)` and pass them as `base_values=`, or set store_base_values=False"
@@ -136,6 +163,13 @@ def save_adapter(
     or a full disk while writing leaves the previous adapter (or no directory at all), never half a file. A
     kill between the two renames leaves a json/safetensors pair from two saves, which the `save_id` they
     share exposes to every reader.
+
+    Each target also records `base_sha256` and `merged_sha256` (`entries_digest` of the base's entries at the
+    indices, and of those entries with the values merged in), whether or not the base values are stored: with
+    `store_base_values=False` they are what lets a merge refuse another base and an unmerge refuse a model this
+    adapter did not make. A bitsandbytes base has no exact entries (the merge goes into its unquantised
+    checkpoint, whose entries the quantised model cannot know), and a base FSDP shards is not gathered just for
+    them, so neither records digests; such adapters merge unchecked, as adapters saved before the digests do.
 
     Args:
         model (`nn.Module`): a model prepared with `prepare_model` or `load_adapter`.
@@ -164,9 +198,12 @@ def save_adapter(
         index_dtype = torch.int32 if layer.out_features * layer.in_features < _INT32_LIMIT else torch.int64
         tensors[f"{key}.indices"] = layer.indices.to(index_dtype)
         tensors[f"{key}.values"] = layer.values.detach()
-        if config.store_base_values:
-            base = base_values[key] if base_values is not None else _base_values(key, layer)
-            if base is not None:
+        base = base_values[key] if base_values is not None else _base_values(key, layer, config.store_base_values)
+        if base is not None:
+            # Computed even when the base values are not stored: the digests are what then checks the base.
+            targets[key].update(base_sha256=entries_digest(base),
+                                merged_sha256=entries_digest(merged_entries(base, tensors[f"{key}.values"])))
+            if config.store_base_values:
                 tensors[f"{key}.base_values"] = base
     has_base_values = all(f"{key}.base_values" in tensors for key in targets)
     if not has_base_values:  # all or nothing, so readers need no per-tensor case
@@ -300,8 +337,12 @@ def _header(path: Path) -> dict:
         return _parse_json(fh.read(length))
 
 
-def _target_entry(path: Path, key: str, entry) -> tuple[tuple[int, int], int, str]:
-    """The recorded (shape, count, base dtype) of one target, refusing anything but exact integers."""
+_DIGEST_FIELDS = ("base_sha256", "merged_sha256")
+
+
+def _target_entry(path: Path, key: str, entry) -> tuple[tuple[int, int], int, str, str | None, str | None]:
+    """The recorded (shape, count, base dtype, base and merged digests) of one target, refusing anything but exact
+    integers and, where present, sha256 hex digests (adapters saved before the digests have none)."""
     if not key.endswith(".weight"):  # else load_adapter would wrap a module it cannot then match, and merge miss it
         raise _fail(path, f"target {quote(key)} is not a weight's state-dict key (`<module>.weight`); {_CORRUPT}")
     shape, count, dtype = (entry.get(f) for f in ("shape", "count", "dtype")) if isinstance(entry, dict) else (None,) * 3
@@ -309,7 +350,11 @@ def _target_entry(path: Path, key: str, entry) -> tuple[tuple[int, int], int, st
         raise _fail(path, f"target `{key}` needs `shape` (two integers), `count` (an integer) and `dtype`; {_CORRUPT}")
     if min(shape) < 1 or shape[0] * shape[1] > _MAX_NUMEL or not 0 <= count <= shape[0] * shape[1]:
         raise _fail(path, f"target `{key}` has shape {quote(shape)} and count {count}, which do not fit; {_CORRUPT}")
-    return tuple(shape), count, dtype
+    digests = tuple(entry.get(field) for field in _DIGEST_FIELDS)
+    for field, digest in zip(_DIGEST_FIELDS, digests):
+        if digest is not None and not (isinstance(digest, str) and len(digest) == 64 and set(digest) <= set("0123456789abcdef")):
+            raise _fail(path, f"target `{key}` has `{field}` {quote(digest)}, not a sha256 hex digest; {_CORRUPT}")
+    return (tuple(shape), count, dtype, *digests)
 
 
 def _check_vector(where: Path | str, name: str, tensor: torch.Tensor, dtypes: tuple[torch.dtype, ...], count: int) -> None:
@@ -363,10 +408,13 @@ def read_adapter(adapter_dir: str | os.PathLike) -> Adapter:
         raise _fail(directory / WEIGHTS_NAME, f"tensors do not match {CONFIG_NAME} (missing {quote(missing[:3])}, "
                                               f"unexpected {quote(extra[:3])}); {_CORRUPT}")
     targets = {}
-    for key, (shape, count, dtype) in entries.items():
+    for key, (shape, count, dtype, base_sha256, merged_sha256) in entries.items():
         values, base_values = tensors[f"{key}.values"], tensors.get(f"{key}.base_values")
         indices = validate_delta(directory / WEIGHTS_NAME, key, shape, count, tensors[f"{key}.indices"], values, base_values)
-        targets[key] = TargetDelta(key, shape, dtype, indices, values, base_values)
+        if base_values is not None and dtype_code(base_values.dtype) != dtype:  # they are the base's own entries
+            raise _fail(directory / WEIGHTS_NAME, f"tensor `{key}.base_values` is {dtype_code(base_values.dtype)} but "
+                                                  f"{CONFIG_NAME} records the base as {dtype}; {_CORRUPT}")
+        targets[key] = TargetDelta(key, shape, dtype, indices, values, base_values, base_sha256, merged_sha256)
     return Adapter(directory, meta, config, targets)
 
 
@@ -409,34 +457,70 @@ def load_adapter(
         modules = dict(model.named_modules())
         for key, target in adapter.targets.items():
             module = modules.get(key.removesuffix(".weight"))
-            if not isinstance(module, nn.Linear) or (module.out_features, module.in_features) != target.shape:
-                raise _fail(adapter.path, f"target `{key}` (shape {list(target.shape)}) has no matching Linear in {type(model).__name__}; load the base the adapter was trained on")
-            if check_base and target.base_values is not None:  # before wrapping: a refusal leaves the model as it was
+            _check_module(adapter.path, model, module, target)
+            if check_base:  # before wrapping: a refusal leaves the model as it was
                 _check_base_values(adapter.path, key, module, target)
         wrap_targets(model, {k.removesuffix(".weight"): t.indices for k, t in adapter.targets.items()}, adapter.config)
         layers = dict(iter_sparse_layers(model))
     if set(layers) != set(adapter.targets):
-        raise _fail(adapter.path, f"targets differ from the model's sparse layers (e.g. {sorted(set(layers) ^ set(adapter.targets))[:3]}); prepare the model with the adapter's target_modules or load into an unprepared base")
+        only_adapter, only_model = sorted(set(adapter.targets) - set(layers)), sorted(set(layers) - set(adapter.targets))
+        raise _fail(adapter.path, f"targets differ from the model's sparse layers: only the adapter has {quote(only_adapter[:3])} "
+                                  f"({len(only_adapter)}), only the model has {quote(only_model[:3])} ({len(only_model)}); "
+                                  "prepare the model with the adapter's target_modules or load into an unprepared base")
     for key, layer in layers.items():
-        target = adapter.targets[key]
-        if layer.shape != target.shape:
-            raise _fail(adapter.path, f"target `{key}` has shape {list(target.shape)} but the model's is {list(layer.shape)}")
-        if check_base and target.base_values is not None:
-            _check_base_values(adapter.path, key, layer.base_layer, target)
+        if layer.shape != adapter.targets[key].shape:
+            raise _fail(adapter.path, f"target `{key}` is {list(adapter.targets[key].shape)} in the adapter but "
+                                      f"{list(layer.shape)} in the model; load the base the adapter was trained on")
+    for key, layer in layers.items():  # once every shape matched: a shape mismatch is the one to name
+        if check_base:
+            _check_base_values(adapter.path, key, layer.base_layer, adapter.targets[key])
     for key, layer in layers.items():  # only once every target passed, so a refusal changes nothing
         _set_delta(layer, adapter.targets[key])
     model.sparse_config = adapter.config
     return model
 
 
+def _check_module(path: Path, model: nn.Module, module: nn.Module | None, target: TargetDelta) -> None:
+    """Refuse a module that cannot carry `target`'s delta, naming what the adapter expects and what the model has."""
+    name = target.key.removesuffix(".weight")
+    if isinstance(module, nn.Linear) and (module.out_features, module.in_features) == target.shape:
+        return
+    found = ("no such module" if module is None else f"a module of type {type(module).__name__}" if not isinstance(module, nn.Linear)
+             else f"a Linear of shape {[module.out_features, module.in_features]}")
+    raise _fail(path, f"target `{target.key}` is a Linear weight of shape {list(target.shape)} in the adapter, but "
+                      f"`{name}` is {found} in {type(model).__name__}; load the base the adapter was trained on")
+
+
+def describe_difference(found: torch.Tensor, expected: torch.Tensor, indices: torch.Tensor) -> str:
+    """Where two equally long vectors of entries differ: how many, and the first flat position with both values."""
+    differ = (found != expected).nonzero()
+    first = int(differ[0])
+    return (f"{len(differ)} of {len(found)} entries at its indices differ, the first at flat position "
+            f"{int(indices[first])}: {found[first].item()!r} there, {expected[first].item()!r} in the adapter")
+
+
 def _check_base_values(path: Path, key: str, base_layer: nn.Module, target: TargetDelta) -> None:
+    """Refuse a base whose entries at the indices differ from the adapter's base values, or from its `base_sha256`
+    when it stores none. A quantised base has no exact entries to compare, and an adapter saved before the digests
+    without base values has nothing to compare them with: both are accepted unchecked."""
+    if target.base_values is None and target.base_sha256 is None:
+        return
     try:
         weight = dense_base_weight(base_layer)
     except TypeError:
         return
-    current = weight.detach().view(-1)[target.indices.to(weight.device)]
-    if not torch.equal(current, target.base_values.to(device=current.device, dtype=current.dtype)):
-        raise _fail(path, f"the model's `{key}` differs from the base the adapter was trained on; load that base, or pass check_base=False")
+    indices = target.indices.to(weight.device)
+    current = weight.detach().view(-1)[indices]
+    fix = "load that base, or pass check_base=False"
+    if target.base_values is None:
+        if entries_digest(current) != target.base_sha256:
+            raise _fail(path, f"the model's `{key}` differs from the base the adapter was trained on (its entries at the "
+                              f"indices do not match the adapter's base_sha256); {fix}")
+        return
+    stored = target.base_values.to(device=current.device, dtype=current.dtype)
+    if not torch.equal(current, stored):
+        raise _fail(path, f"the model's `{key}` differs from the base the adapter was trained on: "
+                          f"{describe_difference(current, stored, indices)}; {fix}")
 
 
 @torch.no_grad()

@@ -22,7 +22,17 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .atomic import atomic_directory, reporting_disk_full
-from .io import QUANTIZED_DTYPES, Adapter, AdapterError, TargetDelta, fingerprint, quote, read_adapter
+from .io import (
+    QUANTIZED_DTYPES,
+    Adapter,
+    AdapterError,
+    TargetDelta,
+    describe_difference,
+    entries_digest,
+    merged_entries,
+    quote,
+    read_adapter,
+)
 from .kernels.scatter import scatter_add_, scatter_set_
 from .peft_interop import is_peft_adapter, read_peft_adapter
 
@@ -115,14 +125,12 @@ def _weight_map(directory: Path) -> dict[str, str]:
 def check_targets(adapter: Adapter, header: dict[str, tuple[tuple[int, ...], str]], force: bool) -> None:
     """Refuse a base that lacks a target, has another shape, or (unless `force`) another dtype.
 
-    An adapter trained over a bitsandbytes base (recorded dtype NF4/FP4/INT8) merges into its unquantised
-    checkpoint, whatever float dtype that has. The adapter's `base_fingerprint` (names, shapes, dtypes of the
-    targets) is the quick test; only when it differs are the targets compared one by one, to name the first
-    difference.
+    Every target's recorded shape and dtype is compared with the base's own header, whatever the adapter's
+    `base_fingerprint` says: the fingerprint is the adapter's claim about itself, so a file whose targets were
+    edited can keep it. `read_adapter` has checked the indices against the recorded shape; equal to the base's,
+    it keeps every position inside the weight the scatter writes. An adapter trained over a bitsandbytes base
+    (recorded dtype NF4/FP4/INT8) merges into its unquantised checkpoint, whatever float dtype that has.
     """
-    targeted = {key: header[key] for key in adapter.targets if key in header}
-    if len(targeted) == len(adapter.targets) and fingerprint(targeted) == adapter.meta.get("base_fingerprint"):
-        return
     for key, target in adapter.targets.items():
         if key not in header:
             raise AdapterError(f"{adapter.path}: the base has no tensor `{key}`; pass the base model the adapter was trained on")
@@ -130,7 +138,8 @@ def check_targets(adapter: Adapter, header: dict[str, tuple[tuple[int, ...], str
         if tuple(shape) != target.shape:
             raise AdapterError(f"{adapter.path}: `{key}` is {list(shape)} in the base but {list(target.shape)} in the adapter; pass the matching base model")
         if dtype not in ("F32", "BF16", "F16", "F64"):
-            raise AdapterError(f"{adapter.path}: `{key}` is {dtype} in the base, not a float weight; merge into the unquantised checkpoint")
+            raise AdapterError(f"{adapter.path}: `{key}` is {dtype} in the base, not a float weight (it was {target.base_dtype} in "
+                               "training); merge into the unquantised checkpoint")
         if dtype != target.base_dtype and target.base_dtype not in QUANTIZED_DTYPES and not force:
             raise AdapterError(
                 f"{adapter.path}: base fingerprint differs: `{key}` is {dtype} in the base but was {target.base_dtype} in training; "
@@ -188,13 +197,28 @@ def _copy(entries: list[Path], tmp: Path, output: Path, fix: str) -> None:
                 shutil.copy2(entry, tmp / entry.name)
 
 
-def _check_output(output: Path, source: Path, overwrite: bool) -> None:
-    """Refuse an output inside (or around) the checkpoint read, or an existing one without `overwrite`."""
-    source, resolved = source.resolve(), output.resolve()
-    if resolved == source or source in resolved.parents or resolved in source.parents:
-        raise AdapterError(f"{output}: output must be a new directory outside {source}")
+def _check_output(output: Path, inputs: dict[str, Path], overwrite: bool) -> None:
+    """Refuse an output that is, contains or lies inside an input, or an existing one without `overwrite`.
+
+    `inputs` maps a role ("base", "adapter") to its directory. Paths are compared resolved, links and `..`
+    followed, and each input's files count where their links lead (the hub cache's blobs), so no spelling of
+    `--output` lets `--overwrite` delete what the run reads, nor a write land among it.
+    """
+    resolved = output.resolve()
+    for role, directory in inputs.items():
+        source = directory.resolve()
+        # Where the input's files really are (the hub cache's blobs): an output replacing them would delete them.
+        linked = {entry.resolve().parent for entry in directory.iterdir()}
+        if _within(resolved, source) or any(_within(place, resolved) for place in {source, *linked}):
+            raise AdapterError(f"{output}: output must be a new directory outside the {role} ({directory}) and not "
+                               "contain it; choose another --output")
     if output.exists() and not overwrite:
         raise AdapterError(f"{output}: output directory exists; choose another path or pass --overwrite")
+
+
+def _within(path: Path, directory: Path) -> bool:
+    """Whether `path` is `directory` or lies under it (both resolved)."""
+    return path == directory or directory in path.parents
 
 
 def _resolve_device(device: str) -> torch.device:
@@ -218,30 +242,59 @@ def rounded_away(entries: torch.Tensor, values: torch.Tensor) -> int:
     return int(((merged == entries) & (values != 0)).sum())
 
 
+def _positions(weight: torch.Tensor, target: TargetDelta, where: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """The target's indices and values on `weight`'s device, once its shape is the adapter's.
+
+    `check_targets` has already compared the header; this repeats it on the loaded tensor because the scatter
+    kernels do not bound-check (see kernels/scatter.py): a position is only written after this.
+    """
+    if tuple(weight.shape) != target.shape:
+        raise AdapterError(f"{where}: `{target.key}` is {list(weight.shape)} in the model but {list(target.shape)} in the "
+                           "adapter; pass the model the adapter was trained on")
+    return target.indices.to(weight.device), target.values.to(weight.device)
+
+
+def _verify(entries: torch.Tensor, stored: torch.Tensor | None, digest: str | None, indices: torch.Tensor) -> str | None:
+    """Why `entries` are not what the adapter recorded (its stored entries, else their digest), or None if they are
+    (or it recorded neither: an adapter saved before the digests, or over a quantised base)."""
+    if stored is not None:
+        stored = stored.to(device=entries.device, dtype=entries.dtype)
+        return None if torch.equal(entries, stored) else describe_difference(entries, stored, indices)
+    if digest is not None and entries_digest(entries) != digest:
+        return "its entries at the indices do not match the sha256 the adapter recorded"
+    return None
+
+
 def _merge_tensor(weight: torch.Tensor, target: TargetDelta, force: bool, where: Path) -> int:
     """Add the target's deltas to `weight`; return how many of them its dtype rounded away (`rounded_away`)."""
-    indices, values = target.indices.to(weight.device), target.values.to(weight.device)
+    indices, values = _positions(weight, target, where)
     entries = weight.view(-1)[indices]
-    if target.base_values is not None and not force:
-        stored = target.base_values.to(device=weight.device, dtype=weight.dtype)
-        if not torch.equal(entries, stored):
-            raise AdapterError(f"{where}: `{target.key}` differs from the base the adapter was trained on; pass the right base or --force")
+    if not force and (why := _verify(entries, target.base_values, target.base_sha256, indices)):
+        raise AdapterError(f"{where}: `{target.key}` differs from the base the adapter was trained on ({why}); "
+                           "pass the right base or --force")
     lost = rounded_away(entries, values)
     scatter_add_(weight, indices, values)
     return lost
 
 
 def _unmerge_tensor(weight: torch.Tensor, target: TargetDelta, force: bool, where: Path) -> None:
-    indices, values = target.indices.to(weight.device), target.values.to(weight.device)
-    if target.base_values is None:
-        scatter_add_(weight, indices, values, alpha=-1.0)
-        return
-    base_values = target.base_values.to(device=weight.device, dtype=weight.dtype)
+    """Restore the base's entries: exactly from stored base values, else by subtracting the values.
+
+    Either way the merged entries are checked first (unless `force`): against the stored base values plus the
+    values, or against `merged_sha256`, which `save_adapter` computed from the base with the merge's own
+    arithmetic, so it matches the output of any merge of this adapter into the base it was trained on.
+    """
+    indices, values = _positions(weight, target, where)
+    base_values = None if target.base_values is None else target.base_values.to(device=weight.device, dtype=weight.dtype)
     if not force:
-        expected = scatter_add_(base_values.clone(), torch.arange(len(indices), device=weight.device), values)
-        if not torch.equal(weight.view(-1)[indices], expected):
-            raise AdapterError(f"{where}: `{target.key}` is not this adapter merged into its base; pass the merged model this adapter made, or --force")
-    scatter_set_(weight, indices, base_values)
+        expected = None if base_values is None else merged_entries(base_values, values)
+        if why := _verify(weight.view(-1)[indices], expected, target.merged_sha256, indices):
+            raise AdapterError(f"{where}: `{target.key}` is not this adapter merged into its base ({why}); pass the "
+                               "merged model this adapter made, or --force")
+    if base_values is None:
+        scatter_add_(weight, indices, values, alpha=-1.0)
+    else:
+        scatter_set_(weight, indices, base_values)
 
 
 def apply_adapter(
@@ -279,10 +332,10 @@ def apply_adapter(
     adapter = None if peft else read_adapter(adapter_dir)
     checkpoint = open_checkpoint(model_dir)
     output = Path(output_dir).absolute()
-    _check_output(output, checkpoint.directory, overwrite)
     header = checkpoint.header()
     if peft:  # PEFT's files record no shapes: the base's header supplies them
         adapter = read_peft_adapter(adapter_dir, header)
+    _check_output(output, {"merged model" if unmerge else "base": checkpoint.directory, "adapter": adapter.path}, overwrite)
     check_targets(adapter, header, force)
     torch_device = _resolve_device(device)
     copies, skipped = _plan_copies(checkpoint.directory, checkpoint.shards)

@@ -398,6 +398,10 @@ HOSTILE_ADAPTERS = {
     "nan-values": Hostile(edit_tensors(_set(VAL, 3, float("nan"))), W, f"`{VAL}` holds NaN or inf"),
     "inf-values": Hostile(edit_tensors(_set(VAL, 3, float("inf"))), W, f"`{VAL}` holds NaN or inf"),
     "nan-base-values": Hostile(edit_tensors(_set(BASE, 0, float("nan"))), W, f"`{BASE}` holds NaN or inf"),
+    "base-values-other-dtype": Hostile(edit_tensors(_replace(BASE, lambda t: t.to(torch.bfloat16))), W,
+                                       f"`{BASE}` is BF16 but {C} records the base as F32"),
+    "base-digest-not-hex": Hostile(_set_target(base_sha256="zz" * 32), C, f"`{KEY}` has `base_sha256` 'z{{64}}', not a sha256"),
+    "merged-digest-short": Hostile(_set_target(merged_sha256="ab"), C, f"`{KEY}` has `merged_sha256` 'ab', not a sha256"),
 }
 
 

@@ -100,3 +100,16 @@ def test_outputs_get_the_usual_directory_mode(tmp_path):
     finally:
         os.umask(previous)
     assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755
+
+
+def test_a_failed_write_removes_the_parents_it_created_but_not_what_others_put_there(tmp_path):
+    with pytest.raises(OSError, match="simulated"), atomic_directory(tmp_path / "a" / "b" / "out", replace=False):
+        raise OSError(errno.EIO, "simulated I/O error")
+    assert os.listdir(tmp_path) == []
+
+    (tmp_path / "a").mkdir()
+    with pytest.raises(OSError, match="simulated"), atomic_directory(tmp_path / "a" / "b" / "c" / "out", replace=False):
+        (tmp_path / "a" / "b" / "theirs.txt").write_text("another process wrote here meanwhile")
+        raise OSError(errno.EIO, "simulated I/O error")
+    # `c` was ours and is gone; `b`, though ours, now holds another's file; `a` existed before.
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == ["a", "a/b", "a/b/theirs.txt"]

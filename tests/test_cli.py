@@ -5,7 +5,6 @@ SIGKILLed half-way, and one that runs out of disk."""
 import hashlib
 import json
 import re
-import select
 import shutil
 import subprocess
 import sys
@@ -33,35 +32,15 @@ from adapter_utils import (
     snapshot,
     tiny_deltas,
 )
+from cli_utils import assert_refused as _assert_refused
+from cli_utils import merge_argv as _merge
+from cli_utils import run as _run
+from cli_utils import start_stalled_merge as _start_stalled_merge
+from cli_utils import unmerge_argv as _unmerge
 from conftest import tiny_llama
 from sparse_plugin import iter_sparse_layers
-from sparse_plugin.cli import main
 from sparse_plugin.io import WEIGHTS_NAME
 from sparse_plugin.merge import INDEX_FILE, SINGLE_FILE
-
-
-def _run(capsys, *argv) -> tuple[int, str, str]:
-    capsys.readouterr()  # drop what the setup printed (save_pretrained's progress bar)
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def _merge(base, adapter, out, *extra):
-    return ["merge", "--base", base, "--adapter", adapter, "--output", out, "--device", "cpu", *extra]
-
-
-def _unmerge(merged, adapter, out, *extra):
-    return ["unmerge", "--merged", merged, "--adapter", adapter, "--output", out, "--device", "cpu", *extra]
-
-
-def _assert_refused(code: int, out: str, err: str, message: str) -> None:
-    assert code == 2
-    assert out == ""
-    lines = err.splitlines()  # splits on "\r" too, so a stray progress bar would show up here
-    assert len(lines) == 1 and err.endswith("\n"), err
-    assert lines[0].startswith("sparse-merge: error: "), err
-    assert re.search(message, lines[0]), (message, err)
 
 
 # --------------------------------------------------------------------------------------------- success
@@ -199,7 +178,8 @@ def _(saved, tmp_path):
     return _merge(_edited_base(saved, tmp_path, _to_bf16), saved.adapter, tmp_path / "out")
 
 
-@_refusal("base-other-weights", "differs from the base the adapter was trained on; pass the right base or --force")
+@_refusal("base-other-weights", r"differs from the base the adapter was trained on \(\d+ of \d+ entries at its indices differ, the first "
+                                r"at flat position \d+: \S+ there, \S+ in the adapter\); pass the right base or --force")
 def _(saved, tmp_path):
     return _merge(_other_seed_base(saved, tmp_path), saved.adapter, tmp_path / "out")
 
@@ -360,22 +340,6 @@ def test_device_cuda_without_cuda_is_refused(tmp_path, capsys):
 
 # --------------------------------------------------------------------------------------------- killed, or out of disk
 
-# `sparse-merge` in a subprocess whose shard writer writes half of the second shard and then stalls, so the test can
-# SIGKILL it mid-merge at a known point, with no hook in the package itself.
-_STALLING_MERGE = """
-import sys, time
-sys.path.insert(0, {tests!r})
-import sparse_plugin.merge
-from adapter_utils import save_file_failing_at
-from sparse_plugin.cli import main
-
-def stall():
-    print("stalled", flush=True)
-    time.sleep(600)
-
-sparse_plugin.merge.save_file = save_file_failing_at(2, stall)
-sys.exit(main(sys.argv[1:]))
-"""
 
 
 def _sharded_setup(tmp_path: Path, overwrite: bool):
@@ -388,17 +352,6 @@ def _sharded_setup(tmp_path: Path, overwrite: bool):
         out.mkdir()
         (out / "previous.txt").write_text("an earlier merge")
     return saved, out, ["--overwrite"] if overwrite else []
-
-
-def _start_stalled_merge(argv) -> subprocess.Popen:
-    script = _STALLING_MERGE.format(tests=str(Path(__file__).parent))
-    proc = subprocess.Popen([sys.executable, "-c", script, *map(str, argv)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    ready, _, _ = select.select([proc.stdout], [], [], 300)  # a crash gives EOF at once; 300 s only bounds a hang
-    line = proc.stdout.readline() if ready else ""
-    if line != "stalled\n":
-        proc.kill()
-        pytest.fail(f"the merge did not reach its second shard: {proc.communicate()[1]}")
-    return proc
 
 
 @pytest.mark.parametrize("overwrite", [False, True], ids=["new-output", "overwrite"])

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from adapter_utils import (
     HOSTILE_ADAPTERS,
@@ -84,8 +84,14 @@ def test_save_names_tensors_by_base_key_with_int32_indices_and_base_values(tmp_p
     assert meta["format"] == FORMAT_VERSION and meta["has_base_values"] is True
     assert meta["base_model"] == "tiny/base" and meta["method"] == "spiel"
     assert meta["config"] == SparseConfig(density=0.05).to_dict()
+    def digest(entries):  # what the checks compare: sha256 of the dtype's safetensors code and the raw bytes
+        return hashlib.sha256(b"F32" + entries.numpy().tobytes()).hexdigest()
+
+    entries = {k: base[k].view(-1)[layers[k].indices] for k in keys}
     assert meta["targets"] == {
-        k: {"shape": list(base[k].shape), "count": layers[k].indices.numel(), "dtype": "F32"} for k in keys
+        k: {"shape": list(base[k].shape), "count": layers[k].indices.numel(), "dtype": "F32",
+            "base_sha256": digest(entries[k]), "merged_sha256": digest(entries[k] + layers[k].values.detach())}
+        for k in keys
     }
     counts = sum(layers[k].indices.numel() for k in keys)
     assert meta["num_params"] == counts
@@ -148,14 +154,21 @@ def test_store_base_values_false_writes_none(tmp_path):
     assert torch.equal(logits(load_adapter(tiny_llama(), tmp_path)), logits(model))
 
 
+# With base values, the refusal names both sides of the first difference; without, the recorded base_sha256 decides.
+OTHER_BASE = {True: r": \d+ of \d+ entries at its indices differ, the first at flat position \d+: -?\d\S* there, -?\d\S* in the adapter",
+              False: r" \(its entries at the indices do not match the adapter's base_sha256\)"}
+
+
+@pytest.mark.parametrize("store_base_values", [True, False], ids=["base-values", "digest-only"])
 @pytest.mark.parametrize("prepare_first", [False, True], ids=["unprepared", "prepared"])
-def test_load_refuses_other_base_unless_check_base_false(tmp_path, prepare_first):
-    save_adapter(trained_model(), tmp_path)
+def test_load_refuses_other_base_unless_check_base_false(tmp_path, prepare_first, store_base_values):
+    save_adapter(trained_model(store_base_values=store_base_values), tmp_path)
     other = tiny_llama(seed=1)
     if prepare_first:
         prepare_model(other, SparseConfig(density=0.05))
     before = {k: v.clone() for k, v in other.state_dict().items()}
-    with pytest.raises(AdapterError, match="differs from the base the adapter was trained on; load that base, or pass check_base=False"):
+    message = rf"the model's `model\.\S+` differs from the base the adapter was trained on{OTHER_BASE[store_base_values]}; load that base, or pass check_base=False$"
+    with pytest.raises(AdapterError, match=message):
         load_adapter(other, tmp_path)
     # The refusal changed nothing: no layer was wrapped, no value was set.
     assert other.state_dict().keys() == before.keys()
@@ -170,15 +183,47 @@ def test_load_refuses_other_base_unless_check_base_false(tmp_path, prepare_first
     torch.testing.assert_close(logits(other), logits(reference), **LOGITS_TOL)
 
 
-def test_load_refuses_model_without_matching_targets(tmp_path):
+def _gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    return GPT2LMHeadModel(GPT2Config(vocab_size=97, n_embd=48, n_layer=1, n_head=4, n_positions=64))
+
+
+def _mlp_as_embedding():
+    model = tiny_llama()
+    model.model.layers[0].mlp.down_proj = torch.nn.Embedding(48, 80)  # the adapter's Linear, now another module type
+    return model
+
+
+# Each mismatch names what the adapter records and what the model has at the same place.
+MODEL_MISMATCHES = {
+    "other-shape": (lambda: tiny_llama(intermediate_size=64), (
+        r"target `model\.layers\.0\.mlp\.down_proj\.weight` is a Linear weight of shape \[48, 80\] in the adapter, "
+        r"but `model\.layers\.0\.mlp\.down_proj` is a Linear of shape \[48, 64\] in LlamaForCausalLM; load the base")),
+    "other-architecture": (_gpt2, (
+        r"target `model\.layers\.0\.mlp\.down_proj\.weight` is a Linear weight of shape \[48, 80\] in the "
+        r"adapter, but `model\.layers\.0\.mlp\.down_proj` is no such module in GPT2LMHeadModel; load the base")),
+    "other-module-type": (_mlp_as_embedding, (
+        r"`model\.layers\.0\.mlp\.down_proj\.weight` is a Linear weight of shape \[48, 80\] in the "
+        r"adapter, but `model\.layers\.0\.mlp\.down_proj` is a module of type Embedding in LlamaForCausalLM")),
+    "prepared-other-targets": (lambda: prepare_model(tiny_llama(), SparseConfig(density=0.05, target_modules=["q_proj", "lm_head"])), (
+        r"targets differ from the model's sparse layers: only the adapter has \['model\.layers\.0\.mlp\.down_proj\.weight', .*\] \(12\), "
+        r"only the model has \['lm_head\.weight'\] \(1\); prepare the model")),
+    "prepared-other-shape": (lambda: prepare_model(tiny_llama(intermediate_size=64), SparseConfig(density=0.05)),
+                             r"target `model\.layers\.0\.mlp\.\w+_proj\.weight` is \[(80, 48|48, 80)\] in the adapter but \[(64, 48|48, 64)\] in the model"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MODEL_MISMATCHES))
+def test_load_refusal_names_the_adapter_and_the_model_side(tmp_path, case):
     save_adapter(trained_model(), tmp_path)
-    config = LlamaConfig(vocab_size=97, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
-    with pytest.raises(AdapterError, match=r"target `model.layers.0.mlp.\w+_proj.weight` \(shape \[\d+, \d+\]\) has no matching Linear"):
-        load_adapter(LlamaForCausalLM(config), tmp_path)
-    only_q = prepare_model(tiny_llama(), SparseConfig(density=0.05, target_modules=["q_proj"]))
-    with pytest.raises(AdapterError, match="targets differ from the model's sparse layers"):
-        load_adapter(only_q, tmp_path)
+    build, message = MODEL_MISMATCHES[case]
+    model = build()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(AdapterError, match=message) as refused:
+        load_adapter(model, tmp_path)
+    assert len(str(refused.value).splitlines()) == 1
+    assert model.state_dict().keys() == before.keys()  # nothing wrapped, nothing set
 
 
 def test_save_of_merged_model_keeps_pre_merge_base_values(tmp_path):

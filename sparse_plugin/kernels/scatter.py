@@ -4,6 +4,11 @@
 Both paths compute in fp32 and round once to the weight's dtype, so the Triton kernel (CUDA, or CPU
 under `TRITON_INTERPRET=1`) and the torch reference (the CPU path) agree bit for bit. Indices are unique,
 so each program writes disjoint positions and needs no atomics.
+
+Positions are not bound-checked here: the Triton kernel would write outside the weight, the torch path would
+raise a bare IndexError. Callers pass positions already validated against the weight they write: `read_adapter`
+checks each adapter's indices (in range of the recorded shape, sorted, unique) and `sparse_plugin.merge` checks
+that shape against the checkpoint's header and the loaded tensor; a layer's indices come from its own selection.
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ if triton is not None:
 
         Parameters:
             weight_ptr: flat dense weight, modified in place (fp32/bf16/fp16).
-            indices_ptr: flat positions, unique, int32 or int64.
+            indices_ptr: flat positions, unique, int32 or int64, each in [0, weight's numel): validated by the
+                caller (see the module docstring), as the kernel does not check.
             values_ptr: one value per position, any float dtype.
             n: number of positions.
             alpha: scale of the values (1 to merge, -1 to subtract); ignored when ADD is false.
@@ -83,7 +89,8 @@ def scatter_add_(
 
     Args:
         weight (`torch.Tensor`): dense contiguous weight of any shape, modified in place.
-        indices (`torch.Tensor`): unique flat positions (int32 or int64), 1-D.
+        indices (`torch.Tensor`): unique flat positions (int32 or int64), 1-D, each in [0, `weight.numel()`):
+            validated by the caller, not here (see the module docstring).
         values (`torch.Tensor`): one value per position, 1-D, any float dtype.
         alpha (`float`, defaults to 1.0): 1 merges, -1 subtracts.
         backend (`str`, defaults to `"auto"`): `"triton"` on CUDA, `"torch"` otherwise.
@@ -107,7 +114,10 @@ def scatter_add_(
 
 
 def scatter_set_(weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, backend: str = "auto") -> torch.Tensor:
-    """Overwrite `weight` at the flat `indices` with `values`, in place (the bit-exact unmerge)."""
+    """Overwrite `weight` at the flat `indices` with `values`, in place (the bit-exact unmerge).
+
+    `indices` are unique and in [0, `weight.numel()`), validated by the caller as for `scatter_add_`.
+    """
     _check(weight, indices, values)
     if pick_backend(backend, weight) == "triton":
         _launch(weight, indices, values, 0.0, add=False)
