@@ -126,7 +126,9 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(summary, indent=2)) if args.json else _print_summary(summary)
             return 0
         if args.command == "export-peft":
-            result = export_peft(resolve_adapter(args.adapter, revision=args.revision), args.output, args.format, args.overwrite)
+            with signals_as_errors():
+                result = export_peft(resolve_adapter(args.adapter, revision=args.revision), args.output, args.format,
+                                     args.overwrite)
             setting = f"sparsity={result['sparsity']!r}" if args.format == "supertuning" else f"r={result['r']}"
             print(f"exported {result['positions']:,d} positions ({result['padding']:,d} of them padding at 0) as PEFT "
                   f"{args.format} with {setting} -> {args.output}")

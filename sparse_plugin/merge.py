@@ -197,7 +197,7 @@ def _copy(entries: list[Path], tmp: Path, output: Path, fix: str) -> None:
                 shutil.copy2(entry, tmp / entry.name)
 
 
-def _check_output(output: Path, inputs: dict[str, Path], overwrite: bool) -> None:
+def check_output(output: Path, inputs: dict[str, Path], overwrite: bool) -> None:
     """Refuse an output that is, contains or lies inside an input, or an existing one without `overwrite`.
 
     `inputs` maps a role ("base", "adapter") to its directory. Paths are compared resolved, links and `..`
@@ -335,7 +335,7 @@ def apply_adapter(
     header = checkpoint.header()
     if peft:  # PEFT's files record no shapes: the base's header supplies them
         adapter = read_peft_adapter(adapter_dir, header)
-    _check_output(output, {"merged model" if unmerge else "base": checkpoint.directory, "adapter": adapter.path}, overwrite)
+    check_output(output, {"merged model" if unmerge else "base": checkpoint.directory, "adapter": adapter.path}, overwrite)
     check_targets(adapter, header, force)
     torch_device = _resolve_device(device)
     copies, skipped = _plan_copies(checkpoint.directory, checkpoint.shards)

@@ -101,11 +101,11 @@ def export_peft(adapter_dir: str | os.PathLike, output_dir: str | os.PathLike, f
     """
     if format not in FORMATS:
         raise AdapterError(f"format {quote(format)} is not one of {', '.join(FORMATS)}; pick one")
-    from .merge import _check_output  # merge imports this module
+    from .merge import check_output  # merge imports this module
 
     adapter = read_adapter(adapter_dir)
     output = Path(output_dir).absolute()
-    _check_output(output, adapter.path, overwrite)  # never over (or inside) the adapter read
+    check_output(output, {"adapter": adapter.path}, overwrite)  # never over (or inside) the adapter read
     peft_type, index_name, value_name = _LAYOUT[format]
     shapes_counts = [(t.shape, t.indices.numel()) for t in adapter.targets.values()]
     setting = supertuning_sparsity(shapes_counts) if format == "supertuning" else shira_rank(shapes_counts)
