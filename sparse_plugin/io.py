@@ -109,8 +109,6 @@ def fingerprint(entries: dict[str, tuple[tuple[int, ...], str]]) -> str:
 
 
 def _base_values(key: str, layer: SparseDeltaLinear) -> torch.Tensor | None:
-    if layer.merged:
-        return layer._merged_base_values
     try:
         weight = dense_base_weight(layer.base_layer)
     except TypeError:  # a quantised base has no exact entries to restore
@@ -120,7 +118,7 @@ def _base_values(key: str, layer: SparseDeltaLinear) -> torch.Tensor | None:
             f"the base weight of `{key}` is sharded (FSDP): gather its entries on every rank with "
             "`sparse_plugin.fsdp.gathered_base_values(model)` and pass them as `base_values=`, or set store_base_values=False"
         )
-    return weight.detach().view(-1)[layer.indices]
+    return layer.base_entries()
 
 
 def save_adapter(
@@ -400,6 +398,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike, check_base: b
         if layer.shape != target.shape:
             raise _fail(adapter.path, f"target `{key}` has shape {list(target.shape)} but the model's is {list(layer.shape)}")
         if check_base and target.base_values is not None:
+            layer.restore_base_weight()  # a merged layer's weight holds W0 + Δ
             _check_base_values(adapter.path, key, layer.base_layer, target)
     for key, layer in layers.items():  # only once every target passed, so a refusal changes nothing
         _set_delta(layer, adapter.targets[key])
@@ -420,10 +419,4 @@ def _check_base_values(path: Path, key: str, base_layer: nn.Module, target: Targ
 @torch.no_grad()
 def _set_delta(layer: SparseDeltaLinear, target: TargetDelta) -> None:
     device = layer.values.device
-    indices, values = target.indices.to(device), target.values.to(device=device, dtype=layer.values.dtype)
-    if indices.numel() == layer.indices.numel():
-        layer.indices.copy_(indices)
-        layer.values.copy_(values)
-    else:  # a differently sized budget: replace, keeping the same Parameter object
-        layer.set_indices(indices)
-        layer.values.copy_(values)
+    layer.assign(target.indices.to(device), target.values.to(device=device, dtype=layer.values.dtype))

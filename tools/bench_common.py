@@ -218,7 +218,7 @@ def build_method(model, method: str, *, lr: float, total_steps: int, sparse_over
         cls = SM3 if METHODS[method][1] == "SM3" else SparseAdamW
         optimizer = cls(model, lr=lr, total_steps=total_steps)
         layers = [layer for _, layer in sparse_plugin.iter_sparse_layers(model)]
-        info["strategies"] = sorted({f"{layer.strategy(torch.float32)}" for layer in layers})
+        info["strategies"] = sorted({f"{layer.strategy()}" for layer in layers})
         from sparse_plugin.kernels.sddmm import pick_grad_path
 
         info["grad_paths"] = sorted({pick_grad_path(layer.pattern()) for layer in layers})

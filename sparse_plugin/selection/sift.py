@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import torch
 
+from ..distributed import summed
 from ..layer import SparseDeltaLinear
 from .base import Collector, OneShotSelector
-from ..distributed import summed
 
 # Pool of candidates kept per matrix, in multiples of its trained count k: 16 bytes per pooled position.
 POOL_FACTOR = 4
@@ -67,7 +67,7 @@ class PoolGatherer(Collector):
         """Train the top-k |accumulated gradient| positions of the pool; their gradient for the current step."""
         top = torch.topk(summed(self.sums).abs(), self.layer.indices.numel(), sorted=False).indices
         top = top[torch.argsort(self.pool[top])]
-        self.layer.indices.copy_(self.pool[top])
+        self.layer.set_indices(self.pool[top])  # values are still 0: no update before the choice
         grad = self.step_sums[top]
         self.pool = self.sums = self.step_sums = None
         return grad
