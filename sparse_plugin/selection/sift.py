@@ -22,7 +22,8 @@ from ..distributed import summed
 from ..layer import SparseDeltaLinear
 from .base import Collector, OneShotSelector
 
-# Pool of candidates kept per matrix, in multiples of its trained count k: 16 bytes per pooled position.
+# Pool of candidates kept per matrix, in multiples of its trained count k: 12 bytes per pooled position
+# (an int32 position and two fp32 sums).
 POOL_FACTOR = 4
 
 
@@ -54,7 +55,8 @@ class PoolGatherer(Collector):
             return flat.index_select(0, self.layer.indices)
         if self.pool is None:
             size = min(flat.numel(), POOL_FACTOR * self.layer.indices.numel())
-            self.pool = torch.topk(summed(flat).abs(), size, sorted=False).indices.sort().values
+            top = torch.topk(summed(flat).abs(), size, sorted=False).indices
+            self.pool = top.sort().values.to(self.layer.indices.dtype)
             self.sums = torch.zeros(size, dtype=torch.float32, device=flat.device)
             self.step_sums = torch.zeros_like(self.sums)
         pooled = flat.index_select(0, self.pool)

@@ -114,7 +114,8 @@ class GradientGatherer(Collector):
         flat = dense_grad.view(-1)
         if self.candidates is None:
             global_grad = summed(flat)
-            self.candidates = torch.topk(global_grad.abs(), self.layer.indices.numel(), sorted=False).indices.sort().values
+            top = torch.topk(global_grad.abs(), self.layer.indices.numel(), sorted=False).indices
+            self.candidates = top.sort().values.to(self.layer.indices.dtype)
             self.sums = torch.zeros(self.candidates.numel(), dtype=torch.float32, device=flat.device)
         self.sums += flat[self.candidates]
         self.active_sq += float(flat[self.layer.indices].square().sum())
