@@ -293,6 +293,12 @@ class SparseDeltaLinear(nn.Module):
             return self._base_entries
         return dense_base_weight(self.base_layer).detach().view(-1)[self.indices.long()]
 
+    def _apply(self, fn, recurse=True):
+        # `.to()`, `.cuda()`, `.half()`...: W0 back first, so the kept entries never fall behind the weight's device
+        # or dtype; the next forward writes Δ again.
+        self.restore_base_weight()
+        return super()._apply(fn, recurse)
+
     def _load_from_state_dict(self, *args, **kwargs):
         # Runs before the children load: W0 back first, so new indices or a new base weight start clean.
         self.restore_base_weight()

@@ -248,3 +248,14 @@ def test_indices_are_int32_and_int64_state_dicts_still_load():
     state = {k: v.long() if k.endswith("indices") else v for k, v in _layer(8, 12, seed=3).state_dict().items()}
     layer.load_state_dict(state)
     assert layer.indices.dtype == torch.int32 and torch.equal(layer.indices.long(), state["delta.indices"])
+
+
+def test_moving_or_casting_a_merged_layer_puts_w0_back_first():
+    layer = _layer(8, 12, strategy="merged")
+    w0 = layer.base_layer.weight.detach().clone()
+    x = torch.randn(3, 12)
+    layer(x)
+    layer.to(torch.float64)
+    assert torch.equal(layer.base_layer.weight, w0.double())
+    torch.testing.assert_close(layer(x.double()), F.linear(x.double(), w0.double() + layer.delta_weight().double(),
+                                                           layer.base_layer.bias))
