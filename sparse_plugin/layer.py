@@ -261,20 +261,20 @@ class SparseDeltaLinear(nn.Module):
         """Make the base weight hold W0 + Δ for the current values: the first time, keep W0's entries; after
         that, rewrite the trained entries from them whenever the values changed. Returns the weight."""
         weight = dense_base_weight(self.base_layer)
-        flat = weight.view(-1)
-        positions = self.indices.long()
+        key = self._indices_key()
         if self._base_entries is None:
-            self._base_entries = flat.index_select(0, positions)
-        elif self._written[0] != self._indices_key():
+            self._base_entries = weight.view(-1).index_select(0, self.indices)
+            self._written = (key, None)
+        elif self._written[0] != key:
             raise RuntimeError(
                 "the indices of this SparseDeltaLinear changed in place while its base weight held W0 + Δ; change "
                 "them with `layer.set_indices(...)` or `layer.assign(...)`, which put W0 back first."
             )
-        written = (self._indices_key(), self.values._version)
-        if written != self._written:
+        if self._written[1] != self.values._version:
             # One fp32 add and one rounding per entry, as `merge`, `scatter_add_` and `sparse-merge` round.
-            flat.index_copy_(0, positions, (self._base_entries.float() + self.values.float()).to(weight.dtype))
-            self._written = written
+            merged = (self._base_entries.float() + self.values.float()).to(weight.dtype)
+            weight.view(-1).index_copy_(0, self.indices.long(), merged)
+            self._written = (key, self.values._version)
         return weight
 
     @torch.no_grad()
