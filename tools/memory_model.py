@@ -279,7 +279,7 @@ def weight_bytes(arch: Arch, setting: Setting, method: str) -> int:
         return arch.params * a
     base = setting.base_dtype
     per_linear = NF4_BYTES_PER_PARAM if base == "nf4" else DTYPE_BYTES[base]
-    other = DTYPE_BYTES[base] if base in DTYPE_BYTES else a
+    other = DTYPE_BYTES.get(base, a)
     return round(arch.linear_params * per_linear) + arch.other_params * other
 
 
@@ -343,7 +343,7 @@ def fsdp_gathered_bytes(arch: Arch, setting: Setting, method: str) -> int:
     a = DTYPE_BYTES[setting.dtype]
     base = setting.base_dtype
     per_linear = a if method == "full" else (NF4_BYTES_PER_PARAM if base == "nf4" else DTYPE_BYTES[base])
-    other = a if method == "full" else (DTYPE_BYTES[base] if base in DTYPE_BYTES else a)
+    other = a if method == "full" else DTYPE_BYTES.get(base, a)
     layer = sum(o * i for o, i in arch.layer_shapes()) * per_linear + 2 * arch.hidden * other
     root = (arch.vocab * arch.hidden * (1 if arch.tied else 2) + arch.hidden) * other
     return round(root + 2 * layer)
@@ -634,7 +634,7 @@ def measure_runtime(family: str) -> float:
     loading the bundled model as bench_step.py does: code pages, imports, thread pools (no model-sized data)."""
     root = Path(__file__).resolve().parents[1]
     done = subprocess.run([sys.executable, "-c", RUNTIME_SCRIPT, family], capture_output=True, text=True, cwd=root,
-                          env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})
+                          check=False, env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode or not lines:
         raise RuntimeError(f"runtime probe ({family}) failed: {done.stderr.strip()[-400:]}")

@@ -85,7 +85,6 @@ def test_bf16_values_are_updated_in_fp32_and_copied_back():
 
 
 def test_state_dict_round_trip_continues_identically(tiny_model):
-    from conftest import tiny_llama
 
     config = SparseConfig(density=0.05, reselection_steps=3, selection_accumulation_steps=1)
     model = prepare_model(tiny_model, config)
