@@ -43,7 +43,8 @@ class SparseConfig:
             updates that a bf16 copy of the base would round away.
         seed (`int`, defaults to `0`): seed of the random initial indices.
         forward_strategy (`str`, defaults to `"auto"`): `"additive"` (y = base(x) + x·Δᵀ), `"merged"`
-            (W0 + Δ for the call) or `"auto"` (a rule measured by `tools/bench_layer.py`).
+            (the base weight holds W0 + Δ between steps, rounded to its dtype; dense float bases only) or
+            `"auto"` (merged wherever the base allows it, additive for quantised or FSDP-sharded bases).
         store_base_values (`bool`, defaults to `True`): save the base weight's entries at the indices in the
             adapter, so `sparse-merge unmerge` restores the base bit for bit.
         regrow (`str`, defaults to `"ma"`): SpIEL's regrowth criterion: `"ma"` scores inactive positions by

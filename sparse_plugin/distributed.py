@@ -74,8 +74,9 @@ def keep_deltas_replicated(model: nn.Module) -> list[SparseDelta]:
     they are a few percent of the model, so FSDP should shard only the base: pass the returned `SparseDelta`
     modules to FSDP as ignored (FSDP1 `ignored_modules=`, FSDP2 `ignored_params=` their parameters). FSDP then
     leaves their gradients alone, so this also averages them over ranks at the end of every backward (one flat
-    all-reduce), before gradient clipping and the optimizer see them. Idempotent; `SparseCallback` calls it for the
-    Trainer when `fsdp` is configured.
+    all-reduce), before gradient clipping and the optimizer see them. A sharded weight cannot hold W0 + Δ, so the
+    layers switch to the additive forward. Idempotent; `SparseCallback` calls it for the Trainer when `fsdp` is
+    configured.
 
     Example:
         ```python
@@ -86,7 +87,11 @@ def keep_deltas_replicated(model: nn.Module) -> list[SparseDelta]:
         >>> fully_shard(model, ignored_params=ignored)
         ```
     """
-    deltas = [layer.delta for _, layer in require_sparse_layers(model)]
+    layers = [layer for _, layer in require_sparse_layers(model)]
+    for layer in layers:  # a sharded base weight cannot hold W0 + Δ
+        layer.restore_base_weight()
+        layer.forward_strategy = "additive"
+    deltas = [layer.delta for layer in layers]
     average_gradients_after_backward(deltas)
     return deltas
 

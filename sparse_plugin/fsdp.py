@@ -48,7 +48,7 @@ def gathered_base_values(model: nn.Module) -> dict[str, torch.Tensor]:
         for key, layer in layers:
             weight = layer.base_layer.weight
             if key not in found and is_whole(weight, layer.shape):
-                found[key] = weight.detach().view(-1)[layer.indices].clone()
+                found[key] = layer.base_entries().clone()
 
     collect()  # bases outside any FSDP unit
     for key, layer in layers:

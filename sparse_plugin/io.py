@@ -135,8 +135,6 @@ def fingerprint(entries: dict[str, tuple[tuple[int, ...], str]]) -> str:
 def _base_values(key: str, layer: SparseDeltaLinear, required: bool = True) -> torch.Tensor | None:
     """The base weight's entries at the layer's indices; None for a quantised base (it has no exact entries), and
     for a base FSDP shards unless `required`."""
-    if layer.merged:
-        return layer._merged_base_values
     try:
         weight = dense_base_weight(layer.base_layer)
     except TypeError:  # a quantised base has no exact entries to restore
@@ -148,7 +146,7 @@ def _base_values(key: str, layer: SparseDeltaLinear, required: bool = True) -> t
             f"the base weight of `{key}` is sharded (FSDP): gather its entries on every rank with "
             "`sparse_plugin.fsdp.gathered_base_values(model)` and pass them as `base_values=`, or set store_base_values=False"
         )
-    return weight.detach().view(-1)[layer.indices]
+    return layer.base_entries()
 
 
 def save_adapter(
@@ -473,6 +471,7 @@ def load_adapter(
                                       f"{list(layer.shape)} in the model; load the base the adapter was trained on")
     for key, layer in layers.items():  # once every shape matched: a shape mismatch is the one to name
         if check_base:
+            layer.restore_base_weight()  # a merged-resident weight holds W0 + Δ
             _check_base_values(adapter.path, key, layer.base_layer, adapter.targets[key])
     for key, layer in layers.items():  # only once every target passed, so a refusal changes nothing
         _set_delta(layer, adapter.targets[key])
@@ -526,10 +525,4 @@ def _check_base_values(path: Path, key: str, base_layer: nn.Module, target: Targ
 @torch.no_grad()
 def _set_delta(layer: SparseDeltaLinear, target: TargetDelta) -> None:
     device = layer.values.device
-    indices, values = target.indices.to(device), target.values.to(device=device, dtype=layer.values.dtype)
-    if indices.numel() == layer.indices.numel():
-        layer.indices.copy_(indices)
-        layer.values.copy_(values)
-    else:  # a differently sized budget: replace, keeping the same Parameter object
-        layer.set_indices(indices)
-        layer.values.copy_(values)
+    layer.assign(target.indices.to(device), target.values.to(device=device, dtype=layer.values.dtype))

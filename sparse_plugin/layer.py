@@ -1,9 +1,10 @@
 """`SparseDeltaLinear`: a frozen linear layer plus a trainable sparse delta, and its autograd Function.
 
 The effective weight is W0 + scatter(indices, values). The layer asks its base module two things only:
-`base_layer(x)` (additive forward) and, for the merged forward and in-memory merge, its dense weight.
-Backward returns the input gradient and the values' gradient (an SDDMM at the indices), nothing dense
-survives it.
+`base_layer(x)` (additive forward) and, where it has one, its dense weight. A dense float base keeps
+W0 + Δ in its own weight between steps ("merged"): forward and dx are the base's plain GEMMs, and only the
+trained entries are rewritten, from the stored W0 entries plus the values, when the values change. Backward
+returns the input gradient and the values' gradient (an SDDMM at the indices); nothing dense survives it.
 """
 
 from __future__ import annotations
@@ -12,52 +13,47 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kernels.scatter import scatter_add_, scatter_set_
 from .kernels.blocks import BlockPattern, block_grid, tiles_whole_blocks
-from .kernels.merged_weight import merged_weight
 from .kernels.sddmm import SparsePattern
 
-# Measured by tools/bench_layer.py (torch 2.13 CPU, 2 cores, fp32, fwd+bwd): merged costs two copies of
-# W0 per step, additive two CSR products costing ~density·tokens·out·in. At 0.5% merged was 0.45-0.80× the
-# additive step on all six shapes (SmolLM2 at 512 tokens, 4096×4096 / 4096×11008 at 2048); at 0.05-0.2%
-# it still won on SmolLM2 shapes but lost 1.3-1.4× on 4096×4096 at 256 tokens. The true crossover moves
-# with tokens and matrix size (4096×4096: ~0.1% at 2048 tokens, ~1% at 512, ~2-4.6% at 256), so a density
-# threshold alone is a compromise aimed at training batches of >= 512 tokens.
-MERGED_MIN_DENSITY = 0.004
+# Below this many weight entries positions fit int32 (half the bytes of int64); torch's CSR kernels take either.
+_INT32_LIMIT = 2**31
+_DENSE_FLOAT = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def index_dtype(numel: int) -> torch.dtype:
+    """Dtype of the positions of a weight with `numel` entries: int32 below 2^31 entries, int64 beyond."""
+    return torch.int32 if numel < _INT32_LIMIT else torch.int64
 
 
 class SparseLinearFunction(torch.autograd.Function):
-    """y = x · Δᵀ (additive, `base_weight is None`) or y = x · (W0 + Δ)ᵀ + b (merged).
+    """y = x · Δᵀ (additive, `weight is None`) or y = x · Wᵀ + b where the base weight W already holds W0 + Δ.
 
-    Only `x` and `values` get gradients: dx, and dvalues[p] = Σ_t dy[t, i_p] · x[t, j_p]. The merged
-    weight is rebuilt in backward rather than saved, so no dense weight copy outlives the call. With a
+    Only `x` and `values` get gradients: dx, and dvalues[p] = Σ_t dy[t, i_p] · x[t, j_p]. With a
     `collector` (set while a selection method gathers statistics) backward forms this layer's dense weight
     gradient dyᵀx once and hands it to the collector, which returns the values' gradient (or None: no update
     while a method is still choosing positions); the dense gradient is freed at once.
     """
 
     @staticmethod
-    def forward(ctx, x, values, pattern, base_weight, bias, grad_path, collector=None):
+    def forward(ctx, x, values, pattern, weight, bias, grad_path, collector=None):
         x2 = x.reshape(-1, x.shape[-1])
-        if base_weight is None:
+        if weight is None:
             out = pattern.matmul(x2, values).to(x.dtype)
-        else:
-            out = F.linear(x2, _merged_weight(base_weight, values, pattern, x.dtype), bias)
-        ctx.save_for_backward(x, values, base_weight)
+        else:  # under autocast this runs in the autocast dtype, as the base's own forward would
+            out = F.linear(x2, weight, bias)
+        ctx.save_for_backward(x, values, weight)
         ctx.pattern, ctx.grad_path, ctx.collector = pattern, grad_path, collector
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, dy):
-        x, values, base_weight = ctx.saved_tensors
+        x, values, weight = ctx.saved_tensors
         x2 = x.reshape(-1, x.shape[-1])
         dy2 = dy.reshape(-1, dy.shape[-1])
         dx = dvalues = None
         if ctx.needs_input_grad[0]:
-            if base_weight is None:
-                dx2 = ctx.pattern.matmul_t(dy2, values)
-            else:
-                dx2 = dy2 @ _merged_weight(base_weight, values, ctx.pattern, dy.dtype)
+            dx2 = ctx.pattern.matmul_t(dy2, values) if weight is None else dy2 @ weight.to(dy.dtype)
             dx = dx2.to(x.dtype).view_as(x)
         if ctx.collector is not None:
             dense = (dy2.t() @ x2).float()
@@ -69,11 +65,6 @@ class SparseLinearFunction(torch.autograd.Function):
         elif ctx.needs_input_grad[1]:
             dvalues = ctx.pattern.values_grad(dy2, x2, ctx.grad_path).to(values.dtype)
         return dx, dvalues, None, None, None, None, None
-
-
-def _merged_weight(base_weight: torch.Tensor, values: torch.Tensor, pattern: SparsePattern, dtype) -> torch.Tensor:
-    """W0 + Δ in `dtype` for this call: one fused Triton pass on CUDA, a copy and a torch scatter on CPU."""
-    return merged_weight(base_weight, values.detach(), pattern, dtype)
 
 
 def dense_base_weight(base_layer: nn.Module) -> torch.Tensor:
@@ -88,24 +79,29 @@ def dense_base_weight(base_layer: nn.Module) -> torch.Tensor:
 
 
 class SparseDelta(nn.Module):
-    """The trained part of a `SparseDeltaLinear`: sorted unique flat positions `indices` (an `int64` buffer) and
-    their `values` (the `nn.Parameter`, zero at first so a freshly prepared model equals its base).
+    """The trained part of a `SparseDeltaLinear`: sorted unique flat positions `indices` (a buffer, int32 below
+    2^31 weight entries) and their `values` (the `nn.Parameter`, zero at first so a freshly prepared model equals
+    its base).
 
     A module of its own so that sharding wrappers can leave it whole: FSDP shards the frozen base and is told to
     ignore these modules (`sparse_plugin.keep_deltas_replicated`), since prune/regrow and SM3's row/column maxima
     need each layer's whole values vector on every rank.
     """
 
-    def __init__(self, indices: torch.Tensor, values_dtype: torch.dtype, device: torch.device):
+    def __init__(self, indices: torch.Tensor, values_dtype: torch.dtype, device: torch.device, numel: int):
         super().__init__()
-        self.register_buffer("indices", indices.to(device=device, dtype=torch.int64))
+        self.register_buffer("indices", indices.to(device=device, dtype=index_dtype(numel)))
         self.values = nn.Parameter(torch.zeros(indices.numel(), dtype=values_dtype, device=device))
 
     @torch.no_grad()
     def set_indices(self, indices: torch.Tensor) -> None:
         """Train a new set of positions (any count), all starting at Δ = 0; the `values` Parameter object stays
         the same (optimizers and gradient hooks keep referring to it), only its data is replaced."""
-        self.indices = indices.to(device=self.indices.device, dtype=torch.int64)
+        if indices.numel() == self.indices.numel():
+            self.indices.copy_(indices)
+            self.values.zero_()
+            return
+        self.indices = indices.to(device=self.indices.device, dtype=self.indices.dtype)
         new = torch.zeros(indices.numel(), dtype=self.values.dtype, device=self.values.device)
         # Autograd caches a leaf's gradient accumulator with its shape, and a graph still alive from the last
         # step (the caller's `loss`) keeps it; assigning `.data` drops that cache only on a dtype change, so
@@ -115,7 +111,8 @@ class SparseDelta(nn.Module):
         self.values.grad = None
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # A checkpoint of a method that changes per-layer counts (SMT) loads into a freshly prepared model.
+        # A checkpoint of a method that changes per-layer counts (SMT) loads into a freshly prepared model;
+        # int64 indices of older checkpoints are cast by the in-place copy.
         incoming = state_dict.get(prefix + "indices")
         if incoming is not None and incoming.shape != self.indices.shape:
             self.set_indices(incoming)
@@ -125,11 +122,17 @@ class SparseDelta(nn.Module):
 class SparseDeltaLinear(nn.Module):
     """A frozen `base_layer` plus a trainable sparse delta at flat positions `indices` of its weight.
 
+    With the `"merged"` strategy the base weight holds W0 + Δ (rounded once to its dtype, exactly as `merge`
+    rounds) from the first forward on, and the layer keeps W0's entries at the indices (one base-dtype number per
+    trained value) to rewrite them from when the values change, so nothing drifts. `state_dict()` still yields W0
+    as `base_layer.weight`, and `unmerge` (or loading a state dict) puts W0 back bit for bit.
+
     Args:
         base_layer (`nn.Module`): the frozen linear module (`nn.Linear` or a quantised variant) it wraps.
         indices (`torch.Tensor`): sorted unique flat positions in the (out × in) weight.
         values_dtype (`torch.dtype`, defaults to `torch.float32`): dtype of the trained values.
-        forward_strategy (`str`, defaults to `"auto"`): `"additive"`, `"merged"` or `"auto"`.
+        forward_strategy (`str`, defaults to `"auto"`): `"additive"`, `"merged"` or `"auto"` (merged wherever
+            the base has a whole dense float weight and a frozen bias).
         block_size (`int`, *optional*): SMT's block edge; while the indices tile whole blocks of that grid,
             the products run as block GEMMs.
 
@@ -152,23 +155,32 @@ class SparseDeltaLinear(nn.Module):
         self.out_features = base_layer.out_features
         self.forward_strategy = forward_strategy
         self.block_size = block_size
-        self.delta = SparseDelta(indices, values_dtype, base_layer.weight.device)
+        self.delta = SparseDelta(indices, values_dtype, base_layer.weight.device, self.in_features * self.out_features)
+        # Inference merge (`merge`): forward is the base alone, the values get no gradient.
         self.merged = False
         # Called with the dense weight gradient inside backward while a selection method gathers statistics;
         # returns the values' gradient or None.
         self.grad_collector = None
-        self._merged_base_values: torch.Tensor | None = None
+        # W0 at the indices while the base weight holds W0 + Δ, and the (indices, values) versions written there.
+        self._base_entries: torch.Tensor | None = None
+        self._written: tuple | None = None
         self._pattern_key: tuple | None = None
         self._pattern: SparsePattern | None = None
+        self._strategy_key: tuple | None = None
+        self._strategy: str | None = None
+        self.register_state_dict_post_hook(_base_weight_as_w0)
 
     @property
     def shape(self) -> tuple[int, int]:
         return (self.out_features, self.in_features)
 
+    def _indices_key(self) -> tuple:
+        return (self.indices.data_ptr(), self.indices._version, self.indices.numel())
+
     def pattern(self) -> SparsePattern:
         """Structure of the current indices (a `BlockPattern` when they tile SMT blocks), rebuilt only when
         they change (in place or replaced)."""
-        key = (self.indices.data_ptr(), self.indices._version, self.indices.numel())
+        key = self._indices_key()
         if key != self._pattern_key:
             block = block_grid(self.shape, self.block_size) if self.block_size else None
             if block is not None and tiles_whole_blocks(self.indices, self.shape, block):
@@ -188,24 +200,40 @@ class SparseDeltaLinear(nn.Module):
 
     def set_indices(self, indices: torch.Tensor) -> None:
         """Train a new set of positions (any count), all starting at Δ = 0 (see `SparseDelta.set_indices`)."""
+        self.restore_base_weight()
         self.delta.set_indices(indices)
 
-    def strategy(self, compute_dtype: torch.dtype) -> str:
-        """The forward strategy for this call: the configured one, or the measured rule for `"auto"`.
+    @torch.no_grad()
+    def assign(self, indices: torch.Tensor, values: torch.Tensor) -> None:
+        """Train `indices` (sorted, unique, any count) starting from `values`; the base weight follows."""
+        self.set_indices(indices)
+        self.values.copy_(values)
 
-        Merged only where it is exact and allowed: a plain fp32 `nn.Linear` (bf16/fp16 W0 + Δ would round
-        small deltas away), fp32 compute, a frozen bias, and a density where it is faster.
+    def strategy(self) -> str:
+        """The forward strategy: the configured one, or for `"auto"` merged wherever it applies.
+
+        Merged needs a plain `nn.Linear` with a whole (not FSDP-sharded) fp32/bf16/fp16 weight and a frozen
+        bias; it then costs one rewrite of the trained entries per step instead of two sparse products per
+        call, so it wins at every density. Decided once per base weight.
         """
+        key = (self.forward_strategy, id(getattr(self.base_layer, "weight", None)))
+        if key != self._strategy_key:
+            self._strategy, self._strategy_key = self._decide_strategy(), key
+        return self._strategy
+
+    def _decide_strategy(self) -> str:
         if self.forward_strategy != "auto":
             return self.forward_strategy
+        from .fsdp import is_whole  # imports this module
+
         base = self.base_layer
         mergeable = (
             type(base) is nn.Linear
-            and base.weight.dtype == torch.float32
-            and compute_dtype == torch.float32
+            and base.weight.dtype in _DENSE_FLOAT
+            and is_whole(base.weight, self.shape)
             and (base.bias is None or not base.bias.requires_grad)
         )
-        return "merged" if mergeable and self.pattern().density >= MERGED_MIN_DENSITY else "additive"
+        return "merged" if mergeable else "additive"
 
     # torch.compile runs this layer eagerly (a graph break per layer): the index bookkeeping (pattern cache,
     # collectors, indices that change between steps) would otherwise force recompiles; the rest of the model
@@ -217,38 +245,91 @@ class SparseDeltaLinear(nn.Module):
         device_type = x.device.type
         # Under autocast the base runs as autocast says; the delta runs in the autocast dtype explicitly.
         compute_x = x.to(torch.get_autocast_dtype(device_type)) if torch.is_autocast_enabled(device_type) else x
-        if self.strategy(compute_x.dtype) == "merged":
-            base = self.base_layer
-            weight = dense_base_weight(base)
-            return SparseLinearFunction.apply(x, self.values, self.pattern(), weight, base.bias, grad_path, self.grad_collector)
+        if self.strategy() == "merged":
+            weight = self._hold_delta()
+            return SparseLinearFunction.apply(
+                compute_x, self.values, self.pattern(), weight, self.base_layer.bias, grad_path, self.grad_collector
+            )
+        self.restore_base_weight()  # the strategy was switched to additive
         base_out = self.base_layer(x)
         with torch.autocast(device_type, enabled=False):
             delta = SparseLinearFunction.apply(compute_x, self.values, self.pattern(), None, None, grad_path, self.grad_collector)
         return base_out + delta.to(base_out.dtype)
 
+    @torch.no_grad()
+    def _hold_delta(self) -> torch.Tensor:
+        """Make the base weight hold W0 + Δ for the current values: the first time, keep W0's entries; after
+        that, rewrite the trained entries from them whenever the values changed. Returns the weight."""
+        weight = dense_base_weight(self.base_layer)
+        key = self._indices_key()
+        if self._base_entries is None:
+            self._base_entries = weight.view(-1).index_select(0, self.indices)
+            self._written = (key, None)
+        elif self._written[0] != key:
+            raise RuntimeError(
+                "the indices of this SparseDeltaLinear changed in place while its base weight held W0 + Δ; change "
+                "them with `layer.set_indices(...)` or `layer.assign(...)`, which put W0 back first."
+            )
+        if self._written[1] != self.values._version:
+            # One fp32 add and one rounding per entry, as `merge`, `scatter_add_` and `sparse-merge` round.
+            merged = (self._base_entries.float() + self.values.float()).to(weight.dtype)
+            weight.view(-1).index_copy_(0, self.indices.long(), merged)
+            self._written = (key, self.values._version)
+        return weight
+
+    @torch.no_grad()
+    def restore_base_weight(self) -> None:
+        """Put W0 back into the base weight, bit for bit, if it holds W0 + Δ (also ends an inference `merge`);
+        the merged strategy writes Δ again at the next forward."""
+        if self._base_entries is not None:
+            weight = dense_base_weight(self.base_layer)
+            weight.view(-1).index_copy_(0, self.indices.long(), self._base_entries.to(weight.dtype))
+        self._base_entries = self._written = None
+        self.merged = False
+
+    def base_entries(self) -> torch.Tensor:
+        """W0 at the indices (what an adapter stores for a bit-exact unmerge), also while the weight holds W0 + Δ."""
+        if self._base_entries is not None:
+            return self._base_entries
+        return dense_base_weight(self.base_layer).detach().view(-1)[self.indices.long()]
+
+    def _apply(self, fn, recurse=True):
+        # `.to()`, `.cuda()`, `.half()`...: W0 back first, so the kept entries never fall behind the weight's device
+        # or dtype; the next forward writes Δ again.
+        self.restore_base_weight()
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        # Runs before the children load: W0 back first, so new indices or a new base weight start clean.
+        self.restore_base_weight()
+        super()._load_from_state_dict(*args, **kwargs)
+
     def delta_weight(self) -> torch.Tensor:
         """Dense Δ (out × in) in the values' dtype; for tests and inspection, not for training."""
         delta = torch.zeros(self.shape, dtype=self.values.dtype, device=self.values.device)
-        delta.view(-1)[self.indices] = self.values.detach()
+        delta.view(-1)[self.indices.long()] = self.values.detach()
         return delta
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold Δ into the base weight in place; `unmerge` restores the old entries bit for bit."""
-        if self.merged:
-            return
-        weight = dense_base_weight(self.base_layer)
-        self._merged_base_values = weight.view(-1)[self.indices].clone()
-        scatter_add_(weight.data, self.indices, self.values.detach())
-        self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
+        """Fold Δ into the base weight in place for inference; `unmerge` restores the old entries bit for bit."""
         if not self.merged:
-            return
-        scatter_set_(dense_base_weight(self.base_layer).data, self.indices, self._merged_base_values)
-        self._merged_base_values = None
-        self.merged = False
+            self._hold_delta()
+            self.merged = True
+
+    def unmerge(self) -> None:
+        if self.merged:
+            self.restore_base_weight()
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, trained={self.indices.numel()}"
+
+
+def _base_weight_as_w0(module: SparseDeltaLinear, state_dict: dict, prefix: str, local_metadata) -> None:
+    """State-dict hook: while the base weight holds W0 + Δ, save a copy with W0's entries put back, so no
+    checkpoint or `save_pretrained` ever writes Δ into what it calls the base (costs one weight copy each)."""
+    key = prefix + "base_layer.weight"
+    if module._base_entries is not None and key in state_dict:
+        weight = state_dict[key].detach().clone()
+        weight.view(-1).index_copy_(0, module.indices.long(), module._base_entries.to(weight.dtype))
+        state_dict[key] = weight

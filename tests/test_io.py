@@ -118,7 +118,7 @@ def test_round_trip_into_unprepared_base_gives_identical_logits(tmp_path, strate
     assert set(loaded) == set(trained)
     for key, layer in loaded.items():
         assert layer.forward_strategy == strategy
-        assert torch.equal(layer.indices, trained[key].indices) and layer.indices.dtype == torch.int64
+        assert torch.equal(layer.indices, trained[key].indices) and layer.indices.dtype == torch.int32
         assert torch.equal(layer.values, trained[key].values)
     # Same base, indices, values and code path: the logits agree bit for bit.
     assert torch.equal(logits(fresh), logits(model))

@@ -110,3 +110,40 @@ def test_print_trainable_parameters(tiny_model, capsys):
     print_trainable_parameters(tiny_model)
     total = sum(p.numel() for p in tiny_model.parameters())
     assert capsys.readouterr().out.strip() == f"trainable params: 500 || all params: {total:,d} || trainable%: {100 * 500 / total:.4f}"
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, None)])
+def test_training_with_merged_weights_matches_the_additive_path(dtype, tol):
+    """SpIEL-MA with SM3 for 25 steps (two prune/regrow rounds) on the same batches: the merged strategy (W0 + Δ kept in
+    the base weight) and the additive one train the same model. fp32: equal losses up to summation order (1e-5). bf16:
+    merged rounds W0 + Δ to bf16 as mixed-precision full fine-tuning does, so only the final loss is compared, within
+    2%. In both the state dict still holds W0."""
+    from conftest import tiny_llama
+
+    from sparse_plugin import SM3
+
+    data = [torch.randint(3, 97, (4, 12), generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    batches = [data[i % 3] for i in range(25)]
+    runs = {}
+    for strategy in ("additive", "merged"):
+        model = prepare_model(tiny_llama(dtype=dtype), SparseConfig(density=0.05, reselection_steps=10,
+                                                                   forward_strategy=strategy))
+        base = {k: v.clone() for k, v in model.state_dict().items() if "base_layer" in k}
+        optimizer = SM3(model, lr=1e-2, total_steps=25)
+        losses = []
+        for batch in batches:
+            loss = model(batch, labels=batch).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(loss.float().item())
+        state = model.state_dict()
+        assert all(torch.equal(state[k], v) for k, v in base.items())  # Δ never leaks into what is saved as the base
+        runs[strategy] = (losses, [layer.indices.clone() for _, layer in iter_sparse_layers(model)])
+    (additive, add_indices), (merged, merged_indices) = runs["additive"], runs["merged"]
+    assert additive[-1] < additive[0] - 0.05  # it learns
+    if tol is not None:
+        torch.testing.assert_close(torch.tensor(merged), torch.tensor(additive), atol=tol, rtol=tol)
+        assert all(torch.equal(a, b) for a, b in zip(add_indices, merged_indices))
+    else:
+        assert abs(merged[-1] - additive[-1]) < 0.02 * additive[-1]

@@ -10,6 +10,8 @@ Methods (all on SmolLM2-135M-Instruct, every linear layer except `lm_head`):
 * `lora-r16`, `dora-r16`: PEFT `LoraConfig(r=16, lora_alpha=32, lora_dropout=0, use_dora=...)` on
   `"all-linear"`, torch `AdamW`.
 * `shira`: PEFT `ShiraConfig(r=16)` (random mask, r·(in + out) values per matrix: LoRA r16's count), AdamW.
+* `supertuning`: PEFT `SupertuningConfig` (peft >= 0.21: the largest-magnitude entries of each matrix, int32
+  positions + fp32 values), `sparsity` set so its total count is LoRA r16's; AdamW.
 * `full`: every parameter trained (the tied embedding / head included), torch `AdamW`.
 * `spiel-ma-1pct`: `SparseConfig(density=0.01)` + `SM3`; `lora-1pct`: LoRA whose rank gives the same
   trainable count, `round(k / Σ(in + out))` (r = 3 on SmolLM2), alpha = 2r.
@@ -56,13 +58,14 @@ METHODS = {
     "lora-r16": ("lora", "AdamW"),
     "dora-r16": ("dora", "AdamW"),
     "shira": ("shira", "AdamW"),
+    "supertuning": ("supertuning", "AdamW"),
     "full": ("full", "AdamW"),
     "spiel-ma-1pct": ("spiel", "SM3"),
     "lora-1pct": ("lora", "AdamW"),
 }
 # The LoRA row each method's trainable count equals (for the "matched LoRA" ratio).
 MATCHED_LORA = {"spiel-ma": "lora-r16", "spiel-ag": "lora-r16", "smt": "lora-r16", "sift": "lora-r16",
-                "dora-r16": "lora-r16", "shira": "lora-r16", "spiel-ma-1pct": "lora-1pct"}
+                "dora-r16": "lora-r16", "shira": "lora-r16", "supertuning": "lora-r16", "spiel-ma-1pct": "lora-1pct"}
 
 
 # ---------------------------------------------------------------- memory
@@ -221,7 +224,7 @@ def build_method(model, method: str, *, lr: float, total_steps: int, sparse_over
         cls = SM3 if METHODS[method][1] == "SM3" else SparseAdamW
         optimizer = cls(model, lr=lr, total_steps=total_steps)
         layers = [layer for _, layer in sparse_plugin.iter_sparse_layers(model)]
-        info["strategies"] = sorted({f"{layer.strategy(torch.float32)}" for layer in layers})
+        info["strategies"] = sorted({f"{layer.strategy()}" for layer in layers})
         from sparse_plugin.kernels.sddmm import pick_grad_path
 
         info["grad_paths"] = sorted({pick_grad_path(layer.pattern()) for layer in layers})
@@ -239,10 +242,17 @@ def build_method(model, method: str, *, lr: float, total_steps: int, sparse_over
         peft_config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules="all-linear",
                                  use_dora=family == "dora", task_type="CAUSAL_LM")
         info["rank"] = rank
-    else:  # shira
+    elif family == "shira":
         from peft import ShiraConfig
 
         peft_config = ShiraConfig(r=LORA_RANK, target_modules="all-linear", random_seed=seed, task_type="CAUSAL_LM")
+    else:  # supertuning: one sparsity for every matrix, so counts follow sizes as SpIEL's budget does
+        from peft import SupertuningConfig
+
+        shapes = linear_targets(model)
+        sparsity = 1 - sum(LORA_RANK * (o + i) for o, i in shapes) / sum(o * i for o, i in shapes)
+        peft_config = SupertuningConfig(sparsity=sparsity, target_modules="all-linear", task_type="CAUSAL_LM")
+        info["sparsity"] = sparsity
     model = get_peft_model(model, peft_config)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)

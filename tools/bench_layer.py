@@ -232,7 +232,7 @@ def run_config(
         variants.append(full)
 
     auto_layer = SparseDeltaLinear(base, indices, forward_strategy="auto")
-    auto_name = f"sparse-{auto_layer.strategy(torch.float32)}-{pick_grad_path(auto_layer.pattern())}"
+    auto_name = f"sparse-{auto_layer.strategy()}-{pick_grad_path(auto_layer.pattern())}"
 
     x = torch.randn(1, tokens, in_features, device=device, requires_grad=True)
     dy = torch.randn(1, tokens, out_features, device=device)

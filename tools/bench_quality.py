@@ -1,4 +1,4 @@
-"""Test-split loss after equal steps on two real corpora: our methods vs PEFT LoRA / DoRA / SHiRA vs full fine-tuning.
+"""Test-split loss after equal steps on two real corpora: our methods vs PEFT LoRA / DoRA / SHiRA / Super-Tuning and full fine-tuning.
 
 Protocol (choose on validation, report test; see `tools/corpora/` for the data and splits):
 
@@ -20,7 +20,7 @@ Each run is its own subprocess (`bench_quality.py --method X --lr LR --corpus C 
 the middle) are centred on the best rate of wider sweeps at 60 steps (2026-11, SmolLM2, batch 8, WordNet):
 
     lora-r16, dora-r16, lora-1pct   1e-3, [2e-3], 4e-3       (torch AdamW, alpha = 2r)
-    shira                           1e-3, [3e-3], 1e-2       (torch AdamW)
+    shira, supertuning              1e-3, [3e-3], 1e-2       (torch AdamW)
     spiel-ma, spiel-ma-1pct         5e-3, [1e-2], 2e-2       (SM3)
     spiel-ag                        5e-4, [1e-3], 2e-3       (SparseAdamW)
     smt, sift                       2.5e-4, [5e-4], 1e-3     (SparseAdamW)
@@ -68,6 +68,7 @@ GRIDS = {
     "dora-r16": (1e-3, 2e-3, 4e-3),
     "lora-1pct": (1e-3, 2e-3, 4e-3),
     "shira": (1e-3, 3e-3, 1e-2),
+    "supertuning": (1e-3, 3e-3, 1e-2),
     "spiel-ma": (5e-3, 1e-2, 2e-2),
     "spiel-ma-1pct": (5e-3, 1e-2, 2e-2),
     "spiel-ag": (5e-4, 1e-3, 2e-3),

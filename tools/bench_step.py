@@ -1,4 +1,5 @@
-"""Whole-model training step of SmolLM2-135M-Instruct: SpIEL, SMT, SIFT vs PEFT LoRA / DoRA / SHiRA vs full fine-tuning.
+"""Whole-model training step of SmolLM2-135M-Instruct: SpIEL, SMT, SIFT vs PEFT LoRA / DoRA / SHiRA / Super-Tuning
+vs full fine-tuning.
 
 One step = forward + backward + optimizer step + zero_grad on a fixed batch (4 × 128 random token ids, seed 0,
 labels = ids, the same for every method), every linear layer except `lm_head` trained (methods: see
@@ -57,7 +58,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import (  # noqa: E402
+from bench_common import (
     MATCHED_LORA,
     METHODS,
     OtherLoad,
@@ -82,7 +83,8 @@ BATCH, SEQ = 4, 128
 # finish choosing on the first warm-up step (their selection steps cost a dense per-layer gradient each).
 STEP_OVERRIDES = {"spiel-ag": {"reselection_steps": 4, "selection_accumulation_steps": 2},
                   "smt": {"warmup_steps": 1}, "sift": {"selection_steps": 1}}
-DEFAULT_PAIRS = ["spiel-ma:lora-r16", "spiel-ma:full", "spiel-ag:lora-r16", "spiel-ma-1pct:lora-1pct"]
+DEFAULT_PAIRS = ["spiel-ma:lora-r16", "spiel-ma:full", "spiel-ag:lora-r16", "spiel-ma-1pct:lora-1pct", "sift:lora-r16",
+                 "spiel-ma:shira", "spiel-ma:supertuning"]
 TOTAL_STEPS = 1000  # the schedule's horizon: long, so the reselection rate stays near its initial 0.2
 STEP_LR = {"spiel-ma": 1e-3, "spiel-ma-1pct": 1e-3, "spiel-ag": 1e-3, "smt": 1e-3, "sift": 1e-3, "full": 1e-5}  # others 1e-4
 
@@ -248,7 +250,9 @@ def paired(a: str, b: str, warmup: int, steps: int) -> dict:
            "a_step_s": round(statistics.median(ra.samples["step"]), 5),
            "b_step_s": round(statistics.median(rb.samples["step"]), 5),
            "ratio": round(statistics.median(ratios), 4), "ratio_p10": round(percentile(ratios, 10), 4),
-           "ratio_p90": round(percentile(ratios, 90), 4), "ratios": [round(r, 4) for r in ratios]}
+           "ratio_p90": round(percentile(ratios, 90), 4), "ratios": [round(r, 4) for r in ratios],
+           # prune/regrow rounds inside the window: each costs a spike in its step, so say whether one is there
+           "rounds_in_window": len(ra.samples["reselect"]) + len(rb.samples["reselect"])}
     for kind in ("gather", "nongather"):
         sel = [x / y for x, y, k in zip(ra.step_ex_round, rb.samples["step"], ra.kinds) if k == kind]
         if sel:
@@ -278,12 +282,11 @@ def stats(samples: dict[str, list[float]]) -> dict:
 @contextlib.contextmanager
 def labelled_regions():
     """Wrap our layer's pieces in `record_function` labels (this process only; the library is unchanged)."""
-    import sparse_plugin.kernels.blocks as blocks
-    import sparse_plugin.kernels.sddmm as sddmm
-    import sparse_plugin.layer as layer
-    import sparse_plugin.selection.spiel as spiel
+    from sparse_plugin import layer
+    from sparse_plugin.kernels import blocks, sddmm
     from sparse_plugin.optim.sm3 import SM3
     from sparse_plugin.optim.sparse_adamw import SparseAdamW
+    from sparse_plugin.selection import spiel
 
     def label(owner, name, tag):
         original = getattr(owner, name)
@@ -297,7 +300,7 @@ def labelled_regions():
         return owner, name, original
 
     patches = [
-        label(layer, "_merged_weight", "sp::merged_weight (W0 copy + scatter_add)"),
+        label(layer.SparseDeltaLinear, "_hold_delta", "sp::layer._hold_delta (rewrite W0 + Δ entries)"),
         label(sddmm.SparsePattern, "matmul", "sp::pattern.matmul (CSR x·Δᵀ)"),
         label(sddmm.SparsePattern, "matmul_t", "sp::pattern.matmul_t (CSR dy·Δ)"),
         label(sddmm.SparsePattern, "values_grad", "sp::pattern.values_grad"),
@@ -422,7 +425,7 @@ def markdown(env: dict, rows: list[dict], note: str) -> str:
             continue
         m, t = r["method"], r["step_time_s"]
         matched = MATCHED_LORA.get(m.split(" ")[0])
-        ms = lambda v: f"{1e3 * v:.0f}" if v is not None else "–"  # noqa: E731
+        ms = lambda v: f"{1e3 * v:.0f}" if v is not None else "–"
         table.append([
             m, f"{r['trainable_params']:,}",
             f"{ms(t)} ({ms(r['step_p10_s'])}–{ms(r['step_p90_s'])})",
@@ -462,17 +465,19 @@ def pairs_markdown(env: dict, rows: list[dict], args) -> str:
     table = []
     for r in rows:
         if "error" in r:
-            table.append([r["pair"], "error: " + r["error"], "", "", "", "", ""])
+            table.append([r["pair"], "error: " + r["error"], "", "", "", "", "", ""])
             continue
-        cell = lambda k: (f"{r[k]:.2f}× ({r[k + '_p10']:.2f}–{r[k + '_p90']:.2f})" if k in r else "–")  # noqa: E731
+        cell = lambda k, r=r: (f"{r[k]:.2f}× ({r[k + '_p10']:.2f}–{r[k + '_p90']:.2f})" if k in r else "–")
         table.append([r["pair"], f"{1e3 * r['a_step_s']:.0f}", f"{1e3 * r['b_step_s']:.0f}", cell("ratio"),
-                      cell("ratio_gather"), cell("ratio_nongather"),
+                      cell("ratio_gather"), cell("ratio_nongather"), str(r.get("rounds_in_window", "–")),
                       f"{100 * r['other_load']:.0f}%" if r.get("other_load") is not None else "–"])
     note = (f"Paired runs: A and B in one process on two model copies, {args.warmup} warm-up + {args.steps} steps "
             "each, alternating A B B A ...; ratio = median of per-step A/B (p10–p90). Gathering / non-gathering: "
-            "A's SpIEL-AG steps of that kind, without the prune/regrow round.")
+            "A's SpIEL-AG steps of that kind, without the prune/regrow round. Rounds in window: prune/regrow rounds "
+            f"inside the measured steps (torch threads: {torch.get_num_threads() if args.threads is None else args.threads}).")
     return "\n".join(["", note, "", markdown_table(["A / B", "A ms", "B ms", "A/B step", "A/B gathering steps",
-                                                    "A/B non-gathering steps", "other load"], table)])
+                                                    "A/B non-gathering steps", "rounds in window", "other load"],
+                                                   table)])
 
 
 def wait_quiet(max_share: float, limit_s: float, sample_s: float = 5.0) -> bool:
@@ -573,7 +578,7 @@ def main(argv: list[str] | None = None) -> int:
             ["--threads", str(args.threads)] if args.threads else [])
         load = OtherLoad()
         done = subprocess.run([sys.executable, __file__, "--pair", f"{a},{b}", *child_args], capture_output=True,
-                              text=True, cwd=Path(__file__).resolve().parents[1])
+                              text=True, check=False, cwd=Path(__file__).resolve().parents[1])
         lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
         row = json.loads(lines[-1]) if done.returncode == 0 and lines else {
             "pair": f"{a} / {b}", "error": " | ".join(done.stderr.strip().splitlines()[-2:])[-300:]}

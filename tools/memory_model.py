@@ -32,16 +32,18 @@ Components (bytes):
   `autocast_adapter_dtype=True` upcasts them); full fine-tuning in bf16: the fp32 master copy. Convention for
   full fine-tuning (ZeRO, Rajbhandari et al. 2020): 2 + 2 + 4 + 4 + 4 = 16 B/param for bf16 weights, bf16
   gradients, fp32 master weights and two fp32 Adam moments; in fp32 4 + 4 + 8 (no master copy).
-* indices: the int64 positions (8 B) plus the cached `SparsePattern` (row and column of each position, int64,
-  and CSR row pointers 8·(m + 1)): 24 B per value; SMT's `BlockPattern` adds each value's slot (int64): 32 B.
+* indices: the int32 positions (4 B) plus the cached `SparsePattern`'s CSR row pointers 4·(m + 1) (rows and
+  columns are derived where needed); SMT's `BlockPattern` adds each value's slot (int64): 12 B per value. Where the
+  base weight is dense (not NF4) and whole (no FSDP) it holds W0 + Δ between steps, and the layer keeps W0's
+  entries at the positions, in the base dtype: + 4 B (fp32) or 2 B (bf16) per value.
 * grads: one per trained value (values_dtype), LoRA parameter (adapter dtype) or parameter (compute dtype),
   as far as they exist at the peak moment (after `zero_grad(set_to_none=True)` none exist when a backward
   starts; no gradient accumulation assumed).
 * optimizer: SM3 (`spiel_sm3`): fp32 r (m) and c (n) per matrix plus an fp32 step, 4·Σ(m + n + 1) (+4 B per
   value with momentum). SparseAdamW (`spiel_adamw`): exp_avg, exp_avg_sq and the per-position age, all fp32:
   12 B per value. torch AdamW: two moments in the parameters' dtype (8 B/param for fp32) + a step per tensor.
-* selection: AG while gathering: candidates (int64) + sums (fp32), 12 B per value; SIFT while choosing with
-  `selection_steps` > 1 (default 4): a pool of 4·k_m positions (int64) with two fp32 sums, 64 B per value;
+* selection: AG while gathering: candidates (int32) + sums (fp32), 8 B per value; SIFT while choosing with
+  `selection_steps` > 1 (default 4): a pool of 4·k_m positions (int32) with two fp32 sums, 48 B per value;
   SMT's warm-up: one fp32 cell per block; MA: nothing (it scores with SM3's r and c).
 * activations: what autograd saves, per token and decoder layer:
   2·(4h + 4) [each RMSNorm keeps its input in fp32 and the rsqrt] + a·(2·d_q + 2·d_kv) [q and k after RoPE,
@@ -61,8 +63,8 @@ Components (bytes):
 * transient: the largest short-lived buffer at the peak moment. Loss backward: nll's and log-softmax's fp32
   gradients of the logits, 8V per token. A layer's backward: its gradient buffers a·(2h + 3i) per token
   (MLP: dy, d(gate·up), d(SiLU), d(up)), over an NF4 base bitsandbytes' dequantised weight (a·m·n), plus
-  the largest per-matrix buffer of the method: the merged forward's W0 + Δ rebuilt in fp32 (4·m·n), the
-  additive forward's fp32 copies (4T·(m + n)), a dense values' gradient where the density rule picks it
+  the largest per-matrix buffer of the method: the merged weight's rewrite of its trained entries (~16 B per
+  value), the additive forward's fp32 copies (4T·(m + n)), a dense values' gradient where the density rule picks it
   (4·m·n), SMT's block gathers (blocks assumed spread evenly), and while gathering statistics the dense fp32
   layer gradient with its |g| or g² copy (8·m·n; SMT 12·m·n with its padded copy) and the top-k buffers.
   Optimizer step: torch's single-tensor AdamW on CPU keeps two temporaries of the largest parameter; fused
@@ -117,7 +119,6 @@ DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 NF4_BYTES_PER_PARAM = (4 + 8 / 64 + 32 / (64 * 256)) / 8
 
 # Mirrors of library constants (tests/tools/test_memory_model.py checks them against the sources).
-MERGED_MIN_DENSITY = 0.004  # sparse_plugin/layer.py: merged forward at or above this density (fp32 base + compute)
 SAMPLED_MAX_DENSITY = 0.05  # sparse_plugin/kernels/sddmm.py: CPU values' gradient sampled below, dense above
 TRITON_MAX_DENSITY = 0.02  # sparse_plugin/kernels/sddmm.py: CUDA Triton SDDMM below, dense above
 POOL_FACTOR = 4  # sparse_plugin/selection/sift.py: SIFT's candidate pool per matrix, in multiples of k
@@ -260,9 +261,16 @@ def sm3_state_bytes(shapes: list[tuple[int, int]], k: int = 0, momentum: bool = 
     return sum(4 * (o + i + 1) for o, i in shapes) + (4 * k if momentum else 0)
 
 
-def pattern_bytes(shapes: list[tuple[int, int]], k: int, blocks: bool = False) -> int:
-    """Indices (int64) + the cached SparsePattern (rows, cols int64; crow int64 of out + 1) [+ SMT's slots]."""
-    return (32 if blocks else 24) * k + sum(8 * (o + 1) for o, _ in shapes)
+def pattern_bytes(shapes: list[tuple[int, int]], k: int, blocks: bool = False, base_entry: int = 0) -> int:
+    """Indices (int32) + the cached SparsePattern (crow, int32, out + 1) [+ SMT's int64 slots] [+ W0's entries at
+    the indices, `base_entry` bytes each, kept while the base weight holds W0 + Δ]."""
+    return (4 + (8 if blocks else 0) + base_entry) * k + sum(4 * (o + 1) for o, _ in shapes)
+
+
+def merged_base_entry_bytes(setting: Setting) -> int:
+    """Bytes per trained value of W0's entries that the merged strategy keeps: a dense float base not sharded by
+    FSDP holds W0 + Δ (`SparseDeltaLinear.strategy`); NF4 and sharded bases use the additive path (0)."""
+    return DTYPE_BYTES[setting.base_dtype] if setting.base_dtype in DTYPE_BYTES and setting.shards == 1 else 0
 
 
 def weight_bytes(arch: Arch, setting: Setting, method: str) -> int:
@@ -271,7 +279,7 @@ def weight_bytes(arch: Arch, setting: Setting, method: str) -> int:
         return arch.params * a
     base = setting.base_dtype
     per_linear = NF4_BYTES_PER_PARAM if base == "nf4" else DTYPE_BYTES[base]
-    other = DTYPE_BYTES[base] if base in DTYPE_BYTES else a
+    other = DTYPE_BYTES.get(base, a)
     return round(arch.linear_params * per_linear) + arch.other_params * other
 
 
@@ -335,7 +343,7 @@ def fsdp_gathered_bytes(arch: Arch, setting: Setting, method: str) -> int:
     a = DTYPE_BYTES[setting.dtype]
     base = setting.base_dtype
     per_linear = a if method == "full" else (NF4_BYTES_PER_PARAM if base == "nf4" else DTYPE_BYTES[base])
-    other = a if method == "full" else (DTYPE_BYTES[base] if base in DTYPE_BYTES else a)
+    other = a if method == "full" else DTYPE_BYTES.get(base, a)
     layer = sum(o * i for o, i in arch.layer_shapes()) * per_linear + 2 * arch.hidden * other
     root = (arch.vocab * arch.hidden * (1 if arch.tied else 2) + arch.hidden) * other
     return round(root + 2 * layer)
@@ -365,14 +373,14 @@ def sparse_layer_transient(arch: Arch, setting: Setting, method: str, counts: li
     best, why = 0, ""
     for (m, n), k in zip(arch.layer_shapes(), counts):
         density = k / (m * n)
-        merged = setting.base_dtype == "fp32" and setting.dtype == "fp32" and density >= MERGED_MIN_DENSITY
-        cands = [(4 * m * n, "merged W0+Δ rebuilt") if merged else (4 * t * (m + n), "additive fp32 copies")]
+        merged = merged_base_entry_bytes(setting) > 0
+        cands = [(16 * k, "merged entries rewritten") if merged else (4 * t * (m + n), "additive fp32 copies")]
         if gathering:  # the collector's dense fp32 gradient (after a bf16 product) and its |g| / g² copy
             if method == "smt":
                 cands.append((12 * m * n, "dense layer gradient + |g| + padded copy"))
             elif method == "sift":
                 pool = min(m * n, POOL_FACTOR * k)
-                once = 16 * pool if setting.sift_selection_steps == 1 else 0  # pool lives within this backward
+                once = 12 * pool if setting.sift_selection_steps == 1 else 0  # pool lives within this backward
                 cands.append((8 * m * n + 28 * pool + once, "dense layer gradient + |g| + top-k pool"))
             else:
                 dense = max(6 * m * n if a == 2 else 0, 8 * m * n + 28 * k)
@@ -435,7 +443,7 @@ def estimate(arch: Arch | str, method: str, setting: Setting | None = None) -> E
         trainable = k_total
         trained = vb * k_total
         grad_total = vb * k_total
-        indices = pattern_bytes(shapes, k_total, blocks=method == "smt")
+        indices = pattern_bytes(shapes, k_total, blocks=method == "smt", base_entry=merged_base_entry_bytes(setting))
         if method == "spiel-ma":
             opt = sm3_state_bytes(shapes, k_total, setting.sm3_momentum)
         else:
@@ -478,9 +486,9 @@ def estimate(arch: Arch | str, method: str, setting: Setting | None = None) -> E
     # allocated from the start).
     regimes = {"steady": {"selection": 0, "opt": opt, "grads": True}}
     if method == "spiel-ag":
-        regimes["gather"] = {"selection": 12 * trainable, "opt": opt, "grads": True}
+        regimes["gather"] = {"selection": 8 * trainable, "opt": opt, "grads": True}
     if method == "sift":
-        pool = sum(min(o * i, POOL_FACTOR * k) * 16 for (o, i), k in zip(shapes, counts))
+        pool = sum(min(o * i, POOL_FACTOR * k) * 12 for (o, i), k in zip(shapes, counts))
         regimes["selection"] = {"selection": pool if setting.sift_selection_steps > 1 else 0, "opt": opt, "grads": False}
     if method == "smt":
         b = setting.block_size
@@ -502,7 +510,8 @@ def estimate(arch: Arch | str, method: str, setting: Setting | None = None) -> E
         base = {"weights": weights, "trained": trained, "indices": indices, "optimizer": spec["opt"],
                 "selection": spec["selection"]}
         if method == "smt" and regime == "selection":
-            base["indices"] = pattern_bytes(shapes, trainable)  # random initial indices, plain pattern
+            # random initial indices, plain pattern
+            base["indices"] = pattern_bytes(shapes, trainable, base_entry=merged_base_entry_bytes(setting))
         suffix = "" if regime == "steady" else f" ({regime})"
         # Start of the backward: every activation saved, the loss's gradients of the logits.
         moments["loss backward" + suffix] = {**base, "grads": 0, "activations": saved_layers + outside_act,
@@ -625,7 +634,7 @@ def measure_runtime(family: str) -> float:
     loading the bundled model as bench_step.py does: code pages, imports, thread pools (no model-sized data)."""
     root = Path(__file__).resolve().parents[1]
     done = subprocess.run([sys.executable, "-c", RUNTIME_SCRIPT, family], capture_output=True, text=True, cwd=root,
-                          env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})
+                          check=False, env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode or not lines:
         raise RuntimeError(f"runtime probe ({family}) failed: {done.stderr.strip()[-400:]}")

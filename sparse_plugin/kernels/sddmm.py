@@ -73,16 +73,34 @@ if triton is not None:
 
 
 class SparsePattern:
-    """Row ids, column ids and CSR row pointers of sorted flat indices, computed once per index set."""
+    """CSR row pointers of sorted flat indices, computed once per index set; rows and columns on demand.
+
+    Only `crow` (out + 1 entries) persists: per-position row and column ids would cost 8-16 B per trained value
+    for the whole run, while deriving them where a product needs them costs one pass over the indices. `crow`
+    takes the indices' dtype (int32 below 2^31 positions), as torch's CSR tensors want crow and cols alike.
+    """
 
     def __init__(self, indices: torch.Tensor, shape: tuple[int, int]):
-        out_features, in_features = shape
+        out_features, _ = shape
         self.indices = indices
         self.shape = shape
-        self.rows = torch.div(indices, in_features, rounding_mode="floor")
-        self.cols = indices - self.rows * in_features
-        self.crow = torch.zeros(out_features + 1, dtype=torch.int64, device=indices.device)
+        self.crow = torch.zeros(out_features + 1, dtype=indices.dtype, device=indices.device)
         self.crow[1:] = torch.bincount(self.rows, minlength=out_features).cumsum(0)
+
+    @property
+    def rows(self) -> torch.Tensor:
+        """Row of each position (the indices' dtype), computed on each call."""
+        return torch.div(self.indices, self.shape[1], rounding_mode="floor")
+
+    @property
+    def cols(self) -> torch.Tensor:
+        """Column of each position (the indices' dtype), computed on each call."""
+        return torch.remainder(self.indices, self.shape[1])
+
+    @property
+    def row_lengths(self) -> torch.Tensor:
+        """Positions in each row: the segments of the row-sorted indices."""
+        return self.crow[1:] - self.crow[:-1]
 
     @property
     def density(self) -> float:
@@ -146,10 +164,11 @@ def values_grad_triton(dy: torch.Tensor, x: torch.Tensor, pattern: SparsePattern
         return out
     chunk = token_chunk or _token_chunk(x)
     grid = (triton.cdiv(n, _BLOCK_P),)
+    rows, cols = pattern.rows, pattern.cols
     for start in range(0, tokens, chunk):
         dyt = dy[start : start + chunk].t().contiguous()
         xt = x[start : start + chunk].t().contiguous()
-        _sddmm_kernel[grid](dyt, xt, pattern.rows, pattern.cols, out, n, dyt.shape[1], BLOCK_P=_BLOCK_P, BLOCK_T=_BLOCK_T)
+        _sddmm_kernel[grid](dyt, xt, rows, cols, out, n, dyt.shape[1], BLOCK_P=_BLOCK_P, BLOCK_T=_BLOCK_T)
     return out
 
 

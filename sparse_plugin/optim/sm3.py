@@ -94,14 +94,19 @@ class SM3(SparseOptimizer):
         if not state:  # a state dict without this parameter's state was loaded
             state.update(self._new_state(param, group))
         grad = param.grad.float()
-        nu = torch.minimum(state["row_acc"][pattern.rows], state["col_acc"][pattern.cols])
+        lengths, cols = pattern.row_lengths, pattern.cols.long()
+        row_acc, col_acc = state["row_acc"], state["col_acc"]
+        # Positions are sorted by row: a row's accumulator spreads over its run and its maximum is a segment
+        # reduction, with no per-position row ids; columns are scattered.
+        nu = torch.minimum(row_acc.repeat_interleave(lengths, output_size=cols.numel()), col_acc[cols])
         beta = group["beta"]
         if beta > 0:
             nu.mul_(beta).addcmul_(grad, grad, value=1 - beta)
         else:
             nu.addcmul_(grad, grad)
-        state["row_acc"].scatter_reduce_(0, pattern.rows, nu, "amax", include_self=False)
-        state["col_acc"].scatter_reduce_(0, pattern.cols, nu, "amax", include_self=False)
+        row_max = torch.segment_reduce(nu, "max", lengths=lengths, unsafe=True)
+        torch.where(lengths > 0, row_max, row_acc, out=row_acc)  # rows without positions keep their value
+        col_acc.scatter_reduce_(0, cols, nu, "amax", include_self=False)
         update = nu.add_(group["eps"]).rsqrt_().mul_(grad)
         if group["momentum"] > 0:
             update = state["momentum_buffer"].mul_(group["momentum"]).add_(update, alpha=1 - group["momentum"])

@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import torch
 
+from ..distributed import summed
 from ..layer import SparseDeltaLinear
 from .base import Collector, OneShotSelector
-from ..distributed import summed
 
-# Pool of candidates kept per matrix, in multiples of its trained count k: 16 bytes per pooled position.
+# Pool of candidates kept per matrix, in multiples of its trained count k: 12 bytes per pooled position
+# (an int32 position and two fp32 sums).
 POOL_FACTOR = 4
 
 
@@ -54,7 +55,8 @@ class PoolGatherer(Collector):
             return flat.index_select(0, self.layer.indices)
         if self.pool is None:
             size = min(flat.numel(), POOL_FACTOR * self.layer.indices.numel())
-            self.pool = torch.topk(summed(flat).abs(), size, sorted=False).indices.sort().values
+            top = torch.topk(summed(flat).abs(), size, sorted=False).indices
+            self.pool = top.sort().values.to(self.layer.indices.dtype)
             self.sums = torch.zeros(size, dtype=torch.float32, device=flat.device)
             self.step_sums = torch.zeros_like(self.sums)
         pooled = flat.index_select(0, self.pool)
@@ -67,7 +69,7 @@ class PoolGatherer(Collector):
         """Train the top-k |accumulated gradient| positions of the pool; their gradient for the current step."""
         top = torch.topk(summed(self.sums).abs(), self.layer.indices.numel(), sorted=False).indices
         top = top[torch.argsort(self.pool[top])]
-        self.layer.indices.copy_(self.pool[top])
+        self.layer.set_indices(self.pool[top])  # values are still 0: no update before the choice
         grad = self.step_sums[top]
         self.pool = self.sums = self.step_sums = None
         return grad

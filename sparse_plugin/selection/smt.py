@@ -16,10 +16,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..distributed import average_gradients_after_backward, is_distributed, summed
 from ..kernels.blocks import block_areas, block_grid, block_positions
 from ..layer import SparseDeltaLinear
 from .base import Collector, OneShotSelector
-from ..distributed import average_gradients_after_backward, is_distributed, summed
 
 # The paper warms up for 100 steps; shorter runs use a tenth of their length.
 MAX_WARMUP_STEPS = 100

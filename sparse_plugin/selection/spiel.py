@@ -20,9 +20,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ..distributed import summed
 from ..layer import SparseDeltaLinear
 from .base import Collector, Selector
-from ..distributed import summed
 from .schedule import is_gathering_step, is_reselection_step, reselection_rate
 
 # Elements of one chunk of MA scores (16 MiB of fp32): bounds memory for any matrix size.
@@ -80,7 +80,7 @@ def top_outer_scores(row: torch.Tensor, col: torch.Tensor, exclude: torch.Tensor
     for start in range(0, out_features, rows_per_chunk):
         stop = min(out_features, start + rows_per_chunk)
         scores = (row[start:stop, None].float() * col[None, :].float()).view(-1)
-        lo, hi = torch.searchsorted(exclude, torch.tensor([start * in_features, stop * in_features], device=exclude.device)).tolist()
+        lo, hi = torch.searchsorted(exclude, torch.tensor([start * in_features, stop * in_features], dtype=exclude.dtype, device=exclude.device)).tolist()
         scores[exclude[lo:hi] - start * in_features] = -torch.inf
         top = torch.topk(scores, min(count, scores.numel()))
         best_pos = torch.cat([best_pos, top.indices + start * in_features])
@@ -114,7 +114,8 @@ class GradientGatherer(Collector):
         flat = dense_grad.view(-1)
         if self.candidates is None:
             global_grad = summed(flat)
-            self.candidates = torch.topk(global_grad.abs(), self.layer.indices.numel(), sorted=False).indices.sort().values
+            top = torch.topk(global_grad.abs(), self.layer.indices.numel(), sorted=False).indices
+            self.candidates = top.sort().values.to(self.layer.indices.dtype)
             self.sums = torch.zeros(self.candidates.numel(), dtype=torch.float32, device=flat.device)
         self.sums += flat[self.candidates]
         self.active_sq += float(flat[self.layer.indices].square().sum())
@@ -205,7 +206,6 @@ class SpielSelector(Selector):
         new = source < 0
         values = layer.values.detach()[source.clamp(min=0)]
         values[new] = 0
-        layer.indices.copy_(result.indices)
-        layer.values.copy_(values)
+        layer.assign(result.indices, values)
         layer.values.grad = None
         self.optimizer.remap_state(layer.values, source)

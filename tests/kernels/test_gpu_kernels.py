@@ -84,7 +84,8 @@ def _layer(strategy):
 
 def _dense_reference(layer, x):
     """Gradients of the same loss through a dense W0 + Δ leaf: (gathered weight gradient, dx)."""
-    weight = (layer.base_layer.weight + layer.delta_weight()).requires_grad_(True)
+    w0 = layer.state_dict()["base_layer.weight"]  # the weight itself holds W0 + Δ under the merged strategy
+    weight = (w0 + layer.delta_weight()).requires_grad_(True)
     x_ref = x.detach().requires_grad_(True)
     F.linear(x_ref, weight, layer.base_layer.bias).square().sum().backward()
     return weight.grad.view(-1)[layer.indices], x_ref.grad

@@ -85,7 +85,6 @@ def test_bf16_values_are_updated_in_fp32_and_copied_back():
 
 
 def test_state_dict_round_trip_continues_identically(tiny_model):
-    from conftest import tiny_llama
 
     config = SparseConfig(density=0.05, reselection_steps=3, selection_accumulation_steps=1)
     model = prepare_model(tiny_model, config)
@@ -124,3 +123,35 @@ def test_plain_parameters_and_unprepared_models_are_refused():
         SM3([nn.Parameter(torch.zeros(3))], model=_layer())
     with pytest.raises(ValueError, match="call `sparse_plugin.prepare_model"):
         SM3(nn.Linear(3, 3))
+
+
+def _scatter_sm3_accumulators(row, col, rows, cols, grads):
+    """The former update of r and c: gathers at int64 row/column ids and two `scatter_reduce` amax."""
+    row, col = row.clone(), col.clone()
+    for g in grads:
+        nu = torch.minimum(row[rows], col[cols]).addcmul_(g, g)
+        row.scatter_reduce_(0, rows, nu, "amax", include_self=False)
+        col.scatter_reduce_(0, cols, nu, "amax", include_self=False)
+    return row, col
+
+
+@pytest.mark.parametrize("out_f, in_f, density", [(1, 1, 1.0), (7, 13, 0.1), (48, 80, 0.02), (31, 97, 0.3)])
+def test_segment_reduced_row_maxima_equal_the_scatter_reduce_result(out_f, in_f, density):
+    """Rows are segments of the sorted positions; rows without positions (many at 2%) keep their accumulator."""
+    from sparse_plugin.model import random_indices
+
+    count = max(1, int(out_f * in_f * density))
+    positions = random_indices(out_f * in_f, count, torch.Generator().manual_seed(out_f))
+    layer = SparseDeltaLinear(nn.Linear(in_f, out_f).requires_grad_(False), positions)
+    assert layer.indices.dtype == torch.int32
+    opt = SM3(layer, lr=0.01)
+    gen = torch.Generator().manual_seed(2)
+    grads = [torch.randn(count, generator=gen) for _ in range(5)]
+    for g in grads:
+        layer.values.grad = g.clone()
+        opt.step()
+    rows, cols = positions // in_f, positions % in_f
+    zeros = torch.zeros(out_f), torch.zeros(in_f)
+    expected_row, expected_col = _scatter_sm3_accumulators(*zeros, rows, cols, grads)
+    row, col = opt.row_col_accumulators(layer.values)
+    assert torch.equal(row, expected_row) and torch.equal(col, expected_col)

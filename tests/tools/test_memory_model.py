@@ -30,8 +30,13 @@ def test_optimizer_and_index_bytes():
     assert mm.sm3_state_bytes(shapes) == 4 * SUM_OUT_IN + 4 * MATRICES  # r (out) + c (in) + a step, fp32
     assert mm.sm3_state_bytes(shapes, k=464, momentum=True) == 4 * SUM_OUT_IN + 4 * MATRICES + 4 * 464
     sum_out_plus_one = 2 * (8 + 4 + 4 + 8 + 12 + 12 + 8) + MATRICES
-    assert mm.pattern_bytes(shapes, 464) == 24 * 464 + 8 * sum_out_plus_one  # indices + rows + cols + crow
-    assert mm.pattern_bytes(shapes, 464, blocks=True) == 32 * 464 + 8 * sum_out_plus_one  # + SMT's slots
+    assert mm.pattern_bytes(shapes, 464) == 4 * 464 + 4 * sum_out_plus_one  # int32 indices + crow
+    assert mm.pattern_bytes(shapes, 464, blocks=True) == 12 * 464 + 4 * sum_out_plus_one  # + SMT's int64 slots
+    # + W0's entries kept while the weight holds W0 + Δ: SpIEL-MA's value + position + entry = 12 B on fp32
+    assert mm.pattern_bytes(shapes, 464, base_entry=4) == 8 * 464 + 4 * sum_out_plus_one
+    assert mm.merged_base_entry_bytes(mm.Setting(base="bf16")) == 2
+    assert mm.merged_base_entry_bytes(mm.Setting(base="nf4")) == 0  # quantised: additive, nothing kept
+    assert mm.merged_base_entry_bytes(mm.Setting(base="bf16", shards=2)) == 0  # FSDP: additive
     assert mm.NF4_BYTES_PER_PARAM == pytest.approx((4 + 0.125 + 32 / 16384) / 8)  # 0.127 bits/param of scales
 
 
@@ -69,11 +74,11 @@ def test_estimates_add_up():
     ma = mm.estimate(TOY, "spiel-ma", setting)
     assert ma.components["optimizer"] == 4 * SUM_OUT_IN + 4 * MATRICES
     assert ma.components["trained"] == 4 * 464
-    assert ma.components["indices"] == mm.pattern_bytes(TOY.linear_shapes(), 464)
+    assert ma.components["indices"] == mm.pattern_bytes(TOY.linear_shapes(), 464, base_entry=2)
     ag = mm.estimate(TOY, "spiel-ag", setting)
     assert ag.components["optimizer"] == 12 * 464  # two moments and the age, fp32
     gather = ag.moments["loss backward (gather)"] - ag.moments["loss backward"]
-    assert gather == 12 * 464  # candidates (int64) + sums (fp32)
+    assert gather == 8 * 464  # candidates (int32) + sums (fp32)
     full = mm.estimate(TOY, "full", setting)
     step = full.moments["optimizer step"]
     expected = 16 * TOY.params + 4 * (9 * 2 + 3)  # ZeRO mixed precision, + a step per tensor
@@ -90,7 +95,7 @@ def test_sift_selection_pool_and_checkpointing():
     setting = mm.Setting(batch=2, seq=8, dtype="bf16", lora_rank=2, sift_selection_steps=4)
     sift = mm.estimate(TOY, "sift", setting)
     counts = mm.allocate_budget(TOY.linear_shapes(), 464)
-    pool = sum(16 * min(o * i, 4 * k) for (o, i), k in zip(TOY.linear_shapes(), counts))
+    pool = sum(12 * min(o * i, 4 * k) for (o, i), k in zip(TOY.linear_shapes(), counts))
     # the selection phase adds the pool; the optimizer state is there in both (allocated at construction)
     assert sift.moments["loss backward (selection)"] - sift.moments["loss backward"] == pool
     plain = mm.estimate(TOY, "spiel-ma", setting)
@@ -101,7 +106,6 @@ def test_sift_selection_pool_and_checkpointing():
 
 
 @pytest.mark.parametrize("name,path", [
-    ("MERGED_MIN_DENSITY", "sparse_plugin/layer.py"),
     ("SAMPLED_MAX_DENSITY", "sparse_plugin/kernels/sddmm.py"),
     ("TRITON_MAX_DENSITY", "sparse_plugin/kernels/sddmm.py"),
     ("POOL_FACTOR", "sparse_plugin/selection/sift.py"),
@@ -143,8 +147,9 @@ def test_fsdp_shards_the_base_and_keeps_the_sparse_state_whole(capsys):
     for method in mm.METHODS:
         whole, sharded = mm.estimate(TOY, method, one), mm.estimate(TOY, method, eight)
         assert sharded.components["weights"] == -(-whole.components["weights"] // 8), method
-        kept = ("trained", "indices") if method in mm.SPARSE else ()
-        assert all(sharded.components[c] == whole.components[c] for c in kept), method
+        if method in mm.SPARSE:  # whole on every rank; a sharded base keeps no W0 entries (additive path)
+            assert sharded.components["trained"] == whole.components["trained"], method
+            assert sharded.components["indices"] == whole.components["indices"] - 2 * 464, method
         if method not in mm.SPARSE:
             assert sharded.components["trained"] == -(-whole.components["trained"] // 8), method
         assert sharded.peak_bytes < whole.peak_bytes + mm.fsdp_gathered_bytes(TOY, one, method) + 8 * 464
