@@ -9,11 +9,6 @@ import argparse
 import json
 import sys
 
-import torch
-
-from .io import AdapterError, read_adapter
-from .merge import apply_adapter, rounded_away
-
 _ROUNDING_FIX = "to keep them, merge into an fp32 copy of the base or serve the adapter unmerged (load_adapter)"
 
 
@@ -48,6 +43,9 @@ def summarize(adapter_dir: str) -> dict:
     `rounded_away` counts the deltas a merge into the base's own (bf16/fp16) weights would lose, from the stored
     base values; it is None when the adapter has none, as the base's entries are then unknown.
     """
+    from .io import read_adapter
+    from .merge import rounded_away
+
     adapter = read_adapter(adapter_dir)
     targets, total_count, total_size, abs_sum, abs_max, total_lost = [], 0, 0, 0.0, 0.0, 0
     for key, target in adapter.targets.items():
@@ -97,6 +95,12 @@ def _warn_rounded_away(result: dict, output: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    # Imported once the arguments are parsed: `--help` and usage errors then answer without loading torch.
+    import torch
+
+    from .io import AdapterError
+    from .merge import apply_adapter
+
     try:
         if args.command == "inspect":
             summary = summarize(args.adapter)

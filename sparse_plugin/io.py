@@ -14,10 +14,11 @@ import json
 import os
 import struct
 import uuid
-from importlib.metadata import version as package_version
 from collections.abc import Mapping
 from dataclasses import dataclass
+from importlib.metadata import version as package_version
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -25,9 +26,11 @@ from torch import nn
 
 from .atomic import write_files
 from .config import SparseConfig
-from .fsdp import is_whole
-from .layer import SparseDeltaLinear, dense_base_weight
-from .model import require_sparse_layers, iter_sparse_layers, wrap_targets
+
+# The model side (layer, model, fsdp) is imported inside the functions that handle a model: `sparse-merge` only
+# reads adapters, and the layer module brings in torch's compiler stack and Triton (seconds at start-up).
+if TYPE_CHECKING:
+    from .layer import SparseDeltaLinear
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "sparse_config.json"
@@ -109,6 +112,9 @@ def fingerprint(entries: dict[str, tuple[tuple[int, ...], str]]) -> str:
 
 
 def _base_values(key: str, layer: SparseDeltaLinear) -> torch.Tensor | None:
+    from .fsdp import is_whole
+    from .layer import dense_base_weight
+
     if layer.merged:
         return layer._merged_base_values
     try:
@@ -150,6 +156,8 @@ def save_adapter(
         >>> save_adapter(model, "out/adapter")
         ```
     """
+    from .model import require_sparse_layers
+
     layers = require_sparse_layers(model)
     config: SparseConfig = model.sparse_config
     if base_values is not None and (missing := [key for key, _ in layers if key not in base_values]):
@@ -381,6 +389,8 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike, check_base: b
         >>> model = load_adapter(model, "out/adapter")
         ```
     """
+    from .model import iter_sparse_layers, wrap_targets
+
     adapter = read_adapter(adapter_dir)
     layers = dict(iter_sparse_layers(model))
     if not layers:
@@ -408,6 +418,8 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike, check_base: b
 
 
 def _check_base_values(path: Path, key: str, base_layer: nn.Module, target: TargetDelta) -> None:
+    from .layer import dense_base_weight
+
     try:
         weight = dense_base_weight(base_layer)
     except TypeError:
