@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from adapter_utils import saved_setup
+
 from sparse_plugin.integrations import hf_registry
 from sparse_plugin.integrations.import_hooks import when_imported
 
@@ -22,7 +23,7 @@ REPORT = "import json, sys; print(json.dumps(sorted(m for m in {modules!r} if m 
 
 def _python(code: str, *argv: str) -> subprocess.CompletedProcess:
     """Run `code` in a fresh interpreter from the repository root, so `sparse_plugin` is this checkout's."""
-    return subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    return subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, cwd=ROOT, timeout=300, check=False)
 
 
 def _loaded(done: subprocess.CompletedProcess) -> list[str]:
