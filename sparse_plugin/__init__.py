@@ -12,9 +12,9 @@ Example:
     ```
 """
 
-import importlib
+import importlib as _importlib
 
-from .integrations.import_hooks import when_imported
+from .integrations.import_hooks import when_imported as _when_imported
 
 # Public name -> the submodule defining it, imported on first access (PEP 562). `SparsePlugin`, the Axolotl plugin,
 # is here too, as Axolotl loads `plugins:` entries as `module.Class`; it is kept out of `__all__` so that
@@ -43,7 +43,7 @@ _LAZY = {
 def __getattr__(name: str):
     if name not in _LAZY:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+    value = getattr(_importlib.import_module(_LAZY[name], __name__), name)
     globals()[name] = value  # later lookups skip this function
     return value
 
@@ -62,9 +62,9 @@ def _hf_registry():
 
 # TrainingArguments(optim="spiel_sm3" | "spiel_adamw"), Trainer builds our optimizers, and accepts a quantized base
 # with sparse layers: each change goes into the transformers module it concerns when that module is imported.
-when_imported("transformers.training_args", lambda module: _hf_registry().add_optimizer_names(module))
-when_imported("transformers.trainer_optimizer", lambda module: _hf_registry().add_optimizer_handlers(module))
-when_imported("transformers.trainer", lambda module: _hf_registry().accept_quantized_bases(module))
+_when_imported("transformers.training_args", lambda module: _hf_registry().add_optimizer_names(module))
+_when_imported("transformers.trainer_optimizer", lambda module: _hf_registry().add_optimizer_handlers(module))
+_when_imported("transformers.trainer", lambda module: _hf_registry().accept_quantized_bases(module))
 
 __all__ = [
     "SM3",
