@@ -37,10 +37,11 @@ def test_import_sparse_plugin_loads_neither_torch_nor_the_trainer_stack():
     assert done.stderr == ""
 
 
-# Each order reaches the registration another way: hooks fired while transformers imports `training_args` inside
-# `trainer_callback` (whose import is then half done), or registration at once because transformers came first.
+# Each order reaches the registration another way: the README's, where hooks fire while `SparseCallback`'s module
+# imports transformers' `trainer_callback`, which imports `training_args` half-way through its own import; or
+# registration at once because transformers came first.
 ORDERS = {
-    "sparse_plugin first": "import sparse_plugin\nfrom transformers import TrainerCallback, Trainer, TrainingArguments",
+    "sparse_plugin first": "import sparse_plugin\nfrom sparse_plugin import SparseCallback\nfrom transformers import Trainer, TrainingArguments",
     "transformers first": "from transformers import Trainer, TrainingArguments\nimport sparse_plugin",
 }
 BUILD = """
