@@ -12,14 +12,6 @@ import argparse
 import json
 import sys
 
-import torch
-
-from .atomic import Interrupted, signals_as_errors
-from .hub import resolve_adapter, resolve_model
-from .io import AdapterError, read_adapter
-from .merge import apply_adapter, rounded_away
-from .peft_interop import FORMATS, export_peft
-
 _HUB_HELP = "Hub revision (branch, tag or commit) when {} is a repo id; tokens come from `hf auth login` or HF_TOKEN"
 _ROUNDING_FIX = "to keep them, merge into an fp32 copy of the base or serve the adapter unmerged (load_adapter)"
 
@@ -56,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
                                         "PeftModel.from_pretrained loads without sparse_plugin, with the same logits.")
     export.add_argument("adapter", metavar="ADAPTER_DIR")
     export.add_argument("output", metavar="OUT_DIR", help="new PEFT adapter directory (must not exist)")
-    export.add_argument("--format", choices=FORMATS, default="supertuning",
+    export.add_argument("--format", choices=("supertuning", "shira"), default="supertuning",  # peft_interop.FORMATS
                         help="supertuning: one sparsity for all targets; shira: one rank r, r*(in+out) positions per target "
                              "(default: supertuning)")
     export.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
@@ -71,6 +63,9 @@ def summarize(adapter_dir: str) -> dict:
     `rounded_away` counts the deltas a merge into the base's own (bf16/fp16) weights would lose, from the stored
     base values; it is None when the adapter has none, as the base's entries are then unknown.
     """
+    from .io import read_adapter
+    from .merge import rounded_away
+
     adapter = read_adapter(adapter_dir)
     targets, total_count, total_size, abs_sum, abs_max, total_lost = [], 0, 0, 0.0, 0.0, 0
     for key, target in adapter.targets.items():
@@ -120,6 +115,15 @@ def _warn_rounded_away(result: dict, output: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    # Imported once the arguments are parsed: `--help` and usage errors then answer without loading torch.
+    import torch
+
+    from .atomic import Interrupted, signals_as_errors
+    from .hub import resolve_adapter, resolve_model
+    from .io import AdapterError
+    from .merge import apply_adapter
+    from .peft_interop import export_peft
+
     try:
         if args.command == "inspect":
             summary = summarize(resolve_adapter(args.adapter, revision=args.revision))

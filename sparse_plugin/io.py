@@ -16,10 +16,11 @@ import json
 import os
 import struct
 import uuid
-from importlib.metadata import version as package_version
 from collections.abc import Mapping
 from dataclasses import dataclass
+from importlib.metadata import version as package_version
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -27,11 +28,13 @@ from torch import nn
 
 from .atomic import write_files
 from .config import SparseConfig
-from .fsdp import is_whole
 from .kernels.scatter import scatter_add_
-from .layer import SparseDeltaLinear, dense_base_weight
-from .model import require_sparse_layers, iter_sparse_layers, wrap_targets
 from .model_card import CARD_NAME, card_writer
+
+# The model side (layer, model, fsdp) is imported inside the functions that handle a model: `sparse-merge` only
+# reads adapters, and the layer module brings in torch's compiler stack (seconds at start-up).
+if TYPE_CHECKING:
+    from .layer import SparseDeltaLinear
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "sparse_config.json"
@@ -135,6 +138,9 @@ def fingerprint(entries: dict[str, tuple[tuple[int, ...], str]]) -> str:
 def _base_values(key: str, layer: SparseDeltaLinear, required: bool = True) -> torch.Tensor | None:
     """The base weight's entries at the layer's indices; None for a quantised base (it has no exact entries), and
     for a base FSDP shards unless `required`."""
+    from .fsdp import is_whole
+    from .layer import dense_base_weight
+
     try:
         weight = dense_base_weight(layer.base_layer)
     except TypeError:  # a quantised base has no exact entries to restore
@@ -184,6 +190,8 @@ def save_adapter(
         >>> save_adapter(model, "out/adapter")
         ```
     """
+    from .model import require_sparse_layers
+
     layers = require_sparse_layers(model)
     config: SparseConfig = model.sparse_config
     if base_values is not None and (missing := [key for key, _ in layers if key not in base_values]):
@@ -448,6 +456,7 @@ def load_adapter(
         ```
     """
     from .hub import resolve_adapter  # hub imports this module
+    from .model import iter_sparse_layers, wrap_targets
 
     adapter = read_adapter(resolve_adapter(adapter_dir, revision=revision, token=token))
     layers = dict(iter_sparse_layers(model))
@@ -502,6 +511,8 @@ def _check_base_values(path: Path, key: str, base_layer: nn.Module, target: Targ
     """Refuse a base whose entries at the indices differ from the adapter's base values, or from its `base_sha256`
     when it stores none. A quantised base has no exact entries to compare, and an adapter saved before the digests
     without base values has nothing to compare them with: both are accepted unchecked."""
+    from .layer import dense_base_weight
+
     if target.base_values is None and target.base_sha256 is None:
         return
     try:

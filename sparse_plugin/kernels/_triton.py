@@ -1,49 +1,13 @@
-"""What every kernel module shares: the optional Triton import, where a Triton kernel may run, and the
-fp32 -> storage-dtype rounding that keeps kernels bit-exact with their torch references.
-
-Triton is absent on macOS/Windows wheels and unused on CPU. A kernel runs on CUDA tensors, or on CPU
-tensors under Triton's interpreter (`TRITON_INTERPRET=1`), which is how the tests check every kernel
-without a GPU; `TRITON_INTERPRET=0` (tools/gpu_check.sh) makes the same tests compile for real.
-"""
+"""What every Triton kernel module shares: the optional Triton import and the fp32 -> storage-dtype rounding that
+keeps kernels bit-exact with their torch references. Where a kernel may run is `backend`'s business."""
 
 from __future__ import annotations
-
-import os
-
-import torch
 
 try:
     import triton
     import triton.language as tl
 except ImportError:  # pragma: no cover - exercised only where triton is missing
     triton = tl = None
-
-BACKENDS = ("auto", "triton", "torch")
-# The spellings Triton's own `getenv_bool` accepts as true; anything else (unset, "0") compiles for real.
-_TRUE = ("1", "true", "on", "yes")
-
-
-def interpreting() -> bool:
-    """Whether Triton runs kernels in its interpreter, read from the environment as Triton reads it."""
-    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in _TRUE
-
-
-def pick_backend(backend: str, tensor: torch.Tensor) -> str:
-    """Resolve `backend` for a kernel whose operands live where `tensor` lives.
-
-    `"auto"` is Triton on CUDA tensors (when installed) and torch otherwise; `"triton"` is checked to be
-    runnable here, so a CPU call without the interpreter fails with a message instead of a Triton crash.
-    """
-    if backend not in BACKENDS:
-        raise ValueError(f"`backend` must be one of {BACKENDS}, got {backend!r}.")
-    if backend == "auto":
-        return "triton" if triton is not None and tensor.is_cuda else "torch"
-    if backend == "triton" and triton is None:
-        raise RuntimeError("backend='triton' needs the `triton` package: pip install triton.")
-    if backend == "triton" and not tensor.is_cuda and not interpreting():
-        raise RuntimeError("Triton kernels run on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1.")
-    return backend
-
 
 if triton is not None:
 

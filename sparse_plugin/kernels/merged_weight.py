@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import pick_backend, tl, triton
+from ._triton import tl, triton
+from .backend import pick_backend
 from .scatter import scatter_add_
 from .sddmm import SparsePattern
 

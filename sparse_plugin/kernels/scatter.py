@@ -2,8 +2,7 @@
 (`W[idx] = v`).
 
 Both paths compute in fp32 and round once to the weight's dtype, so the Triton kernel (CUDA, or CPU
-under `TRITON_INTERPRET=1`) and the torch reference (the CPU path) agree bit for bit. Indices are unique,
-so each program writes disjoint positions and needs no atomics.
+under `TRITON_INTERPRET=1`, in `scatter_triton`) and the torch reference (the CPU path) agree bit for bit.
 
 Positions are not bound-checked here: the Triton kernel would write outside the weight, the torch path would
 raise a bare IndexError. Callers pass positions already validated against the weight they write: `read_adapter`
@@ -15,48 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import pick_backend, tl, triton
-
-_BLOCK = 1024
-
-if triton is not None:
-    from ._triton import round_for_store
-
-    @triton.jit
-    def _scatter_kernel(
-        weight_ptr, indices_ptr, values_ptr, n, alpha, ADD: tl.constexpr, BF16: tl.constexpr, BLOCK: tl.constexpr
-    ):
-        """Write `weight[indices[p]] = weight[...] * ADD + alpha * values[p]` for p in one block.
-
-        Parameters:
-            weight_ptr: flat dense weight, modified in place (fp32/bf16/fp16).
-            indices_ptr: flat positions, unique, int32 or int64, each in [0, weight's numel): validated by the
-                caller (see the module docstring), as the kernel does not check.
-            values_ptr: one value per position, any float dtype.
-            n: number of positions.
-            alpha: scale of the values (1 to merge, -1 to subtract); ignored when ADD is false.
-            ADD: add to the current entry (merge) or overwrite it (exact restore).
-            BF16: the weight is bf16 (rounded by `round_for_store`).
-            BLOCK: positions per program.
-        """
-        offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = offsets < n
-        idx = tl.load(indices_ptr + offsets, mask=mask, other=0).to(tl.int64)
-        vals = tl.load(values_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        if ADD:
-            current = tl.load(weight_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-            vals = current + alpha * vals
-        tl.store(weight_ptr + idx, round_for_store(vals, weight_ptr, BF16), mask=mask)
-
-
-def _launch(weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, alpha: float, add: bool) -> None:
-    n = indices.numel()
-    if n == 0:
-        return
-    grid = (triton.cdiv(n, _BLOCK),)
-    _scatter_kernel[grid](
-        weight, indices, values, n, float(alpha), ADD=add, BF16=weight.dtype == torch.bfloat16, BLOCK=_BLOCK
-    )
+from .backend import pick_backend
 
 
 def scatter_add_reference(weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, alpha: float = 1.0) -> None:
@@ -107,7 +65,9 @@ def scatter_add_(
     """
     _check(weight, indices, values)
     if pick_backend(backend, weight) == "triton":
-        _launch(weight, indices, values, alpha, add=True)
+        from .scatter_triton import launch  # here, so that a CPU merge (sparse-merge without a GPU) never loads Triton
+
+        launch(weight, indices, values, alpha, add=True)
     else:
         scatter_add_reference(weight, indices.long(), values, alpha)
     return weight
@@ -120,7 +80,9 @@ def scatter_set_(weight: torch.Tensor, indices: torch.Tensor, values: torch.Tens
     """
     _check(weight, indices, values)
     if pick_backend(backend, weight) == "triton":
-        _launch(weight, indices, values, 0.0, add=False)
+        from .scatter_triton import launch
+
+        launch(weight, indices, values, 0.0, add=False)
     else:
         scatter_set_reference(weight, indices.long(), values)
     return weight

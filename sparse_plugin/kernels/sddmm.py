@@ -17,7 +17,8 @@ import warnings
 
 import torch
 
-from ._triton import pick_backend, tl, triton
+from ._triton import tl, triton
+from .backend import pick_backend
 
 GRAD_PATHS = ("dense", "sampled", "triton")
 # Measured by tools/bench_layer.py (torch 2.13 CPU, 2 cores, fp32, SmolLM2 shapes at 128-512 tokens and

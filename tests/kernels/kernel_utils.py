@@ -8,7 +8,8 @@ runs `-m gpu`, where the same kernels compile for the GPU.
 import pytest
 import torch
 
-from sparse_plugin.kernels._triton import interpreting, triton
+from sparse_plugin.kernels._triton import triton
+from sparse_plugin.kernels.backend import interpreting
 from sparse_plugin.kernels.sddmm import SparsePattern
 
 interpreter = pytest.mark.skipif(

@@ -16,7 +16,7 @@ import pytest
 
 pytest.importorskip("triton")
 
-from sparse_plugin.kernels import merged_weight, scatter, sddmm  # noqa: E402
+from sparse_plugin.kernels import merged_weight, scatter_triton, sddmm  # noqa: E402
 
 
 def _sddmm(activations: str, index: str) -> tuple:
@@ -37,8 +37,8 @@ VARIANTS = [
     _sddmm("*fp32", "*i32"),
     _merged("*fp32", "*i64"),
     _merged("*bf16", "*i32"),
-    ("scatter", "_scatter_kernel", {"weight_ptr": "*bf16", "indices_ptr": "*i32", "values_ptr": "*fp32", "n": "i32", "alpha": "fp32"},
-     {"ADD": True, "BF16": True, "BLOCK": scatter._BLOCK}),
+    ("scatter_triton", "_scatter_kernel", {"weight_ptr": "*bf16", "indices_ptr": "*i32", "values_ptr": "*fp32", "n": "i32", "alpha": "fp32"},
+     {"ADD": True, "BF16": True, "BLOCK": scatter_triton._BLOCK}),
 ]
 
 _COMPILE = r"""

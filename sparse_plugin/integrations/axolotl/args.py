@@ -20,7 +20,7 @@ from pydantic import BaseModel, Field, create_model, model_validator
 
 from ...config import SparseConfig
 from ...model import allocate_budget, find_targets
-from ..hf import SPARSE_OPTIMIZERS
+from ..hf_registry import SPARSE_OPTIMIZERS
 
 PREFIX = "sparse_"
 ADAPTER = "sparse"
