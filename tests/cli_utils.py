@@ -22,16 +22,6 @@ def run(capsys, *argv) -> tuple[int, str, str]:
     return code, out, err
 
 
-# What importing bitsandbytes prints on a machine without its CPU kernels; the console script imports it today, through
-# the package's optimizer registration, so a subprocess's stderr starts with it. Nothing else may precede a refusal.
-_IMPORT_NOISE = "Failed to load CPU gemm_4bit_forward from kernels-community"
-
-
-def without_import_noise(stderr: str) -> str:
-    """A subprocess's stderr without the third-party import warning above, for `assert_refused`."""
-    return "".join(line for line in stderr.splitlines(keepends=True) if not line.startswith(_IMPORT_NOISE))
-
-
 def merge_argv(base, adapter, out, *extra) -> list:
     return ["merge", "--base", base, "--adapter", adapter, "--output", out, "--device", "cpu", *extra]
 
