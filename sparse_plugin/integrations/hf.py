@@ -152,7 +152,7 @@ class SparseCallback(TrainerCallback):
 
     def __init__(self, save_full_checkpoints: bool = False):
         if not isinstance(save_full_checkpoints, bool):
-            raise ValueError(f"`save_full_checkpoints` must be true or false, got {save_full_checkpoints!r}.")
+            raise TypeError(f"`save_full_checkpoints` must be true or false, got {save_full_checkpoints!r}.")
         self.save_full_checkpoints = save_full_checkpoints
 
     def on_init_end(self, args, state, control, model=None, **kwargs):

@@ -17,9 +17,9 @@ from datasets import Dataset
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from conftest import tiny_llama  # noqa: E402
+from conftest import tiny_llama
 
-from sparse_plugin import SparseCallback, SparseConfig, iter_sparse_layers, prepare_model  # noqa: E402
+from sparse_plugin import SparseCallback, SparseConfig, iter_sparse_layers, prepare_model
 
 # MA and AG regrow at steps 4 and 8, AG gathering on steps 3-4; SMT warms up for 3 steps; SIFT chooses on micro-batch 5
 # (step 3 of 2 micro-batches each). Killing after step 3 (AG) or 2 (SMT, SIFT) lands between gathering and deciding.
