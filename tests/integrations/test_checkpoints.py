@@ -4,13 +4,12 @@ The SIGKILL-and-resume runs for every method are in tests/reliability/; these ru
 
 import pytest
 import torch
+from conftest import tiny_llama
 from datasets import Dataset
 from transformers import Trainer, TrainingArguments
 
 from sparse_plugin import SparseCallback, SparseConfig, iter_sparse_layers, load_adapter, prepare_model, read_adapter
 from sparse_plugin.io import CONFIG_NAME, WEIGHTS_NAME, AdapterError
-
-from conftest import tiny_llama
 
 TRAINER_STATE = {"optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json", "training_args.bin"}
 BASE = {"density": 0.05, "reselection_steps": 2, "selection_accumulation_steps": 1}
@@ -20,9 +19,9 @@ def _trainer(directory, config=None, callback=None, model=None, **overrides):
     model = model if model is not None else prepare_model(tiny_llama(), SparseConfig(**(config or BASE)))
     ids = torch.randint(3, 97, (24, 12), generator=torch.Generator().manual_seed(0)).tolist()
     data = Dataset.from_dict({"input_ids": ids, "labels": ids})
-    args = dict(output_dir=str(directory), per_device_train_batch_size=4, max_steps=4, learning_rate=1e-2,
-                logging_steps=1, save_strategy="steps", save_steps=2, report_to=[], use_cpu=True, seed=0,
-                data_seed=0, disable_tqdm=True, optim="spiel_sm3")
+    args = {"output_dir": str(directory), "per_device_train_batch_size": 4, "max_steps": 4, "learning_rate": 1e-2,
+            "logging_steps": 1, "save_strategy": "steps", "save_steps": 2, "report_to": [], "use_cpu": True, "seed": 0,
+            "data_seed": 0, "disable_tqdm": True, "optim": "spiel_sm3"}
     return Trainer(model=model, args=TrainingArguments(**(args | overrides)), train_dataset=data, eval_dataset=data,
                    callbacks=[callback or SparseCallback()])
 
