@@ -140,6 +140,8 @@ def _save_model(original, self, output_dir=None, _internal_call=False):
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+    if self.args.push_to_hub and not _internal_call:  # as the Trainer's own save_model does
+        self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
 
 
 def _save_optimizer_and_scheduler(original, self, output_dir):

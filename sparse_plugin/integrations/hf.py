@@ -79,8 +79,8 @@ def register_optimizers() -> None:
     """Make `TrainingArguments(optim="spiel_sm3" | "spiel_adamw")` valid and buildable by `Trainer`.
 
     Adds members to the `OptimizerNames` str-Enum (to its value and name maps, which is what lookups use)
-    and a handler per name to the Trainer's handler table, and lets `Trainer` take a quantized base with
-    sparse layers. Idempotent.
+    and a handler per name to the Trainer's handler table, lets `Trainer` take a quantized base with
+    sparse layers, and teaches it adapter-only checkpoints (`checkpoints.install_checkpoint_hooks`). Idempotent.
     """
     from transformers import trainer_optimizer
     from transformers.training_args import OptimizerNames
