@@ -61,11 +61,12 @@ def _hf_registry():
     return hf_registry
 
 
-# TrainingArguments(optim="spiel_sm3" | "spiel_adamw"), Trainer builds our optimizers, and accepts a quantized base
-# with sparse layers: each change goes into the transformers module it concerns when that module is imported.
+# TrainingArguments(optim="spiel_sm3" | "spiel_adamw"), Trainer builds our optimizers, accepts a quantized base with
+# sparse layers and keeps adapter-only checkpoints: each change goes into the transformers module it concerns when
+# that module is imported.
 _when_imported("transformers.training_args", lambda module: _hf_registry().add_optimizer_names(module))
 _when_imported("transformers.trainer_optimizer", lambda module: _hf_registry().add_optimizer_handlers(module))
-_when_imported("transformers.trainer", lambda module: _hf_registry().accept_quantized_bases(module))
+_when_imported("transformers.trainer", lambda module: _hf_registry().patch_trainer(module))
 
 __all__ = [
     "SM3",

@@ -27,10 +27,16 @@ class SparseCallback(TrainerCallback):
     """Trainer hooks for sparse fine-tuning: schedule length, adapter files, and selection metrics in the logs.
 
     The optimizer runs prune/regrow itself; this callback gives it the run's length at train begin (from
-    `state.max_steps`, also under epoch-based training), writes the adapter into every `checkpoint-N` and into
-    `output_dir` at the end (rank 0 only), and adds `sparse/*` metrics to the Trainer's logs. Under FSDP it keeps
-    the sparse deltas out of FSDP's shards (added to the plugin's `ignored_modules`, gradients averaged over ranks,
-    see `keep_deltas_replicated`) and gathers the base entries the adapter stores from the shards.
+    `state.max_steps`, also under epoch-based training), makes every `checkpoint-N` hold the adapter instead of a
+    copy of the model (and `trainer.save_model()` write the adapter), writes the adapter into `output_dir` at the
+    end (rank 0 only), and adds `sparse/*` metrics to the Trainer's logs. `resume_from_checkpoint` then loads the
+    adapter into the prepared model, and refuses a checkpoint trained with another sparse configuration. Under FSDP
+    it keeps the sparse deltas out of FSDP's shards (added to the plugin's `ignored_modules`, gradients averaged
+    over ranks, see `keep_deltas_replicated`) and gathers the base entries the adapter stores from the shards.
+
+    Args:
+        save_full_checkpoints (`bool`, defaults to `False`): also keep the Trainer's full copy of the model in
+            every checkpoint (and in `trainer.save_model()`), beside the adapter, as without this package.
 
     Example:
         ```python
@@ -39,10 +45,19 @@ class SparseCallback(TrainerCallback):
         ```
     """
 
+    def __init__(self, save_full_checkpoints: bool = False):
+        if not isinstance(save_full_checkpoints, bool):
+            raise TypeError(f"`save_full_checkpoints` must be true or false, got {save_full_checkpoints!r}.")
+        self.save_full_checkpoints = save_full_checkpoints
+
     def on_init_end(self, args, state, control, model=None, **kwargs):
         plugin = fsdp_plugin()
         if plugin is not None and model is not None:
             _keep_deltas_out_of_fsdp(model, plugin)
+        if not self.save_full_checkpoints and model is not None:
+            from .checkpoints import save_adapter_instead_of_model  # here: it imports this module
+
+            save_adapter_instead_of_model(model)
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         require_sparse_layers(model)
@@ -52,10 +67,11 @@ class SparseCallback(TrainerCallback):
             sparse.selector.prepare_next_step()
 
     def on_save(self, args, state, control, model=None, **kwargs):
-        _save_from_rank_zero(model, Path(args.output_dir) / f"checkpoint-{state.global_step}", state)
+        if self.save_full_checkpoints:  # else the checkpoint's model save was the adapter
+            save_from_rank_zero(model, Path(args.output_dir) / f"checkpoint-{state.global_step}", state.is_world_process_zero)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
-        _save_from_rank_zero(model, args.output_dir, state)
+        save_from_rank_zero(model, args.output_dir, state.is_world_process_zero)
 
     def on_log(self, args, state, control, logs=None, model=None, optimizer=None, **kwargs):
         if logs is None or model is None or "loss" not in logs:
@@ -82,12 +98,12 @@ def _keep_deltas_out_of_fsdp(model, plugin) -> None:
     plugin.ignored_modules = ignored + [d for d in deltas if not any(d is m for m in ignored)]
 
 
-def _save_from_rank_zero(model, directory, state) -> None:
-    """Rank 0 writes the adapter; under FSDP every rank first takes part in gathering the stored base entries."""
+def save_from_rank_zero(model, directory, is_main_process: bool) -> None:
+    """Rank 0 writes the adapter; under FSDP every rank must call this, to gather the stored base entries."""
     config = getattr(model, "sparse_config", None)
     sharded = config is not None and config.store_base_values and is_fsdp_wrapped(model)
     base_values = gathered_base_values(model) if sharded else None
-    if state.is_world_process_zero:
+    if is_main_process:
         save_adapter(model, directory, base_values=base_values)
 
 

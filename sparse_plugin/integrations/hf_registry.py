@@ -4,7 +4,8 @@ Transformers has no public way to add an optimizer name: `TrainingArguments` con
 `OptimizerNames` (in `transformers.training_args`) and `Trainer` looks the member up in
 `transformers.trainer_optimizer._OPTIMIZER_HANDLERS`. `import sparse_plugin` adds our members and handlers to each
 module as soon as it is imported (see `import_hooks`), and lets `Trainer` (`transformers.trainer`) accept a quantized
-base that carries sparse layers (QSpIEL), which it would refuse as "purely quantized". Importing transformers'
+base that carries sparse layers (QSpIEL), which it would refuse as "purely quantized", and write and resume
+adapter-only checkpoints. Importing transformers'
 Trainer stack ourselves would cost seconds and pull in peft and bitsandbytes for every user, `sparse-merge` included.
 """
 
@@ -112,6 +113,15 @@ def accept_quantized_bases(trainer: ModuleType) -> None:
     trainer.validate_quantization_for_training = validate
 
 
+def patch_trainer(trainer: ModuleType) -> None:
+    """What `transformers.trainer` needs: accept quantized bases with sparse layers, and adapter-only checkpoints
+    (`checkpoints.install_checkpoint_hooks`). Idempotent."""
+    from .checkpoints import install_checkpoint_hooks
+
+    accept_quantized_bases(trainer)
+    install_checkpoint_hooks(trainer.Trainer)
+
+
 def register_optimizers() -> None:
     """Make `TrainingArguments(optim="spiel_sm3" | "spiel_adamw")` valid and buildable by `Trainer` now.
 
@@ -122,7 +132,7 @@ def register_optimizers() -> None:
 
     add_optimizer_names(training_args)
     add_optimizer_handlers(trainer_optimizer)
-    accept_quantized_bases(trainer)
+    patch_trainer(trainer)
 
 
 def fsdp_plugin():

@@ -3,21 +3,23 @@ with the same indices and values, equal to one process training on the whole glo
 for each selection method; under FSDP the adapter saved from rank 0 carries the base entries gathered from the shards."""
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-
-from sparse_plugin import iter_sparse_layers, load_adapter
-
 from conftest import tiny_llama
 
+from sparse_plugin import iter_sparse_layers, load_adapter, read_adapter
+from sparse_plugin.integrations.checkpoints import holds_model_weights
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
-import memory_model as mm  # noqa: E402
+import memory_model as mm
 
 JOB = Path(__file__).with_name("train_job.py")
+REPO = Path(__file__).resolve().parents[2]
 # tests/conftest.py's tiny Llama, for the memory model
 TINY = mm.Arch("tiny", hidden=48, intermediate=80, layers=2, heads=4, kv_heads=2, vocab=97)
 METHODS = ["ma", "ag", "sift", "smt"]
@@ -26,8 +28,8 @@ METHODS = ["ma", "ag", "sift", "smt"]
 def _run(out: Path, method: str, *extra: str, processes: int = 2) -> None:
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
     command = (launcher if processes > 1 else [sys.executable]) + [str(JOB), str(out), method, *extra]
-    env = os.environ | {"OMP_NUM_THREADS": "1"}
-    run = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}  # the checkout under test
+    run = subprocess.run(command, check=False, capture_output=True, text=True, timeout=600, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
 
 
@@ -76,16 +78,41 @@ def test_ranks_agree_and_match_one_process(tmp_path, single_process, method, wra
         assert all(torch.equal(loaded[k].values.detach(), v) for k, (_, v) in rank0["layers"].items())
 
 
-def test_trainer_under_ddp_fsdp1_and_fsdp2_trains_alike_and_saves_one_adapter_from_rank_zero(tmp_path):
-    """Two micro-batches per step, so averaging over ranks meets gradient accumulation, with gradient checkpointing;
-    the Trainer's clipping (`max_grad_norm`) sees averaged gradients under all three."""
+@pytest.fixture(scope="module")
+def trainer_runs(tmp_path_factory):
+    """SpIEL-AG through the Trainer under DDP, FSDP1 and FSDP2: the output directory and both ranks' results."""
+    root = tmp_path_factory.mktemp("trainer")
     runs = {}
     for wrap in ("ddp", "fsdp1", "fsdp2"):
-        _run(tmp_path / wrap, "ag", "--trainer", "--wrap", wrap)
-        runs[wrap] = [_result(tmp_path / wrap / f"rank{r}.pt") for r in (0, 1)]
-        assert sorted(p.name for p in (tmp_path / wrap).glob("sparse_*")) == ["sparse_adapter.safetensors", "sparse_config.json"]
+        _run(root / wrap, "ag", "--trainer", "--wrap", wrap)
+        runs[wrap] = root / wrap, [_result(root / wrap / f"rank{r}.pt") for r in (0, 1)]
+    return runs
+
+
+def test_trainer_under_ddp_fsdp1_and_fsdp2_trains_alike_and_saves_one_adapter_from_rank_zero(trainer_runs):
+    """Two micro-batches per step, so averaging over ranks meets gradient accumulation, with gradient checkpointing;
+    the Trainer's clipping (`max_grad_norm`) sees averaged gradients under all three."""
+    runs = {wrap: results for wrap, (_, results) in trainer_runs.items()}
+    for wrap, (out, _) in trainer_runs.items():
+        assert sorted(p.name for p in out.glob("sparse_*")) == ["sparse_adapter.safetensors", "sparse_config.json"]
         assert [r["fsdp"] for r in runs[wrap]] == [wrap != "ddp"] * 2
     for wrap in ("fsdp1", "fsdp2"):
         _assert_ranks_agree_with(runs["ddp"][0]["layers"], *(r["layers"] for r in runs[wrap]))
-        loaded = dict(iter_sparse_layers(load_adapter(tiny_llama(), tmp_path / wrap)))
+        loaded = dict(iter_sparse_layers(load_adapter(tiny_llama(), trainer_runs[wrap][0])))
         assert all(torch.equal(loaded[k].values.detach(), v) for k, (_, v) in runs[wrap][0]["layers"].items())
+
+
+@pytest.mark.parametrize("wrap", ["fsdp1", "fsdp2"])
+def test_trainer_under_fsdp_resumes_bit_exact_from_an_adapter_only_checkpoint(tmp_path, trainer_runs, wrap):
+    """The checkpoint halfway holds the adapter (rank 0 wrote it, with base entries gathered from the shards) and the
+    Trainer's state, no model; resuming from a copy of it ends where the uninterrupted run ended."""
+    out, (rank0, _) = trainer_runs[wrap]
+    checkpoint = out / "checkpoint-4"
+    assert not holds_model_weights(checkpoint) and (checkpoint / "sparse_adapter.safetensors").is_file()
+    assert read_adapter(checkpoint).has_base_values
+    copy = shutil.copytree(checkpoint, tmp_path / "checkpoint-4")
+    _run(tmp_path, "ag", "--trainer", "--wrap", wrap, "--resume", str(copy))
+    resumed = _result(tmp_path / "rank0.pt")["layers"]
+    for key, (indices, values) in rank0["layers"].items():
+        assert torch.equal(resumed[key][0], indices) and torch.equal(resumed[key][1], values), key
+

@@ -2,7 +2,7 @@
 
     torchrun --nproc_per_node 2 train_job.py OUT METHOD [--wrap ddp|fsdp1|fsdp2]   # each rank trains on its half
     python train_job.py OUT METHOD                                                # one process, whole batches
-    torchrun --nproc_per_node 2 train_job.py OUT METHOD --trainer [--wrap ...]    # the HF Trainer + SparseCallback
+    torchrun --nproc_per_node 2 train_job.py OUT METHOD --trainer [--wrap ...] [--resume CHECKPOINT]   # HF Trainer
 
 The plain loop clips the values' gradient norm as the Trainer does, so averaging after clipping would show.
 `fsdp1` is FullyShardedDataParallel (FULL_SHARD, use_orig_params, one unit per decoder layer), `fsdp2` is
@@ -20,11 +20,19 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from conftest import tiny_llama  # noqa: E402
+from conftest import tiny_llama
 
-from sparse_plugin import SM3, SparseAdamW, SparseCallback, SparseConfig, iter_sparse_layers, prepare_model, save_adapter  # noqa: E402
-from sparse_plugin.distributed import keep_deltas_replicated  # noqa: E402
-from sparse_plugin.fsdp import gathered_base_values, is_fsdp_wrapped  # noqa: E402
+from sparse_plugin import (
+    SM3,
+    SparseAdamW,
+    SparseCallback,
+    SparseConfig,
+    iter_sparse_layers,
+    prepare_model,
+    save_adapter,
+)
+from sparse_plugin.distributed import keep_deltas_replicated
+from sparse_plugin.fsdp import gathered_base_values, is_fsdp_wrapped
 
 METHODS = {
     "ma": ({"method": "spiel", "regrow": "ma", "density": 0.05, "reselection_steps": 2, "initial_reselection_rate": 0.5}, SM3),
@@ -139,7 +147,7 @@ def let_accelerate_shard_on_cpu() -> None:
     AcceleratorState.__init__ = init
 
 
-def trainer_run(model, method, out, how):
+def trainer_run(model, method, out, how, resume=None):
     from datasets import Dataset
     from transformers import Trainer, TrainingArguments
 
@@ -151,14 +159,14 @@ def trainer_run(model, method, out, how):
         # sync_module_states would look for an accelerator device; every rank builds the same model anyway.
         config = {"version": int(how[-1]), "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"], "sync_module_states": False}
         fsdp = {"fsdp": True, "fsdp_config": config}
-    # No Trainer checkpoints: accelerate cannot gather an FSDP model's full state dict on CPU (a plain model fails
-    # the same way); the adapter written at the end goes through the same gathering as one in a checkpoint.
+    # A checkpoint halfway: adapter-only, so FSDP saves no model (accelerate could not gather an FSDP model's full
+    # state dict on CPU) and the stored base entries are gathered from the shards as for the final adapter.
     args = TrainingArguments(output_dir=str(out), optim=optim, learning_rate=1e-2, max_steps=STEPS, max_grad_norm=CLIP,
                              per_device_train_batch_size=1, gradient_accumulation_steps=2, gradient_checkpointing=True,
-                             save_strategy="no", report_to=[], use_cpu=True,
+                             save_strategy="steps", save_steps=STEPS // 2, report_to=[], use_cpu=True,
                              ddp_backend="gloo", seed=0, data_seed=0, disable_tqdm=True, **fsdp)
     Trainer(model=model, args=args, train_dataset=Dataset.from_dict({"input_ids": ids, "labels": ids}),
-            callbacks=[SparseCallback()]).train()
+            callbacks=[SparseCallback()]).train(resume_from_checkpoint=resume)
     return []
 
 
@@ -181,6 +189,7 @@ def main() -> None:
     parser.add_argument("method", choices=list(METHODS))
     parser.add_argument("--trainer", action="store_true")
     parser.add_argument("--wrap", choices=["ddp", "fsdp1", "fsdp2"], default="ddp")
+    parser.add_argument("--resume", help="a Trainer checkpoint to resume from (with --trainer)")
     args = parser.parse_args()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not args.trainer:
@@ -188,7 +197,7 @@ def main() -> None:
     rank = int(os.environ.get("RANK", "0"))
     if args.trainer:
         model = prepare_model(tiny_llama(), SparseConfig(**METHODS[args.method][0]))
-        losses = trainer_run(model, args.method, args.out, args.wrap)
+        losses = trainer_run(model, args.method, args.out, args.wrap, args.resume)
     else:
         model, losses = plain_loop(args.method, rank, world, args.wrap)
     layers = {key: (layer.indices.clone(), layer.values.detach().clone()) for key, layer in iter_sparse_layers(model)}

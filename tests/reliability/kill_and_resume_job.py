@@ -17,13 +17,14 @@ from datasets import Dataset
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from conftest import tiny_llama  # noqa: E402
+from conftest import tiny_llama
 
-from sparse_plugin import SparseCallback, SparseConfig, iter_sparse_layers, prepare_model  # noqa: E402
+from sparse_plugin import SparseCallback, SparseConfig, iter_sparse_layers, prepare_model
 
-# AG gathers on steps 3-4 and regrows at 4 and 8; SMT warms up for 3 steps; SIFT chooses on micro-batch 5
+# MA and AG regrow at steps 4 and 8, AG gathering on steps 3-4; SMT warms up for 3 steps; SIFT chooses on micro-batch 5
 # (step 3 of 2 micro-batches each). Killing after step 3 (AG) or 2 (SMT, SIFT) lands between gathering and deciding.
 METHODS = {
+    "ma": ({"method": "spiel", "regrow": "ma", "density": 0.05, "reselection_steps": 4}, "spiel_sm3"),
     "ag": ({"method": "spiel", "regrow": "ag", "density": 0.05, "reselection_steps": 4, "selection_accumulation_steps": 2}, "spiel_adamw"),
     "smt": ({"method": "smt", "density": 0.2, "block_size": 16, "warmup_steps": 3, "target_modules": "all-linear"}, "spiel_adamw"),
     "sift": ({"method": "sift", "density": 0.05, "selection_steps": 5}, "spiel_adamw"),

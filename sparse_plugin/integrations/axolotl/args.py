@@ -25,7 +25,7 @@ from ..hf_registry import SPARSE_OPTIMIZERS
 PREFIX = "sparse_"
 ADAPTER = "sparse"
 # Keys of the plugin itself, not of SparseConfig.
-PLUGIN_KEYS = {"sparse_merge_on_finish"}
+PLUGIN_KEYS = {"sparse_merge_on_finish", "sparse_save_full_checkpoints"}
 CONFIG_KEYS = {PREFIX + field.name: field.name for field in dataclasses.fields(SparseConfig)}
 _KEY_PATTERN = re.compile(r"`(" + "|".join(map(re.escape, CONFIG_KEYS.values())) + r")\b")
 
@@ -54,7 +54,7 @@ def _field_docs() -> dict[str, str]:
     """Each field's description from `SparseConfig`'s docstring (`name (`type`...): text` under Args)."""
     args = SparseConfig.__doc__.split("Args:", 1)[1].split("Example:", 1)[0]
     docs = {}
-    for match in re.finditer(r"^\s{8}(\w+) \(.*?\):\s*(.*?)(?=^\s{8}\w+ \(|\Z)", args, re.M | re.S):
+    for match in re.finditer(r"^\s{8}(\w+) \(.*?\):\s*(.*?)(?=^\s{8}\w+ \(|\Z)", args, re.MULTILINE | re.DOTALL):
         docs[match.group(1)] = " ".join(match.group(2).split())
     return docs
 
@@ -67,6 +67,13 @@ class _SparseChecks(BaseModel):
         json_schema_extra={
             "description": "After training, also write OUTPUT_DIR/merged: the base with the adapter folded in "
             "(what `sparse-merge merge` writes), loadable with plain transformers."
+        },
+    )
+    sparse_save_full_checkpoints: bool | None = Field(
+        default=None,
+        json_schema_extra={
+            "description": "Keep a full copy of the model in every checkpoint-N, beside the adapter (as without the "
+            "plugin). By default checkpoints hold the adapter and the Trainer's state only, and resume from them."
         },
     )
 

@@ -7,11 +7,13 @@ Hooks, in the order Axolotl calls them, and why each:
   before it loads a quantized base (`load_in_4bit`); the loader has nothing to do for it.
 - `post_model_load`: wrap the targets of the fully loaded model (on its device, quantized or not) with
   `prepare_model`; under `axolotl inference`, load the trained adapter from `output_dir` instead.
-- `add_callbacks_pre_trainer`: `SparseCallback` (run length for the schedule, adapter in every checkpoint and
-  in `output_dir`, `sparse/*` metrics).
-- `post_train`: runs between `trainer.train()` and Axolotl's final `model.save_pretrained(output_dir)`; from
-  then on `save_pretrained` writes the adapter, as a PEFT model's does, not a full copy of the base. The
-  checkpoints written while training keep the Trainer's full state, so `resume_from_checkpoint` works.
+- `add_callbacks_pre_trainer`: `SparseCallback` (run length for the schedule, `sparse/*` metrics). When the
+  Trainer is built it makes `model.save_pretrained` write the adapter, as a PEFT model's does: every
+  `checkpoint-N` then holds the adapter and the Trainer's state (optimizer, scheduler, RNG), no copy of the
+  base, and `resume_from_checkpoint` loads it; Axolotl's Ctrl-C handler saves the adapter too.
+  `sparse_save_full_checkpoints: true` keeps the full model copy in checkpoints instead.
+- `post_train`: runs between `trainer.train()` and Axolotl's final `model.save_pretrained(output_dir)`, which
+  writes the adapter also where checkpoints hold full copies.
 - `post_train_unload`: with `sparse_merge_on_finish`, run `sparse-merge merge` into `output_dir/merged` once
   the trained model has been freed.
 
@@ -22,7 +24,6 @@ The optimizer names `spiel_sm3` / `spiel_adamw` need no hook: Axolotl imports th
 
 from __future__ import annotations
 
-import functools
 import os
 from pathlib import Path
 
@@ -30,8 +31,9 @@ from axolotl.integrations.base import AdapterCapabilities, BasePlugin
 from axolotl.utils.logging import get_logger
 
 from ... import cli
-from ...io import load_adapter, save_adapter
+from ...io import load_adapter
 from ...model import prepare_model
+from ..checkpoints import save_adapter_instead_of_model
 from ..hf import SparseCallback
 from .args import ADAPTER, sparse_config_from, yaml_message
 
@@ -76,19 +78,14 @@ class SparsePlugin(BasePlugin):
             raise ValueError(yaml_message(err)) from None
 
     def add_callbacks_pre_trainer(self, cfg, model):
-        return [SparseCallback()]
+        return [SparseCallback(save_full_checkpoints=bool(cfg.sparse_save_full_checkpoints))]
 
     def post_train(self, cfg, model):
-        model.save_pretrained = functools.partial(_save_adapter_only, model)
+        save_adapter_instead_of_model(model)
 
     def post_train_unload(self, cfg):
         if cfg.sparse_merge_on_finish and os.environ.get("RANK", "0") == "0":
             _merge_into(cfg, Path(cfg.output_dir) / MERGED_DIR)
-
-
-def _save_adapter_only(model, save_directory, *args, **kwargs) -> None:
-    """`save_pretrained` of a trained sparse model: the adapter files (Axolotl saves config and tokenizer)."""
-    save_adapter(model, save_directory)
 
 
 def _merge_into(cfg, output: Path) -> None:
