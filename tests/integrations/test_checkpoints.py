@@ -10,6 +10,7 @@ from transformers import Trainer, TrainingArguments
 
 from sparse_plugin import SparseCallback, SparseConfig, iter_sparse_layers, load_adapter, prepare_model, read_adapter
 from sparse_plugin.io import CONFIG_NAME, WEIGHTS_NAME, AdapterError
+from sparse_plugin.model_card import CARD_NAME
 
 TRAINER_STATE = {"optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json", "training_args.bin"}
 BASE = {"density": 0.05, "reselection_steps": 2, "selection_accumulation_steps": 1}
@@ -45,11 +46,11 @@ def checkpoint(tmp_path_factory):
 
 def test_checkpoints_and_save_model_hold_the_adapter_and_trainer_state_only(tmp_path, checkpoint):
     path, _ = checkpoint
-    assert {p.name for p in path.iterdir()} == {CONFIG_NAME, WEIGHTS_NAME} | TRAINER_STATE
+    assert {p.name for p in path.iterdir()} == {CONFIG_NAME, WEIGHTS_NAME, CARD_NAME} | TRAINER_STATE
     trainer = _trainer(tmp_path, max_steps=1, save_strategy="no")
     trainer.train()
     trainer.save_model(tmp_path / "saved")
-    assert {p.name for p in (tmp_path / "saved").iterdir()} == {CONFIG_NAME, WEIGHTS_NAME, "training_args.bin"}
+    assert {p.name for p in (tmp_path / "saved").iterdir()} == {CONFIG_NAME, WEIGHTS_NAME, CARD_NAME, "training_args.bin"}
     assert all(torch.equal(read_adapter(tmp_path / "saved").targets[key].values, values)
                for key, (_, values) in _layers(trainer.model).items())
 

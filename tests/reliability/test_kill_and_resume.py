@@ -12,8 +12,8 @@ import torch
 
 JOB = Path(__file__).with_name("kill_and_resume_job.py")
 REPO = Path(__file__).resolve().parents[2]
-# What a checkpoint holds: the adapter and the Trainer's state, no copy of the model.
-CHECKPOINT_FILES = {"sparse_config.json", "sparse_adapter.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth",
+# What a checkpoint holds: the adapter (with its model card) and the Trainer's state, no copy of the model.
+CHECKPOINT_FILES = {"sparse_config.json", "sparse_adapter.safetensors", "README.md", "optimizer.pt", "scheduler.pt", "rng_state.pth",
                     "trainer_state.json", "training_args.bin"}
 
 
