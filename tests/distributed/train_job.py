@@ -133,7 +133,7 @@ def plain_loop(method, rank, world, how):
 def let_accelerate_shard_on_cpu() -> None:
     """Accelerate turns FSDP on only for accelerator devices and trains `fsdp=True` on CPU as DDP; switch it to FSDP
     for CPU processes too, so the Trainer's real FSDP path (wrapping, clipping, adapter saving) runs on gloo."""
-    from accelerate.state import AcceleratorState
+    from accelerate.state import AcceleratorState, PartialState
     from accelerate.utils import DistributedType
 
     original = AcceleratorState.__init__
@@ -143,6 +143,8 @@ def let_accelerate_shard_on_cpu() -> None:
         if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
             self.distributed_type, self.fsdp_plugin = DistributedType.FSDP, fsdp_plugin
             self.device = torch.device("cpu")  # FSDP1 compares its device_id with "cpu", not accelerate's "cpu:0"
+            # As accelerate itself does for FSDP: a later `AcceleratorState()` copies PartialState's fields back in.
+            PartialState._shared_state.update(distributed_type=self.distributed_type, device=self.device)
 
     AcceleratorState.__init__ = init
 
