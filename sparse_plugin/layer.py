@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .kernels.blocks import BlockPattern, block_grid, tiles_whole_blocks
-from .kernels.sddmm import SparsePattern
+from .kernels.pattern import SparsePattern
 
 # Below this many weight entries positions fit int32 (half the bytes of int64); torch's CSR kernels take either.
 _INT32_LIMIT = 2**31

@@ -283,7 +283,7 @@ def stats(samples: dict[str, list[float]]) -> dict:
 def labelled_regions():
     """Wrap our layer's pieces in `record_function` labels (this process only; the library is unchanged)."""
     from sparse_plugin import layer
-    from sparse_plugin.kernels import blocks, sddmm
+    from sparse_plugin.kernels import blocks, pattern, sddmm
     from sparse_plugin.optim.sm3 import SM3
     from sparse_plugin.optim.sparse_adamw import SparseAdamW
     from sparse_plugin.selection import spiel
@@ -301,15 +301,15 @@ def labelled_regions():
 
     patches = [
         label(layer.SparseDeltaLinear, "_hold_delta", "sp::layer._hold_delta (rewrite W0 + Δ entries)"),
-        label(sddmm.SparsePattern, "matmul", "sp::pattern.matmul (CSR x·Δᵀ)"),
-        label(sddmm.SparsePattern, "matmul_t", "sp::pattern.matmul_t (CSR dy·Δ)"),
-        label(sddmm.SparsePattern, "values_grad", "sp::pattern.values_grad"),
+        label(pattern.SparsePattern, "matmul", "sp::pattern.matmul (CSR x·Δᵀ)"),
+        label(pattern.SparsePattern, "matmul_t", "sp::pattern.matmul_t (CSR dy·Δ)"),
+        label(pattern.SparsePattern, "values_grad", "sp::pattern.values_grad"),
         label(blocks.BlockPattern, "matmul", "sp::blocks.matmul (block GEMMs x·Δᵀ)"),
         label(blocks.BlockPattern, "matmul_t", "sp::blocks.matmul_t (block GEMMs dy·Δ)"),
         label(blocks.BlockPattern, "values_grad", "sp::blocks.values_grad (block GEMMs dyᵀx)"),
         label(sddmm, "values_grad_sampled", "sp::values_grad_sampled (sampled_addmm)"),
         label(sddmm, "values_grad_dense", "sp::values_grad_dense (dyᵀx + gather)"),
-        label(sddmm.SparsePattern, "csr", "sp::pattern.csr"),
+        label(pattern.SparsePattern, "csr", "sp::pattern.csr"),
         label(layer.SparseDeltaLinear, "pattern", "sp::layer.pattern"),
         label(layer.SparseDeltaLinear, "strategy", "sp::layer.strategy"),
         label(SM3, "_update", "sp::SM3._update"),
