@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     from .atomic import Interrupted, signals_as_errors
     from .hub import resolve_adapter, resolve_model
     from .io import AdapterError
-    from .merge import apply_adapter
+    from .merge import merge_checkpoint
     from .peft_interop import export_peft
 
     try:
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         # the output is in place, the defaults are back (a signal then can only cut the summary short).
         try:
             with signals_as_errors():
-                result = apply_adapter(
+                result = merge_checkpoint(
                     model, adapter, args.output, unmerge=unmerge,
                     device=args.device, force=args.force, overwrite=args.overwrite, progress=not args.quiet,
                 )

@@ -297,7 +297,7 @@ def _unmerge_tensor(weight: torch.Tensor, target: TargetDelta, force: bool, wher
         scatter_set_(weight, indices, base_values)
 
 
-def apply_adapter(
+def merge_checkpoint(
     model_dir: str | os.PathLike,
     adapter_dir: str | os.PathLike,
     output_dir: str | os.PathLike,
