@@ -7,8 +7,6 @@ adapter's `sparse_config.json` are derived from its fields, never copied by hand
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -166,7 +164,7 @@ class SparseConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "SparseConfig":
+    def from_dict(cls, data: dict[str, Any]) -> SparseConfig:
         """Build from `to_dict()` output; unknown keys are an error naming them."""
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
@@ -176,15 +174,6 @@ class SparseConfig:
                 "Was this written by a newer sparse_plugin? Upgrade it."
             )
         return cls(**data)
-
-    def to_json_file(self, path: str | os.PathLike) -> None:
-        with open(path, "w", encoding="utf-8") as fh:
-            json.dump(self.to_dict(), fh, indent=2, sort_keys=True)
-
-    @classmethod
-    def from_json_file(cls, path: str | os.PathLike) -> "SparseConfig":
-        with open(path, encoding="utf-8") as fh:
-            return cls.from_dict(json.load(fh))
 
 
 def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
