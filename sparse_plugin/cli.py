@@ -141,9 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         model = resolve_model(args.merged if unmerge else args.base,
                               revision=args.merged_revision if unmerge else args.base_revision)
         adapter = resolve_adapter(args.adapter, revision=args.adapter_revision)
-        # The CPU scatter is a few million indexed writes, too little work to share between threads: with one
-        # core busy elsewhere, OpenMP's spinning made the SmolLM2 merge 14.6 s instead of 1.1 s single-threaded
-        # (tools/bench_merge.py, 2 cores); so one thread while merging.
+        # One thread while merging: the CPU scatter is a few million indexed writes, too little work to share,
+        # and OpenMP's spinning threads lose badly to any other load on the cores (see tools/bench_merge.py).
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         # Armed before anything is written, so a signal at any point unwinds through the output's cleanup; once

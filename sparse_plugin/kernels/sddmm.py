@@ -24,17 +24,14 @@ if TYPE_CHECKING:
     from .pattern import SparsePattern
 
 GRAD_PATHS = ("dense", "sampled", "triton")
-# Measured by tools/bench_layer.py (torch 2.13 CPU, 2 cores, fp32, SmolLM2 shapes at 128-512 tokens and
-# 4096×4096 at 512-2048): sampled÷dense step time 0.5-0.98 up to 4.6% density, 0.95-1.06 at 7%, 1.02-1.2
-# at 10%, so the crossover is ~6%. Exception: 192×576 (k/v) where dense wins by ~10% at every density.
+# On CPU: `sampled_addmm` below this density, dense-then-gather above. The crossover is near 5-6% for most
+# shapes (dense wins for the small k/v projections); see tools/bench_layer.py.
 SAMPLED_MAX_DENSITY = 0.05
-# On CUDA: the Triton SDDMM below this density, dense-then-gather above. NOT MEASURED: no GPU was available
-# when it was written; it is a roofline estimate, to be replaced by tools/bench_kernels.py's figures
-# (tools/gpu_check.sh runs it). The kernel reads ~tokens·bytes of x per position (dy rows are reused), the
-# dense path computes 2·tokens·out·in FLOPs, so kernel÷dense ≈ density·bytes·FLOP rate÷(2·byte rate),
-# whatever the token count. H100, bf16 (~600 TFLOP/s reached, 3-7 TB/s from HBM/L2): ≈ density×(90-180),
-# a crossover near 0.5-1%; fp32 without TF32 (~50 TFLOP/s): ≈ density×(15-30), near 3-7%. 2% sits between
-# the two (about their geometric mean) until measurements say where each dtype's crossover really is.
+# On CUDA: the Triton SDDMM below this density, dense-then-gather above. An estimate until
+# tools/bench_kernels.py measures it (tools/gpu_check.sh runs it): the kernel reads ~tokens·bytes of x per
+# position, the dense path computes 2·tokens·out·in FLOPs, so kernel÷dense ≈ density·bytes·FLOP rate÷(2·byte
+# rate) whatever the token count; on current GPUs that puts the crossover near 0.5-1% in bf16 and 3-7% in fp32
+# without TF32, and 2% sits between the two.
 TRITON_MAX_DENSITY = 0.02
 # Positions per program and tokens per inner step of `_sddmm_kernel`; not tuned on a GPU yet.
 _BLOCK_P = 32
