@@ -180,7 +180,7 @@ def linear_targets(model) -> list[tuple[int, int]]:
 def lora_rank_for_density(model, density: float) -> int:
     """The LoRA rank whose trainable count is closest to SpIEL's at `density` (at least 1)."""
     from sparse_plugin.config import SparseConfig
-    from sparse_plugin.model import allocate_budget
+    from sparse_plugin.sizing import allocate_budget
 
     shapes = linear_targets(model)
     k = sum(allocate_budget(shapes, SparseConfig(density=density)))

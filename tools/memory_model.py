@@ -19,7 +19,7 @@ Usage (from the repository root):
 Notation: T = batch·seq tokens, h hidden, i intermediate, L layers, n_h heads, d_q = n_h·head_dim,
 d_kv = n_kv·head_dim, V vocab, a = bytes of the activation (compute) dtype, P parameters, K trained values
 (the sparse budget is LoRA r16's count on every linear layer, K = r·Σ(in + out), spread over the matrices in
-proportion to their size as `allocate_budget` does: k_m values in an m × n matrix).
+proportion to their size by `sparse_plugin.sizing.share_budget`: k_m values in an m × n matrix).
 
 Components (bytes):
 
@@ -112,17 +112,21 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the package, when run as a script
+
+from sparse_plugin.sizing import (  # torch-free, like this model
+    POOL_FACTOR,
+    SAMPLED_MAX_DENSITY,
+    SCORE_CHUNK,
+    TRITON_MAX_DENSITY,
+    share_budget,
+)
+
 GIB = 2**30
 MIB = 2**20
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 # 4-bit codes + one 8-bit absmax per 64 weights + one fp32 constant per 256 absmaxes (QLoRA §3: 0.127 bits/param).
 NF4_BYTES_PER_PARAM = (4 + 8 / 64 + 32 / (64 * 256)) / 8
-
-# Mirrors of library constants (tests/tools/test_memory_model.py checks them against the sources).
-SAMPLED_MAX_DENSITY = 0.05  # sparse_plugin/kernels/sddmm.py: CPU values' gradient sampled below, dense above
-TRITON_MAX_DENSITY = 0.02  # sparse_plugin/kernels/sddmm.py: CUDA Triton SDDMM below, dense above
-POOL_FACTOR = 4  # sparse_plugin/selection/sift.py: SIFT's candidate pool per matrix, in multiples of k
-SCORE_CHUNK = 1 << 22  # sparse_plugin/selection/spiel.py: MA's fp32 score chunk (elements)
 
 METHODS = ("spiel-ma", "spiel-ag", "smt", "sift", "lora", "full")
 SPARSE = ("spiel-ma", "spiel-ag", "smt", "sift")
@@ -237,18 +241,6 @@ class Estimate:
 
 
 # ---------------------------------------------------------------- pieces
-
-
-def allocate_budget(shapes: list[tuple[int, int]], total: int) -> list[int]:
-    """`sparse_plugin.model.allocate_budget` for a total: shares ∝ size, largest remainder, 1 ≤ k ≤ size."""
-    sizes = [o * i for o, i in shapes]
-    whole = sum(sizes)
-    exact = [s * total / whole for s in sizes]
-    counts = [math.floor(e) for e in exact]
-    order = sorted(range(len(sizes)), key=lambda j: -(exact[j] - counts[j]))  # stable, as torch's
-    for j in order[: total - sum(counts)]:
-        counts[j] += 1
-    return [min(max(1, c), s) for c, s in zip(counts, sizes)]
 
 
 def lora_params(arch: Arch, rank: int) -> int:
@@ -438,7 +430,7 @@ def estimate(arch: Arch | str, method: str, setting: Setting | None = None) -> E
     counts: list[int] = []
     if method in SPARSE:
         k_total = lora_params(arch, setting.lora_rank)
-        counts = allocate_budget(shapes, k_total)
+        counts = share_budget([o * i for o, i in shapes], k_total)
         vb = DTYPE_BYTES[setting.values_dtype]
         trainable = k_total
         trained = vb * k_total

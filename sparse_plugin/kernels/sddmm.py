@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..sizing import SAMPLED_MAX_DENSITY, TRITON_MAX_DENSITY
 from ._triton import tl, triton
 from .backend import pick_backend
 
@@ -24,15 +25,6 @@ if TYPE_CHECKING:
     from .pattern import SparsePattern
 
 GRAD_PATHS = ("dense", "sampled", "triton")
-# On CPU: `sampled_addmm` below this density, dense-then-gather above. The crossover is near 5-6% for most
-# shapes (dense wins for the small k/v projections); see tools/bench_layer.py.
-SAMPLED_MAX_DENSITY = 0.05
-# On CUDA: the Triton SDDMM below this density, dense-then-gather above. An estimate until
-# tools/bench_kernels.py measures it (tools/gpu_check.sh runs it): the kernel reads ~tokens·bytes of x per
-# position, the dense path computes 2·tokens·out·in FLOPs, so kernel÷dense ≈ density·bytes·FLOP rate÷(2·byte
-# rate) whatever the token count; on current GPUs that puts the crossover near 0.5-1% in bf16 and 3-7% in fp32
-# without TF32, and 2% sits between the two.
-TRITON_MAX_DENSITY = 0.02
 # Positions per program and tokens per inner step of `_sddmm_kernel`; not tuned on a GPU yet.
 _BLOCK_P = 32
 _BLOCK_T = 128

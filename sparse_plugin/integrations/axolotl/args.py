@@ -19,7 +19,8 @@ import torch
 from pydantic import BaseModel, Field, create_model, model_validator
 
 from ...config import SparseConfig
-from ...model import allocate_budget, find_targets
+from ...model import find_targets
+from ...sizing import allocate_budget
 from ..hf_registry import SPARSE_OPTIMIZERS
 
 PREFIX = "sparse_"
