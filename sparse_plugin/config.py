@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-METHODS = ("spiel", "smt", "sift")
+SELECTION_METHODS = ("spiel", "smt", "sift")
 VALUES_DTYPES = ("float32", "bfloat16", "float16")
 FORWARD_STRATEGIES = ("auto", "additive", "merged")
 REGROW_METHODS = ("ma", "ag")
@@ -90,7 +90,7 @@ class SparseConfig:
     selection_steps: int = 4
 
     def __post_init__(self) -> None:
-        _check_choice("method", self.method, METHODS)
+        _check_choice("method", self.method, SELECTION_METHODS)
         _check_choice("values_dtype", self.values_dtype, VALUES_DTYPES)
         _check_choice("forward_strategy", self.forward_strategy, FORWARD_STRATEGIES)
         self._check_budget()

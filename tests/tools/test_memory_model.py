@@ -71,7 +71,7 @@ def test_activation_bytes_by_hand():
 
 def test_estimates_add_up():
     setting = mm.Setting(batch=1, seq=4, dtype="bf16", lora_rank=2)
-    for method in mm.METHODS:
+    for method in mm.MODELLED_METHODS:
         est = mm.estimate(TOY, method, setting)
         assert sum(est.components.values()) == est.peak_bytes == max(est.moments.values())
         assert est.moments[est.peak_at] == est.peak_bytes
@@ -139,7 +139,7 @@ def test_fsdp_shards_the_base_and_keeps_the_sparse_state_whole(capsys):
     # Unsharded during a forward/backward: the root (embedding, head, final norm) and two decoder layers, bf16.
     layer = 2 * (960 // 2 + 2 * 8)
     assert mm.fsdp_gathered_bytes(TOY, one, "spiel-ma") == 2 * (2 * 80 + 8) + 2 * layer
-    for method in mm.METHODS:
+    for method in mm.MODELLED_METHODS:
         whole, sharded = mm.estimate(TOY, method, one), mm.estimate(TOY, method, eight)
         assert sharded.components["weights"] == -(-whole.components["weights"] // 8), method
         if method in mm.SPARSE:  # whole on every rank; a sharded base keeps no W0 entries (additive path)
