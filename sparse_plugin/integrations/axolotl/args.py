@@ -139,7 +139,7 @@ class _SparseChecks(BaseModel):
         return self
 
     @model_validator(mode="after")
-    def check_targets(self):
+    def check_targets_and_budget(self):
         """Resolve `sparse_target_modules` and the budget on the base model built on the meta device (no
         weights), so a wrong target fails now rather than after the datasets are prepared."""
         base = _value(self, "base_model_config") or _value(self, "base_model")
