@@ -152,7 +152,7 @@ class SparseConfig:
         _check_choice("values_dtype", self.values_dtype, VALUES_DTYPES)
         _check_choice("forward_strategy", self.forward_strategy, FORWARD_STRATEGIES)
         self._check_budget()
-        self._check_targets()
+        self._check_target_modules()
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ValueError(f"`seed` must be an int, got {self.seed!r}.")
         if not isinstance(self.store_base_values, bool):
@@ -194,7 +194,8 @@ class SparseConfig:
             raise ValueError(f"`initial_reselection_rate` must be a number in [0, 1], got {rate!r}.")
         self.initial_reselection_rate = float(rate)
 
-    def _check_targets(self) -> None:
+    def _check_target_modules(self) -> None:
+        """Fill the method's default targets, then check `target_modules` is a regex or a list of suffixes."""
         if self.target_modules is None:
             self.target_modules = list(SMT_DEFAULT_TARGETS) if self.method == "smt" else ALL_LINEAR
         targets = self.target_modules
