@@ -118,9 +118,9 @@ def values_grad_triton(dy: torch.Tensor, x: torch.Tensor, pattern: SparsePattern
 def grad_path_rule(density: float, device: torch.device) -> str:
     """The values' gradient path for a pattern of `density` on `device`.
 
-    CPU (measured): sampled below `SAMPLED_MAX_DENSITY`, dense-then-gather above. CUDA with Triton (an
-    estimate until measured, see `TRITON_MAX_DENSITY`): the Triton kernel below `TRITON_MAX_DENSITY`,
-    dense-then-gather above.
+    CPU (measured): sampled below `SAMPLED_MAX_DENSITY`, dense-then-gather above. CUDA with Triton (an estimate
+    until measured): the Triton kernel below `TRITON_MAX_DENSITY`, dense-then-gather above. Both thresholds,
+    and why, are in sizing.py.
     """
     if device.type == "cuda" and triton is not None:
         return "triton" if density < TRITON_MAX_DENSITY else "dense"
