@@ -68,7 +68,8 @@ def test_args_are_derived_from_sparse_config_fields():
     for key, info in SparseArgs.model_fields.items():
         assert info.default is None and info.json_schema_extra["description"], key
     for field in dataclasses.fields(SparseConfig):  # the field's own help, word for word
-        assert SparseArgs.model_fields[f"sparse_{field.name}"].json_schema_extra["description"] == field.metadata["help"]
+        description = SparseArgs.model_fields[f"sparse_{field.name}"].json_schema_extra["description"]
+        assert description == field.metadata["help"], field.name
     assert "share of each targeted weight matrix" in SparseArgs.model_fields["sparse_density"].json_schema_extra["description"]
 
 

@@ -162,9 +162,10 @@ def _meta_model(name_or_path: str | None, trust_remote_code: bool) -> torch.nn.M
 
 def _derived_fields() -> dict[str, tuple]:
     """`sparse_<name>: <type of name> | None = None`, described by the field's `help`, for each field."""
-    types, fields = typing.get_type_hints(SparseConfig), {item.name: item for item in dataclasses.fields(SparseConfig)}
+    types = typing.get_type_hints(SparseConfig)
+    helps = {item.name: item.metadata["help"] for item in dataclasses.fields(SparseConfig)}
     return {
-        key: (types[name] | None, Field(default=None, json_schema_extra={"description": fields[name].metadata["help"]}))
+        key: (types[name] | None, Field(default=None, json_schema_extra={"description": helps[name]}))
         for key, name in CONFIG_KEYS.items()
     }
 
