@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     from .atomic import Interrupted, signals_as_errors
     from .hub import resolve_adapter, resolve_model
     from .io import AdapterError
-    from .merge import apply_adapter
+    from .merge import merge_checkpoint
     from .peft_interop import export_peft
 
     try:
@@ -141,16 +141,15 @@ def main(argv: list[str] | None = None) -> int:
         model = resolve_model(args.merged if unmerge else args.base,
                               revision=args.merged_revision if unmerge else args.base_revision)
         adapter = resolve_adapter(args.adapter, revision=args.adapter_revision)
-        # The CPU scatter is a few million indexed writes, too little work to share between threads: with one
-        # core busy elsewhere, OpenMP's spinning made the SmolLM2 merge 14.6 s instead of 1.1 s single-threaded
-        # (tools/bench_merge.py, 2 cores); so one thread while merging.
+        # One thread while merging: the CPU scatter is a few million indexed writes, too little work to share,
+        # and OpenMP's spinning threads lose badly to any other load on the cores (see tools/bench_merge.py).
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         # Armed before anything is written, so a signal at any point unwinds through the output's cleanup; once
         # the output is in place, the defaults are back (a signal then can only cut the summary short).
         try:
             with signals_as_errors():
-                result = apply_adapter(
+                result = merge_checkpoint(
                     model, adapter, args.output, unmerge=unmerge,
                     device=args.device, force=args.force, overwrite=args.overwrite, progress=not args.quiet,
                 )

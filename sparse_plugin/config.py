@@ -7,13 +7,12 @@ adapter's `sparse_config.json` are derived from its fields, never copied by hand
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import re
-from dataclasses import dataclass
+import textwrap
+from dataclasses import dataclass, field
 from typing import Any
 
-METHODS = ("spiel", "smt", "sift")
+SELECTION_METHODS = ("spiel", "smt", "sift")
 VALUES_DTYPES = ("float32", "bfloat16", "float16")
 FORWARD_STRATEGIES = ("auto", "additive", "merged")
 REGROW_METHODS = ("ma", "ag")
@@ -22,48 +21,26 @@ ALL_LINEAR = "all-linear"
 SMT_DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj")
 
 
+def _document_fields(cls: type) -> type:
+    """Write the docstring's Args section from each field's `help` metadata, the text Axolotl's keys show too."""
+    if cls.__doc__ is None:  # python -OO
+        return cls
+    entries = []
+    for item in dataclasses.fields(cls):
+        default = "*optional*" if item.default is None else f"defaults to `{item.default!r}`"
+        entry = f"{item.name} (`{item.type.removesuffix(' | None')}`, {default}): {item.metadata['help']}"
+        entries.append(textwrap.fill(entry, 115, initial_indent=" " * 8, subsequent_indent=" " * 12))
+    summary, example = cls.__doc__.split("    Example:", 1)
+    cls.__doc__ = summary + "    Args:\n" + "\n".join(entries) + "\n\n    Example:" + example
+    return cls
+
+
+@_document_fields
 @dataclass
 class SparseConfig:
     """Configuration of a sparse fine-tune.
 
     Give exactly one budget: `density`, `num_params` or `lora_rank_equivalent`.
-
-    Args:
-        method (`str`, defaults to `"spiel"`): selection method, one of `"spiel"`, `"smt"`, `"sift"`.
-        density (`float`, *optional*): share of each targeted weight matrix that is trained, in (0, 1].
-        num_params (`int`, *optional*): total trainable values, spread over the targets in proportion
-            to their size.
-        lora_rank_equivalent (`int`, *optional*): set `num_params` to what LoRA of this rank would train
-            on the same targets, `r * (in + out)` summed over them.
-        target_modules (`str` or `list[str]`, *optional*): a list of module-name suffixes
-            (`["q_proj", "v_proj"]`), a regular expression matched against the full module name, or
-            `"all-linear"` for every `nn.Linear` except the output head. Defaults to `"all-linear"`, and to
-            `["q_proj", "k_proj", "v_proj"]` for SMT as in its paper.
-        values_dtype (`str`, defaults to `"float32"`): dtype of the trained values; fp32 keeps tiny
-            updates that a bf16 copy of the base would round away.
-        seed (`int`, defaults to `0`): seed of the random initial indices.
-        forward_strategy (`str`, defaults to `"auto"`): `"additive"` (y = base(x) + x·Δᵀ), `"merged"`
-            (the base weight holds W0 + Δ between steps, rounded to its dtype; dense float bases only) or
-            `"auto"` (merged wherever the base allows it, additive for quantised or FSDP-sharded bases).
-        store_base_values (`bool`, defaults to `True`): save the base weight's entries at the indices in the
-            adapter, so `sparse-merge unmerge` restores the base bit for bit.
-        regrow (`str`, defaults to `"ma"`): SpIEL's regrowth criterion: `"ma"` scores inactive positions by
-            the SM3 row/column accumulators (needs `optim="spiel_sm3"`), `"ag"` by gradients accumulated over
-            the gathering steps for the top candidates of the first gathering micro-batch.
-        reselection_steps (`int`, defaults to `20`): optimizer steps between prune/regrow rounds.
-        selection_accumulation_steps (`int`, defaults to `5`): optimizer steps of gradient gathering before
-            each round (AG only); must be at most `reselection_steps`.
-        initial_reselection_rate (`float`, defaults to `0.2`): share of each matrix's positions replaced in
-            the first round, in [0, 1]; it decays to 0 at the end of training.
-        reselection_schedule (`str`, defaults to `"linear"`): decay of that share, `"linear"` (the SpIEL
-            reference) or `"cosine"`.
-        block_size (`int`, defaults to `256`): SMT's block edge, clamped to each matrix; blocks at the edges of
-            dimensions that are not multiples are smaller.
-        warmup_steps (`int`, *optional*): SMT's optimizer steps of gradient statistics (no updates) before the
-            blocks are chosen; defaults to 10% of the run, at most 100 (the paper's value).
-        selection_steps (`int`, defaults to `4`): SIFT's micro-batches of accumulated gradient before the
-            positions are chosen; selection happens at the end of the optimizer step that holds the last one,
-            and that step already updates the chosen positions.
 
     Example:
         ```python
@@ -73,30 +50,109 @@ class SparseConfig:
         ```
     """
 
-    method: str = "spiel"
-    density: float | None = None
-    num_params: int | None = None
-    lora_rank_equivalent: int | None = None
-    target_modules: str | list[str] | None = None
-    values_dtype: str = "float32"
-    seed: int = 0
-    forward_strategy: str = "auto"
-    store_base_values: bool = True
-    regrow: str = "ma"
-    reselection_steps: int = 20
-    selection_accumulation_steps: int = 5
-    initial_reselection_rate: float = 0.2
-    reselection_schedule: str = "linear"
-    block_size: int = 256
-    warmup_steps: int | None = None
-    selection_steps: int = 4
+    method: str = field(default="spiel", metadata={"help": 'selection method, one of `"spiel"`, `"smt"`, `"sift"`.'})
+    density: float | None = field(
+        default=None,
+        metadata={"help": "share of each targeted weight matrix that is trained, in (0, 1]."},
+    )
+    num_params: int | None = field(
+        default=None,
+        metadata={"help": "total trainable values, spread over the targets in proportion to their size."},
+    )
+    lora_rank_equivalent: int | None = field(
+        default=None,
+        metadata={"help": (
+            "set `num_params` to what LoRA of this rank would train on the same targets, `r * (in + out)` summed "
+            "over them."
+        )},
+    )
+    target_modules: str | list[str] | None = field(
+        default=None,
+        metadata={"help": (
+            'a list of module-name suffixes (`["q_proj", "v_proj"]`), a regular expression matched against the '
+            'full module name, or `"all-linear"` for every `nn.Linear` except the output head. Defaults to '
+            '`"all-linear"`, and to `["q_proj", "k_proj", "v_proj"]` for SMT as in its paper.'
+        )},
+    )
+    values_dtype: str = field(
+        default="float32",
+        metadata={"help": (
+            "dtype of the trained values; fp32 keeps tiny updates that a bf16 copy of the base would round away."
+        )},
+    )
+    seed: int = field(default=0, metadata={"help": "seed of the random initial indices."})
+    forward_strategy: str = field(
+        default="auto",
+        metadata={"help": (
+            '`"additive"` (y = base(x) + x·Δᵀ), `"merged"` (the base weight holds W0 + Δ between steps, rounded '
+            'to its dtype; dense float bases only) or `"auto"` (merged wherever the base allows it, additive for '
+            "quantised or FSDP-sharded bases)."
+        )},
+    )
+    store_base_values: bool = field(
+        default=True,
+        metadata={"help": (
+            "save the base weight's entries at the indices in the adapter, so `sparse-merge unmerge` restores the"
+            " base bit for bit."
+        )},
+    )
+    regrow: str = field(
+        default="ma",
+        metadata={"help": (
+            "SpIEL's regrowth criterion: "
+            '`"ma"` scores inactive positions by the SM3 row/column accumulators '
+            '(needs `optim="spiel_sm3"`), `"ag"` by gradients accumulated over the gathering steps for the top '
+            "candidates of the first gathering micro-batch."
+        )},
+    )
+    reselection_steps: int = field(default=20, metadata={"help": "optimizer steps between prune/regrow rounds."})
+    selection_accumulation_steps: int = field(
+        default=5,
+        metadata={"help": (
+            "optimizer steps of gradient gathering before each round (AG only); must be at most "
+            "`reselection_steps`."
+        )},
+    )
+    initial_reselection_rate: float = field(
+        default=0.2,
+        metadata={"help": (
+            "share of each matrix's positions replaced in the first round, in [0, 1]; it decays to 0 at the end "
+            "of training."
+        )},
+    )
+    reselection_schedule: str = field(
+        default="linear",
+        metadata={"help": 'decay of that share, `"linear"` (the SpIEL reference) or `"cosine"`.'},
+    )
+    block_size: int = field(
+        default=256,
+        metadata={"help": (
+            "SMT's block edge, clamped to each matrix; blocks at the edges of dimensions that are not multiples "
+            "are smaller."
+        )},
+    )
+    warmup_steps: int | None = field(
+        default=None,
+        metadata={"help": (
+            "SMT's optimizer steps of gradient statistics (no updates) before the blocks are chosen; defaults to "
+            "10% of the run, at most 100 (the paper's value)."
+        )},
+    )
+    selection_steps: int = field(
+        default=4,
+        metadata={"help": (
+            "SIFT's micro-batches of accumulated gradient before the positions are chosen; selection happens at "
+            "the end of the optimizer step that holds the last one, and that step already updates the chosen "
+            "positions."
+        )},
+    )
 
     def __post_init__(self) -> None:
-        _check_choice("method", self.method, METHODS)
+        _check_choice("method", self.method, SELECTION_METHODS)
         _check_choice("values_dtype", self.values_dtype, VALUES_DTYPES)
         _check_choice("forward_strategy", self.forward_strategy, FORWARD_STRATEGIES)
         self._check_budget()
-        self._check_targets()
+        self._check_target_modules()
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ValueError(f"`seed` must be an int, got {self.seed!r}.")
         if not isinstance(self.store_base_values, bool):
@@ -138,7 +194,8 @@ class SparseConfig:
             raise ValueError(f"`initial_reselection_rate` must be a number in [0, 1], got {rate!r}.")
         self.initial_reselection_rate = float(rate)
 
-    def _check_targets(self) -> None:
+    def _check_target_modules(self) -> None:
+        """Fill the method's default targets, then check `target_modules` is a regex or a list of suffixes."""
         if self.target_modules is None:
             self.target_modules = list(SMT_DEFAULT_TARGETS) if self.method == "smt" else ALL_LINEAR
         targets = self.target_modules
@@ -166,7 +223,7 @@ class SparseConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "SparseConfig":
+    def from_dict(cls, data: dict[str, Any]) -> SparseConfig:
         """Build from `to_dict()` output; unknown keys are an error naming them."""
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
@@ -176,15 +233,6 @@ class SparseConfig:
                 "Was this written by a newer sparse_plugin? Upgrade it."
             )
         return cls(**data)
-
-    def to_json_file(self, path: str | os.PathLike) -> None:
-        with open(path, "w", encoding="utf-8") as fh:
-            json.dump(self.to_dict(), fh, indent=2, sort_keys=True)
-
-    @classmethod
-    def from_json_file(cls, path: str | os.PathLike) -> "SparseConfig":
-        with open(path, encoding="utf-8") as fh:
-            return cls.from_dict(json.load(fh))
 
 
 def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .kernels.blocks import BlockPattern, block_grid, tiles_whole_blocks
-from .kernels.sddmm import SparsePattern
+from .kernels.pattern import SparsePattern
 
 # Below this many weight entries positions fit int32 (half the bytes of int64); torch's CSR kernels take either.
 _INT32_LIMIT = 2**31
@@ -214,7 +214,7 @@ class SparseDeltaLinear(nn.Module):
 
         Merged needs a plain `nn.Linear` with a whole (not FSDP-sharded) fp32/bf16/fp16 weight and a frozen
         bias; it then costs one rewrite of the trained entries per step instead of two sparse products per
-        call, so it wins at every density. Decided once per base weight.
+        call, so it wins at every density (tools/bench_layer.py). Decided once per base weight.
         """
         key = (self.forward_strategy, id(getattr(self.base_layer, "weight", None)))
         if key != self._strategy_key:

@@ -122,7 +122,7 @@ def _weight_map(directory: Path) -> dict[str, str]:
     return weight_map
 
 
-def check_targets(adapter: Adapter, header: dict[str, tuple[tuple[int, ...], str]], force: bool) -> None:
+def check_base_matches_adapter(adapter: Adapter, header: dict[str, tuple[tuple[int, ...], str]], force: bool) -> None:
     """Refuse a base that lacks a target, has another shape, or (unless `force`) another dtype.
 
     Every target's recorded shape and dtype is compared with the base's own header, whatever the adapter's
@@ -245,8 +245,8 @@ def rounded_away(entries: torch.Tensor, values: torch.Tensor) -> int:
 def _positions(weight: torch.Tensor, target: TargetDelta, where: Path) -> tuple[torch.Tensor, torch.Tensor]:
     """The target's indices and values on `weight`'s device, once its shape is the adapter's.
 
-    `check_targets` has already compared the header; this repeats it on the loaded tensor because the scatter
-    kernels do not bound-check (see kernels/scatter.py): a position is only written after this.
+    `check_base_matches_adapter` has already compared the header; this repeats it on the loaded tensor because
+    the scatter kernels do not bound-check (see kernels/scatter.py): a position is only written after this.
     """
     if tuple(weight.shape) != target.shape:
         raise AdapterError(f"{where}: `{target.key}` is {list(weight.shape)} in the model but {list(target.shape)} in the "
@@ -297,7 +297,7 @@ def _unmerge_tensor(weight: torch.Tensor, target: TargetDelta, force: bool, wher
         scatter_set_(weight, indices, base_values)
 
 
-def apply_adapter(
+def merge_checkpoint(
     model_dir: str | os.PathLike,
     adapter_dir: str | os.PathLike,
     output_dir: str | os.PathLike,
@@ -336,7 +336,7 @@ def apply_adapter(
     if peft:  # PEFT's files record no shapes: the base's header supplies them
         adapter = read_peft_adapter(adapter_dir, header)
     check_output(output, {"merged model" if unmerge else "base": checkpoint.directory, "adapter": adapter.path}, overwrite)
-    check_targets(adapter, header, force)
+    check_base_matches_adapter(adapter, header, force)
     torch_device = _resolve_device(device)
     copies, skipped = _plan_copies(checkpoint.directory, checkpoint.shards)
     by_shard: dict[str, list[TargetDelta]] = {}

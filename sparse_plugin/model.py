@@ -10,6 +10,7 @@ from torch import nn
 
 from .config import ALL_LINEAR, SparseConfig
 from .layer import SparseDeltaLinear
+from .sizing import allocate_budget
 
 
 def iter_sparse_layers(model: nn.Module) -> Iterator[tuple[str, SparseDeltaLinear]]:
@@ -58,30 +59,6 @@ def find_targets(model: nn.Module, target_modules: str | list[str]) -> list[str]
 
 def _matches_suffix(name: str, suffix: str) -> bool:
     return name == suffix or name.endswith("." + suffix)
-
-
-def allocate_budget(shapes: list[tuple[int, int]], config: SparseConfig) -> list[int]:
-    """Trainable values per target: `density` of each, or the total budget shared in proportion to size.
-
-    Shares are rounded by largest remainder so they add up to the budget exactly; each target gets at least
-    one value and at most its size.
-    """
-    sizes = torch.tensor([o * i for o, i in shapes], dtype=torch.float64)
-    if config.density is not None:
-        return [max(1, round(config.density * int(n))) for n in sizes]
-    total = config.num_params
-    if config.lora_rank_equivalent is not None:
-        total = sum(config.lora_rank_equivalent * (o + i) for o, i in shapes)
-    if total > sizes.sum():
-        raise ValueError(
-            f"The budget of {total} values exceeds the {int(sizes.sum())} weights of the targets; "
-            "lower `num_params`/`lora_rank_equivalent` or target more modules."
-        )
-    exact = sizes * (total / sizes.sum())
-    counts = exact.floor().long()
-    order = torch.argsort(exact - counts, descending=True, stable=True)
-    counts[order[: total - int(counts.sum())]] += 1
-    return [int(c) for c in counts.clamp(1, None).minimum(sizes.long())]
 
 
 def random_indices(numel: int, count: int, generator: torch.Generator) -> torch.Tensor:

@@ -14,7 +14,7 @@ from adapter_utils import leftovers, saved_setup, trained_model
 from sparse_plugin import save_adapter
 from sparse_plugin.atomic import DiskFullError, atomic_directory, reporting_disk_full
 from sparse_plugin.io import CONFIG_NAME, WEIGHTS_NAME
-from sparse_plugin.merge import SINGLE_FILE, apply_adapter
+from sparse_plugin.merge import SINGLE_FILE, merge_checkpoint
 
 
 def test_a_failed_swap_puts_the_previous_output_back(tmp_path, monkeypatch):
@@ -82,7 +82,7 @@ def small_tmpfs(tmp_path):
 def test_a_real_full_disk_is_one_line_and_leaves_nothing(tmp_path, small_tmpfs):
     saved = saved_setup(tmp_path)
     with pytest.raises(DiskFullError, match=rf"^no space left on device writing {small_tmpfs}/out/{SINGLE_FILE}; free space"):
-        apply_adapter(saved.base, saved.adapter, small_tmpfs / "out", device="cpu", progress=False)
+        merge_checkpoint(saved.base, saved.adapter, small_tmpfs / "out", device="cpu", progress=False)
     assert os.listdir(small_tmpfs) == ["filler"]
 
     with pytest.raises(DiskFullError, match=rf"^no space left on device writing {small_tmpfs}/adapter/({WEIGHTS_NAME}|{CONFIG_NAME}); "):

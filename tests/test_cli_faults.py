@@ -302,7 +302,7 @@ def test_the_loser_of_two_racing_merges_says_so_and_leaves_nothing(tmp_path, cap
     def copy_then_lose_the_race(*args):  # the other merge finishes between this one's up-front check and its rename
         copy(*args)
         monkeypatch.setattr(sparse_plugin.merge, "_copy", copy)
-        sparse_plugin.merge.apply_adapter(saved.base, saved.adapter, out, device="cpu", progress=False)
+        sparse_plugin.merge.merge_checkpoint(saved.base, saved.adapter, out, device="cpu", progress=False)
         winner.update(_tree(out))
 
     monkeypatch.setattr(sparse_plugin.merge, "_copy", copy_then_lose_the_race)

@@ -26,7 +26,7 @@ from adapter_utils import (
 from sparse_plugin import iter_sparse_layers, merge_adapter, unmerge_adapter
 from sparse_plugin.io import WEIGHTS_NAME
 from sparse_plugin.kernels.scatter import scatter_add_reference
-from sparse_plugin.merge import INDEX_FILE, apply_adapter
+from sparse_plugin.merge import INDEX_FILE, merge_checkpoint
 
 # Merged weights give y = x·(W0 + Δ)ᵀ in one fp32 GEMM; the adapter's additive path gives base(x) + x·Δᵀ, the same
 # products summed in another order. That moves each activation by a few fp32 ulps; after 2 layers and the head, with
@@ -84,7 +84,7 @@ def test_in_memory_merge_matches_adapter_and_unmerge_restores_bits(strategy):
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_merged_checkpoint_reloads_with_the_adapters_logits(tmp_path, strategy):
     saved = saved_setup(tmp_path, forward_strategy=strategy)
-    summary = apply_adapter(saved.base, saved.adapter, tmp_path / "out", device="cpu", progress=False)
+    summary = merge_checkpoint(saved.base, saved.adapter, tmp_path / "out", device="cpu", progress=False)
     counts = sum(layer.indices.numel() for _, layer in iter_sparse_layers(saved.model))
     assert summary["tensors"] == 14 and summary["values"] == counts and summary["shards"] == 1
     assert summary["device"] == "cpu" and summary["exact"] is None and summary["skipped_files"] == []
@@ -103,7 +103,7 @@ def test_sharded_base_keeps_shards_index_and_other_files(tmp_path):
     (saved.base / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "BPE"}}')
     torch.save({"stale": torch.zeros(1)}, saved.base / "pytorch_model.bin")
 
-    summary = apply_adapter(saved.base, saved.adapter, tmp_path / "out", device="cpu", progress=False)
+    summary = merge_checkpoint(saved.base, saved.adapter, tmp_path / "out", device="cpu", progress=False)
     out = tmp_path / "out"
     assert summary["shards"] == len(shards)
     assert summary["skipped_files"] == ["pytorch_model.bin"]
@@ -121,7 +121,7 @@ def test_sharded_base_keeps_shards_index_and_other_files(tmp_path):
     merged = LlamaForCausalLM.from_pretrained(out).eval()
     torch.testing.assert_close(logits(merged), logits(saved.model), **LOGITS_TOL)
 
-    summary = apply_adapter(out, saved.adapter, tmp_path / "restored", unmerge=True, device="cpu", progress=False)
+    summary = merge_checkpoint(out, saved.adapter, tmp_path / "restored", unmerge=True, device="cpu", progress=False)
     assert summary["exact"] is True
     _assert_tensors_equal(read_checkpoint(tmp_path / "restored"), read_checkpoint(saved.base))
 
@@ -130,14 +130,14 @@ def test_sharded_base_keeps_shards_index_and_other_files(tmp_path):
 def test_merge_then_unmerge_is_bit_exact(tmp_path, dtype):
     saved = saved_setup(tmp_path, dtype=dtype)
     base_files = read_checkpoint(saved.base)
-    summary = apply_adapter(saved.base, saved.adapter, tmp_path / "merged", device="cpu", progress=False)
+    summary = merge_checkpoint(saved.base, saved.adapter, tmp_path / "merged", device="cpu", progress=False)
     merged = read_checkpoint(tmp_path / "merged")
     # fp32 add, one rounding to the base dtype: exactly what the plain torch reference does.
     _assert_tensors_equal(merged, dense_reference(base_files, _adapter_tensors(saved)))
     assert summary["rounded_away"] == rounded_away_reference(base_files, _adapter_tensors(saved))  # bf16: 2 deltas
     assert not torch.equal(merged["model.layers.0.self_attn.q_proj.weight"], base_files["model.layers.0.self_attn.q_proj.weight"])
 
-    summary = apply_adapter(tmp_path / "merged", saved.adapter, tmp_path / "restored", unmerge=True, device="cpu", progress=False)
+    summary = merge_checkpoint(tmp_path / "merged", saved.adapter, tmp_path / "restored", unmerge=True, device="cpu", progress=False)
     assert summary["exact"] is True
     _assert_tensors_equal(read_checkpoint(tmp_path / "restored"), base_files)
 
@@ -146,7 +146,7 @@ def test_merge_then_unmerge_is_bit_exact(tmp_path, dtype):
 def test_merge_reports_the_deltas_a_16_bit_base_rounds_away(tmp_path, dtype):
     saved = saved_setup(tmp_path, dtype=dtype)
     tiny_deltas(saved.adapter)
-    summary = apply_adapter(saved.base, saved.adapter, tmp_path / "merged", device="cpu", progress=False)
+    summary = merge_checkpoint(saved.base, saved.adapter, tmp_path / "merged", device="cpu", progress=False)
     merged, tensors = read_checkpoint(tmp_path / "merged"), _adapter_tensors(saved)
     _assert_tensors_equal(merged, dense_reference(saved.base_state, tensors))
     lost = {KEY: TINY} if dtype != torch.float32 else {}  # fp32 keeps the 1e-6 relative deltas
@@ -158,8 +158,8 @@ def test_merge_reports_the_deltas_a_16_bit_base_rounds_away(tmp_path, dtype):
 def test_unmerge_after_a_lossy_bf16_merge_is_bit_exact(tmp_path):
     saved = saved_setup(tmp_path, dtype=torch.bfloat16)
     tiny_deltas(saved.adapter)
-    apply_adapter(saved.base, saved.adapter, tmp_path / "merged", device="cpu", progress=False)
-    summary = apply_adapter(tmp_path / "merged", saved.adapter, tmp_path / "restored", unmerge=True, device="cpu", progress=False)
+    merge_checkpoint(saved.base, saved.adapter, tmp_path / "merged", device="cpu", progress=False)
+    summary = merge_checkpoint(tmp_path / "merged", saved.adapter, tmp_path / "restored", unmerge=True, device="cpu", progress=False)
     assert summary["exact"] is True and summary["rounded_away"] is None
     _assert_tensors_equal(read_checkpoint(tmp_path / "restored"), read_checkpoint(saved.base))
     # Subtracting the deltas instead, in the same fp32-then-bf16 arithmetic, does not restore the base: hence .base_values.
@@ -171,8 +171,8 @@ def test_unmerge_after_a_lossy_bf16_merge_is_bit_exact(tmp_path):
 def test_unmerge_without_base_values_is_approximate(tmp_path):
     saved = saved_setup(tmp_path, store_base_values=False)
     base_files = read_checkpoint(saved.base)
-    apply_adapter(saved.base, saved.adapter, tmp_path / "merged", device="cpu", progress=False)
-    summary = apply_adapter(tmp_path / "merged", saved.adapter, tmp_path / "restored", unmerge=True, device="cpu", progress=False)
+    merge_checkpoint(saved.base, saved.adapter, tmp_path / "merged", device="cpu", progress=False)
+    summary = merge_checkpoint(tmp_path / "merged", saved.adapter, tmp_path / "restored", unmerge=True, device="cpu", progress=False)
     assert summary["exact"] is False
     restored, merged = read_checkpoint(tmp_path / "restored"), read_checkpoint(tmp_path / "merged")
     assert restored.keys() == base_files.keys()
@@ -190,16 +190,16 @@ def test_unmerge_without_base_values_is_approximate(tmp_path):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU fallback of device='auto'")
 def test_auto_device_is_cpu_without_cuda(tmp_path):
     saved = saved_setup(tmp_path)
-    assert apply_adapter(saved.base, saved.adapter, tmp_path / "out", progress=False)["device"] == "cpu"
+    assert merge_checkpoint(saved.base, saved.adapter, tmp_path / "out", progress=False)["device"] == "cpu"
 
 
 def test_base_and_adapter_linked_like_the_hub_cache_merge_into_plain_files(tmp_path):
     saved = saved_setup(tmp_path, max_shard_size="60KB")
-    apply_adapter(saved.base, saved.adapter, tmp_path / "plain", device="cpu", progress=False)
+    merge_checkpoint(saved.base, saved.adapter, tmp_path / "plain", device="cpu", progress=False)
     for directory in (saved.base, saved.adapter):  # every file becomes a link to ../blobs/<sha256>
         hub_cache_layout(directory, tmp_path / "blobs")
 
-    apply_adapter(saved.base, saved.adapter, tmp_path / "linked", device="cpu", progress=False)
+    merge_checkpoint(saved.base, saved.adapter, tmp_path / "linked", device="cpu", progress=False)
     files = sorted((tmp_path / "linked").iterdir())
     assert [p.name for p in files] == sorted(p.name for p in (tmp_path / "plain").iterdir())
     for path in files:  # a self-contained model: real files, the same bytes as from unlinked inputs

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from sparse_plugin import SparseConfig, SparseDeltaLinear, iter_sparse_layers, prepare_model, print_trainable_parameters
-from sparse_plugin.model import allocate_budget, find_targets, random_indices
+from sparse_plugin.model import find_targets, random_indices
 
 PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -27,22 +27,6 @@ def test_unknown_target_names_the_entry_and_the_choices(tiny_model):
         find_targets(tiny_model, ["q_proj", "qkv"])
     with pytest.raises(ValueError, match="selects no Linear layer"):
         find_targets(tiny_model, "nothing.*")
-
-
-def test_budget_proportional_to_size_and_exact():
-    shapes = [(48, 48), (24, 48), (80, 48), (48, 80)]
-    counts = allocate_budget(shapes, SparseConfig(num_params=1000))
-    assert sum(counts) == 1000
-    for (o, i), c in zip(shapes, counts):
-        assert abs(c - 1000 * o * i / sum(a * b for a, b in shapes)) < 1
-    lora = allocate_budget(shapes, SparseConfig(lora_rank_equivalent=4))
-    assert sum(lora) == sum(4 * (o + i) for o, i in shapes)
-    assert allocate_budget(shapes, SparseConfig(density=0.25)) == [576, 288, 960, 960]
-
-
-def test_budget_larger_than_targets_is_refused():
-    with pytest.raises(ValueError, match="exceeds the 12 weights"):
-        allocate_budget([(3, 4)], SparseConfig(num_params=13))
 
 
 @pytest.mark.parametrize("numel, count", [(1, 1), (10, 3), (10, 9), (100_003, 4_600), (50, 50)])

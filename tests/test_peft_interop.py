@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from sparse_plugin import SparseConfig, iter_sparse_layers, load_adapter, prepare_model, save_adapter
 from sparse_plugin.cli import main
 from sparse_plugin.io import AdapterError, read_adapter
-from sparse_plugin.merge import apply_adapter
+from sparse_plugin.merge import merge_checkpoint
 from sparse_plugin.peft_interop import (
     PEFT_CONFIG_NAME,
     PEFT_WEIGHTS_NAME,
@@ -170,12 +170,12 @@ def test_merge_of_native_peft_adapter_equals_peft_model(tmp_path, format):
               if format == "supertuning" else ShiraConfig(r=2, init_weights=False, target_modules=["q_proj", "down_proj"]))
     get_peft_model(tiny_llama(0), config).save_pretrained(tmp_path / "peft")
     peft_model = PeftModel.from_pretrained(tiny_llama(0), tmp_path / "peft").eval()
-    result = apply_adapter(tmp_path / "base", tmp_path / "peft", tmp_path / "merged", device="cpu", progress=False)
+    result = merge_checkpoint(tmp_path / "base", tmp_path / "peft", tmp_path / "merged", device="cpu", progress=False)
     assert result["tensors"] == 4
     merged = model_with_state(read_checkpoint(tmp_path / "merged"))
     # PEFT adds the delta to a copy of W0 for each call, as the merge adds it once: the same fp32 sums.
     torch.testing.assert_close(logits(merged), logits(peft_model), atol=1e-6, rtol=1e-6)
-    result = apply_adapter(tmp_path / "merged", tmp_path / "peft", tmp_path / "unmerged", unmerge=True, device="cpu",
+    result = merge_checkpoint(tmp_path / "merged", tmp_path / "peft", tmp_path / "unmerged", unmerge=True, device="cpu",
                            progress=False)
     assert result["exact"] is False  # PEFT stores no base values: unmerged by subtraction, within fp32 rounding
     for key, weight in read_checkpoint(tmp_path / "unmerged").items():

@@ -49,7 +49,7 @@ LORA_RANK = 16
 ONE_PERCENT = 0.01
 
 # name -> (family, optimizer): what `build_method` makes; the order is the tables' order.
-METHODS = {
+BENCH_METHODS = {
     "floor": ("floor", None),
     "spiel-ma": ("spiel", "SM3"),
     "spiel-ag": ("spiel", "SparseAdamW"),
@@ -180,7 +180,7 @@ def linear_targets(model) -> list[tuple[int, int]]:
 def lora_rank_for_density(model, density: float) -> int:
     """The LoRA rank whose trainable count is closest to SpIEL's at `density` (at least 1)."""
     from sparse_plugin.config import SparseConfig
-    from sparse_plugin.model import allocate_budget
+    from sparse_plugin.sizing import allocate_budget
 
     shapes = linear_targets(model)
     k = sum(allocate_budget(shapes, SparseConfig(density=density)))
@@ -201,9 +201,9 @@ def build_method(model, method: str, *, lr: float, total_steps: int, sparse_over
     LoRA-r16's trainable count (SMT too, though its paper's default is Q/K/V), so rows compare like for like.
     `seed` draws the random initial positions (SpIEL) and SHiRA's mask; LoRA's A comes from torch's global seed.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
-    family, _ = METHODS[method]
+    if method not in BENCH_METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {', '.join(BENCH_METHODS)}")
+    family, _ = BENCH_METHODS[method]
     info: dict = {}
     if family == "floor":
         model.requires_grad_(False)
@@ -221,7 +221,7 @@ def build_method(model, method: str, *, lr: float, total_steps: int, sparse_over
         config = SparseConfig(method=family, regrow=regrow, target_modules="all-linear", seed=seed, **budget,
                               **(sparse_overrides or {}))
         model = sparse_plugin.prepare_model(model, config)
-        cls = SM3 if METHODS[method][1] == "SM3" else SparseAdamW
+        cls = SM3 if BENCH_METHODS[method][1] == "SM3" else SparseAdamW
         optimizer = cls(model, lr=lr, total_steps=total_steps)
         layers = [layer for _, layer in sparse_plugin.iter_sparse_layers(model)]
         info["strategies"] = sorted({f"{layer.strategy()}" for layer in layers})

@@ -52,10 +52,10 @@ sys.path.insert(0, str(TOOLS))
 from bench_common import OtherLoad, interleaved_rounds, markdown_table, percentile  # noqa: E402
 from sparse_plugin.kernels._triton import triton  # noqa: E402
 from sparse_plugin.kernels.merged_weight import merged_weight, merged_weight_reference  # noqa: E402
+from sparse_plugin.kernels.pattern import SparsePattern  # noqa: E402
 from sparse_plugin.kernels.scatter import scatter_add_  # noqa: E402
 from sparse_plugin.kernels.sddmm import (  # noqa: E402
     TRITON_MAX_DENSITY,
-    SparsePattern,
     grad_path_rule,
     values_grad_dense,
     values_grad_sampled,

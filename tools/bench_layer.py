@@ -72,7 +72,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sparse_plugin.kernels._triton import triton  # noqa: E402
 from sparse_plugin.kernels.sddmm import SAMPLED_MAX_DENSITY, pick_grad_path  # noqa: E402
-from sparse_plugin.layer import MERGED_MIN_DENSITY, SparseDeltaLinear  # noqa: E402
+from sparse_plugin.layer import SparseDeltaLinear  # noqa: E402
 from sparse_plugin.model import random_indices  # noqa: E402
 from bench_common import OtherLoad, interleaved_rounds, percentile  # noqa: E402
 
@@ -331,7 +331,6 @@ def environment(device: torch.device) -> dict:
         "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "dtype": "float32",
-        "MERGED_MIN_DENSITY": MERGED_MIN_DENSITY,
         "SAMPLED_MAX_DENSITY": SAMPLED_MAX_DENSITY,
         "memory_method": "cuda.max_memory_allocated" if device.type == "cuda" else "torch.profiler CPU allocator events (peak of running sum)",
     }
@@ -351,7 +350,7 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         f"{meta['date']}; fp32; memory: {meta['memory_method']}; other processes used {_pct(meta.get('other_cpu_share'))} of the "
         "machine's CPU during the run (per configuration in the last column below; above a few % absolute times are "
         "inflated, and the interleaved rounds keep ratios fairer).",
-        f"Rule constants: MERGED_MIN_DENSITY={meta['MERGED_MIN_DENSITY']}, SAMPLED_MAX_DENSITY={meta['SAMPLED_MAX_DENSITY']}. "
+        f"Rule constant: SAMPLED_MAX_DENSITY={meta['SAMPLED_MAX_DENSITY']} (merged is used at every density). "
         "Step = forward + backward (dx and the trainable gradients); ratios are medians over medians from this run.",
         "",
         "| shape (out×in) | tokens | density | variant | auto | fwd ms | bwd ms | step ms (p10–p90) | n | peak MiB | time ×LoRA | time ×full | mem ×LoRA | mem ×full |",

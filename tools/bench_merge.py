@@ -1,11 +1,11 @@
-"""Benchmark `apply_adapter` (streaming merge into safetensors) against a plain copy of the same files.
+"""Benchmark `merge_checkpoint` (streaming merge into safetensors) against a plain copy of the same files.
 
 On the bundled SmolLM2-135M fp32 checkpoint (`tools/bundled_model.py`, one 538 MB `model.safetensors`),
 an adapter is built once: `prepare_model` with `SparseConfig(lora_rank_equivalent=16)` on every linear
 layer, random nonzero values, `save_adapter` to a temporary directory. Then, in each of `--repeats` rounds
 (the three cases in a shuffled order, so a busy neighbour process slows all of them alike):
 
-* `merge`: `apply_adapter(base, adapter, out, device=--device)` into a fresh directory (reads the shard,
+* `merge`: `merge_checkpoint(base, adapter, out, device=--device)` into a fresh directory (reads the shard,
   scatters every delta, writes the shard, copies config/tokenizer files, renames into place).
 * `copy`: `shutil.copy` of `model.safetensors` and every other file into a fresh directory, the floor for
   any tool that writes a new checkpoint.
@@ -13,7 +13,7 @@ layer, random nonzero values, `save_adapter` to a temporary directory. Then, in 
   kept, as the merge keeps it): the cost of the file format alone, so merge − load_save is the scatter.
 
 Medians over the rounds, and ratios of merge to the other two. Writes are not fsynced (nor are they in
-`apply_adapter`), and after the first round the source shard is in the page cache for every case, so this
+`merge_checkpoint`), and after the first round the source shard is in the page cache for every case, so this
 measures CPU and memory-bandwidth cost, not the disk. Output directories are deleted between cases,
 outside the timed region.
 
@@ -48,7 +48,7 @@ sys.path.insert(0, str(TOOLS))
 from bundled_model import model_dir  # noqa: E402
 from sparse_plugin.config import SparseConfig  # noqa: E402
 from sparse_plugin.io import save_adapter  # noqa: E402
-from sparse_plugin.merge import SINGLE_FILE, apply_adapter  # noqa: E402
+from sparse_plugin.merge import SINGLE_FILE, merge_checkpoint  # noqa: E402
 from sparse_plugin.model import iter_sparse_layers, prepare_model  # noqa: E402
 from bench_common import OtherLoad  # noqa: E402
 
@@ -73,7 +73,7 @@ def build_adapter(base_dir: Path, adapter_dir: Path, rank: int, seed: int) -> di
 
 
 def run_merge(base_dir: Path, adapter_dir: Path, out: Path, device: str) -> None:
-    apply_adapter(base_dir, adapter_dir, out, device=device, progress=False)
+    merge_checkpoint(base_dir, adapter_dir, out, device=device, progress=False)
 
 
 def run_copy(base_dir: Path, out: Path) -> None:
@@ -92,7 +92,7 @@ def run_load_save(base_dir: Path, out: Path) -> None:
 
 
 def environment(device: str) -> dict:
-    if device == "auto":  # as apply_adapter resolves it
+    if device == "auto":  # as merge_checkpoint resolves it
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
         name = torch.cuda.get_device_name()
@@ -115,7 +115,7 @@ def environment(device: str) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="apply_adapter's device (default %(default)s)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="merge_checkpoint's device (default %(default)s)")
     parser.add_argument("--repeats", type=int, default=3, help="rounds (default %(default)s)")
     parser.add_argument("--rank", type=int, default=16, help="lora_rank_equivalent of the adapter (default %(default)s)")
     parser.add_argument("--model-dir", type=Path, help="a safetensors checkpoint directory (default: the bundled SmolLM2 cache)")

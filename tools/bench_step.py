@@ -59,8 +59,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import (
+    BENCH_METHODS,
     MATCHED_LORA,
-    METHODS,
     OtherLoad,
     build_method,
     environment,
@@ -225,7 +225,7 @@ def measure(method: str, warmup: int, steps: int) -> dict:
         "maxrss_lifetime_mb": round(maxrss_mb(), 1),
         "setup_mem_mb": round(info.pop("rss_after_setup_mb") - info["rss_after_load_mb"], 1),
         "optimizer_state_bytes": optimizer_state_bytes(optimizer),
-        "optimizer": METHODS[method][1],
+        "optimizer": BENCH_METHODS[method][1],
         "batch": BATCH, "seq": SEQ, "steps": steps, "warmup": warmup,
         "threads": torch.get_num_threads(),
         "info": info,
@@ -283,7 +283,7 @@ def stats(samples: dict[str, list[float]]) -> dict:
 def labelled_regions():
     """Wrap our layer's pieces in `record_function` labels (this process only; the library is unchanged)."""
     from sparse_plugin import layer
-    from sparse_plugin.kernels import blocks, sddmm
+    from sparse_plugin.kernels import blocks, pattern, sddmm
     from sparse_plugin.optim.sm3 import SM3
     from sparse_plugin.optim.sparse_adamw import SparseAdamW
     from sparse_plugin.selection import spiel
@@ -301,15 +301,15 @@ def labelled_regions():
 
     patches = [
         label(layer.SparseDeltaLinear, "_hold_delta", "sp::layer._hold_delta (rewrite W0 + Δ entries)"),
-        label(sddmm.SparsePattern, "matmul", "sp::pattern.matmul (CSR x·Δᵀ)"),
-        label(sddmm.SparsePattern, "matmul_t", "sp::pattern.matmul_t (CSR dy·Δ)"),
-        label(sddmm.SparsePattern, "values_grad", "sp::pattern.values_grad"),
+        label(pattern.SparsePattern, "matmul", "sp::pattern.matmul (CSR x·Δᵀ)"),
+        label(pattern.SparsePattern, "matmul_t", "sp::pattern.matmul_t (CSR dy·Δ)"),
+        label(pattern.SparsePattern, "values_grad", "sp::pattern.values_grad"),
         label(blocks.BlockPattern, "matmul", "sp::blocks.matmul (block GEMMs x·Δᵀ)"),
         label(blocks.BlockPattern, "matmul_t", "sp::blocks.matmul_t (block GEMMs dy·Δ)"),
         label(blocks.BlockPattern, "values_grad", "sp::blocks.values_grad (block GEMMs dyᵀx)"),
         label(sddmm, "values_grad_sampled", "sp::values_grad_sampled (sampled_addmm)"),
         label(sddmm, "values_grad_dense", "sp::values_grad_dense (dyᵀx + gather)"),
-        label(sddmm.SparsePattern, "csr", "sp::pattern.csr"),
+        label(pattern.SparsePattern, "csr", "sp::pattern.csr"),
         label(layer.SparseDeltaLinear, "pattern", "sp::layer.pattern"),
         label(layer.SparseDeltaLinear, "strategy", "sp::layer.strategy"),
         label(SM3, "_update", "sp::SM3._update"),
@@ -494,7 +494,7 @@ def wait_quiet(max_share: float, limit_s: float, sample_s: float = 5.0) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated (default: all, %(default)s)")
+    parser.add_argument("--methods", default=",".join(BENCH_METHODS), help="comma-separated (default: all, %(default)s)")
     parser.add_argument("--method", help="run one method in this process (what the driver calls)")
     parser.add_argument("--steps", type=int, default=20, help="measured steps per method (default %(default)s)")
     parser.add_argument("--warmup", type=int, default=3, help="warm-up steps (default %(default)s)")
@@ -535,11 +535,11 @@ def main(argv: list[str] | None = None) -> int:
     pairs = []
     if args.pairs:
         pairs = [tuple(p.split(":")) for p in (DEFAULT_PAIRS if args.pairs == "default" else args.pairs.split(","))]
-        if any(len(p) != 2 or p[0] not in METHODS or p[1] not in METHODS for p in pairs):
-            parser.error(f"--pairs wants A:B[,C:D...] of methods {', '.join(METHODS)}")
-    unknown = [m for m in methods if m not in METHODS]
+        if any(len(p) != 2 or p[0] not in BENCH_METHODS or p[1] not in BENCH_METHODS for p in pairs):
+            parser.error(f"--pairs wants A:B[,C:D...] of methods {', '.join(BENCH_METHODS)}")
+    unknown = [m for m in methods if m not in BENCH_METHODS]
     if unknown:
-        parser.error(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+        parser.error(f"unknown method(s) {unknown}; choose from {', '.join(BENCH_METHODS)}")
     env = environment()
     started = time.perf_counter()
     results: dict[str, list[dict]] = {m: [] for m in methods}
@@ -563,11 +563,11 @@ def main(argv: list[str] | None = None) -> int:
     for path in args.merge:  # earlier runs' JSON lines: their samples are pooled with this run's
         for line in Path(path).read_text().splitlines():
             row = json.loads(line) if line.startswith("{") else None
-            if row and "error" not in row and row["method"] in METHODS:
+            if row and "error" not in row and row["method"] in BENCH_METHODS:
                 row.pop("env", None)
                 row.pop("rounds", None)
                 results.setdefault(row["method"], []).append(row)
-        methods = [m for m in METHODS if m in results]
+        methods = [m for m in BENCH_METHODS if m in results]
     final = []
     for method in methods:
         errors = [r for r in results[method] if "error" in r]

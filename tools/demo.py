@@ -31,7 +31,7 @@ from sparse_plugin import SparseCallback, SparseConfig  # noqa: E402
 
 # --method: SparseConfig fields, optimizer, and learning rate (the best of tools/bench_quality.py's grid). SMT
 # targets every linear layer here (its paper: Q/K/V) so all methods train the same layers at the same budget.
-METHODS = {
+DEMO_RECIPES = {
     "spiel-ma": ({"method": "spiel", "regrow": "ma"}, "spiel_sm3", 1e-2),
     "spiel-ag": ({"method": "spiel", "regrow": "ag"}, "spiel_adamw", 1e-3),
     "smt": ({"method": "smt", "target_modules": "all-linear"}, "spiel_adamw", 5e-4),
@@ -73,7 +73,7 @@ def generate(model, tokenizer, prompt: str) -> str:
 def make_trainer(model, tokenizer, train_pairs: list[dict], heldout: list[dict], args) -> Trainer:
     training_args = TrainingArguments(
         output_dir=str(args.output_dir / "adapter"),
-        optim=METHODS[args.method][1],
+        optim=DEMO_RECIPES[args.method][1],
         learning_rate=args.lr,
         lr_scheduler_type="linear",
         warmup_steps=10,
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--method", choices=list(METHODS), default="spiel-ma")
+    parser.add_argument("--method", choices=list(DEMO_RECIPES), default="spiel-ma")
     parser.add_argument("--lr", type=float, help="learning rate (default: the method's best in tools/bench_quality.py)")
     parser.add_argument("--rank", type=int, default=16, help="LoRA rank whose parameter count the sparse budget matches")
     parser.add_argument("--max-length", type=int, default=96)
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output-dir", type=Path, default=Path("runs/demo"))
     args = parser.parse_args(argv)
-    fields, _, default_lr = METHODS[args.method]
+    fields, _, default_lr = DEMO_RECIPES[args.method]
     args.lr = default_lr if args.lr is None else args.lr
     torch.manual_seed(args.seed)
     started = time.perf_counter()

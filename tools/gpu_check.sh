@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One command for whoever has a GPU (issue 7, item 5), under 8 minutes: the CUDA-marked tests with the Triton
+# One command for whoever has a GPU, under 8 minutes: the CUDA-marked tests with the Triton
 # kernels compiled for real, the kernel benchmark (Triton SDDMM and fused merged weight vs the torch paths),
 # the merge benchmark (throughput vs the device's memory bandwidth), and a bitsandbytes 4-bit smoke test
 # when bitsandbytes is installed. Each step has its own time limit; a failing or slow step is recorded and

@@ -19,7 +19,7 @@ Usage (from the repository root):
 Notation: T = batch·seq tokens, h hidden, i intermediate, L layers, n_h heads, d_q = n_h·head_dim,
 d_kv = n_kv·head_dim, V vocab, a = bytes of the activation (compute) dtype, P parameters, K trained values
 (the sparse budget is LoRA r16's count on every linear layer, K = r·Σ(in + out), spread over the matrices in
-proportion to their size as `allocate_budget` does: k_m values in an m × n matrix).
+proportion to their size by `sparse_plugin.sizing.share_budget`: k_m values in an m × n matrix).
 
 Components (bytes):
 
@@ -112,19 +112,23 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the package, when run as a script
+
+from sparse_plugin.sizing import (  # torch-free, like this model
+    POOL_FACTOR,
+    SAMPLED_MAX_DENSITY,
+    SCORE_CHUNK,
+    TRITON_MAX_DENSITY,
+    share_budget,
+)
+
 GIB = 2**30
 MIB = 2**20
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 # 4-bit codes + one 8-bit absmax per 64 weights + one fp32 constant per 256 absmaxes (QLoRA §3: 0.127 bits/param).
 NF4_BYTES_PER_PARAM = (4 + 8 / 64 + 32 / (64 * 256)) / 8
 
-# Mirrors of library constants (tests/tools/test_memory_model.py checks them against the sources).
-SAMPLED_MAX_DENSITY = 0.05  # sparse_plugin/kernels/sddmm.py: CPU values' gradient sampled below, dense above
-TRITON_MAX_DENSITY = 0.02  # sparse_plugin/kernels/sddmm.py: CUDA Triton SDDMM below, dense above
-POOL_FACTOR = 4  # sparse_plugin/selection/sift.py: SIFT's candidate pool per matrix, in multiples of k
-SCORE_CHUNK = 1 << 22  # sparse_plugin/selection/spiel.py: MA's fp32 score chunk (elements)
-
-METHODS = ("spiel-ma", "spiel-ag", "smt", "sift", "lora", "full")
+MODELLED_METHODS = ("spiel-ma", "spiel-ag", "smt", "sift", "lora", "full")
 SPARSE = ("spiel-ma", "spiel-ag", "smt", "sift")
 LABELS = {"spiel-ma": "SpIEL-MA", "spiel-ag": "SpIEL-AG", "smt": "SMT", "sift": "SIFT", "lora": "LoRA r16",
           "full": "full FT"}
@@ -237,18 +241,6 @@ class Estimate:
 
 
 # ---------------------------------------------------------------- pieces
-
-
-def allocate_budget(shapes: list[tuple[int, int]], total: int) -> list[int]:
-    """`sparse_plugin.model.allocate_budget` for a total: shares ∝ size, largest remainder, 1 ≤ k ≤ size."""
-    sizes = [o * i for o, i in shapes]
-    whole = sum(sizes)
-    exact = [s * total / whole for s in sizes]
-    counts = [math.floor(e) for e in exact]
-    order = sorted(range(len(sizes)), key=lambda j: -(exact[j] - counts[j]))  # stable, as torch's
-    for j in order[: total - sum(counts)]:
-        counts[j] += 1
-    return [min(max(1, c), s) for c, s in zip(counts, sizes)]
 
 
 def lora_params(arch: Arch, rank: int) -> int:
@@ -420,8 +412,8 @@ def estimate(arch: Arch | str, method: str, setting: Setting | None = None) -> E
     """Peak memory of one training step of `method` on `arch` under `setting`."""
     arch = ARCHS[arch] if isinstance(arch, str) else arch
     setting = setting or Setting()
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    if method not in MODELLED_METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {', '.join(MODELLED_METHODS)}")
     if method == "full" and setting.base_dtype == "nf4":
         raise ValueError("full fine-tuning of a 4-bit base is not a thing; use --base bf16")
     if setting.base_dtype == "fp32" and setting.dtype != "fp32":
@@ -438,7 +430,7 @@ def estimate(arch: Arch | str, method: str, setting: Setting | None = None) -> E
     counts: list[int] = []
     if method in SPARSE:
         k_total = lora_params(arch, setting.lora_rank)
-        counts = allocate_budget(shapes, k_total)
+        counts = share_budget([o * i for o, i in shapes], k_total)
         vb = DTYPE_BYTES[setting.values_dtype]
         trainable = k_total
         trained = vb * k_total
@@ -591,7 +583,7 @@ def totals_markdown(rows: list[tuple[Estimate, Setting]]) -> str:
 
 # ---------------------------------------------------------------- validation against bench_step.py (CPU)
 
-BENCH_METHODS = {"spiel-ma": "spiel-ma", "spiel-ag": "spiel-ag", "smt": "smt", "sift": "sift", "lora-r16": "lora",
+BENCH_TO_MODEL = {"spiel-ma": "spiel-ma", "spiel-ag": "spiel-ag", "smt": "smt", "sift": "sift", "lora-r16": "lora",
                  "full": "full"}
 # bench_step.py's overrides: SMT and SIFT choose on their first step.
 BENCH_SETTING = Setting(batch=4, seq=128, dtype="fp32", device="cpu", sift_selection_steps=1)
@@ -647,7 +639,7 @@ def bench_rows(path: str) -> dict[str, dict]:
     for line in Path(path).read_text().splitlines():
         if line.startswith("{"):
             row = json.loads(line)
-            if row.get("method") in BENCH_METHODS and "peak_mem_mb" in row:
+            if row.get("method") in BENCH_TO_MODEL and "peak_mem_mb" in row:
                 rows[row["method"]] = row
     return rows
 
@@ -657,14 +649,14 @@ def compare(paths: str | list[str], runtime: dict[str, float] | None) -> tuple[s
     measured column per file (e.g. glibc's default malloc, and a run under MALLOC_MMAP_THRESHOLD_)."""
     paths = [paths] if isinstance(paths, str) else list(paths)
     runs = [(Path(p).stem, bench_rows(p)) for p in paths]
-    methods = [m for m in BENCH_METHODS if any(m in rows for _, rows in runs)]
+    methods = [m for m in BENCH_TO_MODEL if any(m in rows for _, rows in runs)]
     header = ["method", "model MB", "runtime MB", "predicted MB"]
     for name, _ in runs:
         header += [f"measured MB ({name})", "error"]
     table = ["| " + " | ".join(header) + " | peak at |", "|---|" + "---:|" * (len(header) - 1) + "---|"]
     out = []
     for bench_method in methods:
-        method = BENCH_METHODS[bench_method]
+        method = BENCH_TO_MODEL[bench_method]
         est = estimate("smollm2", method, BENCH_SETTING)
         family = "sparse" if method in SPARSE else ("peft" if method == "lora" else "torch")
         extra = runtime.get(family, 0.0) if runtime else 0.0
@@ -695,7 +687,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=",".join(TABLE_MODELS),
                         help=f"comma-separated, of {', '.join(ARCHS)} (default: %(default)s)")
-    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated (default: %(default)s)")
+    parser.add_argument("--methods", default=",".join(MODELLED_METHODS), help="comma-separated (default: %(default)s)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default="bf16", help="activation / compute dtype")

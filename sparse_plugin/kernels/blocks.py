@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .sddmm import SparsePattern
+from .pattern import SparsePattern
 
 
 @dataclass

@@ -13,8 +13,8 @@ import torch
 
 from ._triton import tl, triton
 from .backend import pick_backend
+from .pattern import SparsePattern
 from .scatter import scatter_add_
-from .sddmm import SparsePattern
 
 # Elements per step of the row copy, and positions per step of the row's scatter; not tuned on a GPU yet.
 _BLOCK = 1024

@@ -13,26 +13,18 @@ also keeps tiny deltas from rounding away in bf16.
 
 from __future__ import annotations
 
-import warnings
+from typing import TYPE_CHECKING
 
 import torch
 
+from ..sizing import SAMPLED_MAX_DENSITY, TRITON_MAX_DENSITY
 from ._triton import tl, triton
 from .backend import pick_backend
 
+if TYPE_CHECKING:
+    from .pattern import SparsePattern
+
 GRAD_PATHS = ("dense", "sampled", "triton")
-# Measured by tools/bench_layer.py (torch 2.13 CPU, 2 cores, fp32, SmolLM2 shapes at 128-512 tokens and
-# 4096×4096 at 512-2048): sampled÷dense step time 0.5-0.98 up to 4.6% density, 0.95-1.06 at 7%, 1.02-1.2
-# at 10%, so the crossover is ~6%. Exception: 192×576 (k/v) where dense wins by ~10% at every density.
-SAMPLED_MAX_DENSITY = 0.05
-# On CUDA: the Triton SDDMM below this density, dense-then-gather above. NOT MEASURED: no GPU was available
-# when it was written; it is a roofline estimate, to be replaced by tools/bench_kernels.py's figures
-# (tools/gpu_check.sh runs it). The kernel reads ~tokens·bytes of x per position (dy rows are reused), the
-# dense path computes 2·tokens·out·in FLOPs, so kernel÷dense ≈ density·bytes·FLOP rate÷(2·byte rate),
-# whatever the token count. H100, bf16 (~600 TFLOP/s reached, 3-7 TB/s from HBM/L2): ≈ density×(90-180),
-# a crossover near 0.5-1%; fp32 without TF32 (~50 TFLOP/s): ≈ density×(15-30), near 3-7%. 2% sits between
-# the two (about their geometric mean) until measurements say where each dtype's crossover really is.
-TRITON_MAX_DENSITY = 0.02
 # Positions per program and tokens per inner step of `_sddmm_kernel`; not tuned on a GPU yet.
 _BLOCK_P = 32
 _BLOCK_T = 128
@@ -71,56 +63,6 @@ if triton is not None:
             acc += tl.sum(a * b, axis=1)
         acc += tl.load(out_ptr + p, mask=in_range, other=0.0)
         tl.store(out_ptr + p, acc, mask=in_range)
-
-
-class SparsePattern:
-    """CSR row pointers of sorted flat indices, computed once per index set; rows and columns on demand.
-
-    Only `crow` (out + 1 entries) persists: per-position row and column ids would cost 8-16 B per trained value
-    for the whole run, while deriving them where a product needs them costs one pass over the indices. `crow`
-    takes the indices' dtype (int32 below 2^31 positions), as torch's CSR tensors want crow and cols alike.
-    """
-
-    def __init__(self, indices: torch.Tensor, shape: tuple[int, int]):
-        out_features, _ = shape
-        self.indices = indices
-        self.shape = shape
-        self.crow = torch.zeros(out_features + 1, dtype=indices.dtype, device=indices.device)
-        self.crow[1:] = torch.bincount(self.rows, minlength=out_features).cumsum(0)
-
-    @property
-    def rows(self) -> torch.Tensor:
-        """Row of each position (the indices' dtype), computed on each call."""
-        return torch.div(self.indices, self.shape[1], rounding_mode="floor")
-
-    @property
-    def cols(self) -> torch.Tensor:
-        """Column of each position (the indices' dtype), computed on each call."""
-        return torch.remainder(self.indices, self.shape[1])
-
-    @property
-    def row_lengths(self) -> torch.Tensor:
-        """Positions in each row: the segments of the row-sorted indices."""
-        return self.crow[1:] - self.crow[:-1]
-
-    @property
-    def density(self) -> float:
-        return self.indices.numel() / (self.shape[0] * self.shape[1])
-
-    def csr(self, values: torch.Tensor) -> torch.Tensor:
-        with warnings.catch_warnings():  # "sparse CSR support is in beta"
-            warnings.simplefilter("ignore", UserWarning)
-            return torch.sparse_csr_tensor(self.crow, self.cols, values, self.shape, check_invariants=False)
-
-    # The three products the layer needs; `BlockPattern` overrides them with block GEMMs.
-    def matmul(self, x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        return delta_matmul(x, values, self)
-
-    def matmul_t(self, dy: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        return delta_matmul_t(dy, values, self)
-
-    def values_grad(self, dy: torch.Tensor, x: torch.Tensor, path: str = "auto") -> torch.Tensor:
-        return values_grad(dy, x, self, path)
 
 
 def values_grad_dense(dy: torch.Tensor, x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -176,9 +118,9 @@ def values_grad_triton(dy: torch.Tensor, x: torch.Tensor, pattern: SparsePattern
 def grad_path_rule(density: float, device: torch.device) -> str:
     """The values' gradient path for a pattern of `density` on `device`.
 
-    CPU (measured): sampled below `SAMPLED_MAX_DENSITY`, dense-then-gather above. CUDA with Triton (an
-    estimate until measured, see `TRITON_MAX_DENSITY`): the Triton kernel below `TRITON_MAX_DENSITY`,
-    dense-then-gather above.
+    CPU (measured): sampled below `SAMPLED_MAX_DENSITY`, dense-then-gather above. CUDA with Triton (an estimate
+    until measured): the Triton kernel below `TRITON_MAX_DENSITY`, dense-then-gather above. Both thresholds,
+    and why, are in sizing.py.
     """
     if device.type == "cuda" and triton is not None:
         return "triton" if density < TRITON_MAX_DENSITY else "dense"

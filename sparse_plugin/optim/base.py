@@ -13,7 +13,6 @@ from ..layer import SparseDeltaLinear
 from ..model import iter_sparse_layers, require_sparse_layers
 from ..selection import make_selector
 
-
 # Prefix of the selection statistics inside a values parameter's state in the optimizer's state dict.
 _SELECTION = "selection."
 
@@ -61,11 +60,6 @@ class SparseOptimizer(torch.optim.Optimizer):
     def completed_steps(self) -> int:
         """Optimizer steps taken, restored with the state dict, so the schedule resumes where it stopped."""
         return self.param_groups[0]["sparse_step"]
-
-    def __setstate__(self, state):
-        super().__setstate__(state)
-        for group in self.param_groups:  # state dicts written before the counter existed
-            group.setdefault("sparse_step", 0)
 
     def _prepare_group(self, group: dict) -> None:
         """Check or convert a param group before its states are made (nothing by default)."""

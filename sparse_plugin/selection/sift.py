@@ -20,11 +20,8 @@ import torch
 
 from ..distributed import summed
 from ..layer import SparseDeltaLinear
+from ..sizing import POOL_FACTOR
 from .base import Collector, OneShotSelector
-
-# Pool of candidates kept per matrix, in multiples of its trained count k: 12 bytes per pooled position
-# (an int32 position and two fp32 sums).
-POOL_FACTOR = 4
 
 
 class PoolGatherer(Collector):

@@ -22,11 +22,9 @@ import torch
 
 from ..distributed import summed
 from ..layer import SparseDeltaLinear
+from ..sizing import SCORE_CHUNK
 from .base import Collector, Selector
 from .schedule import is_gathering_step, is_reselection_step, reselection_rate
-
-# Elements of one chunk of MA scores (16 MiB of fp32): bounds memory for any matrix size.
-_SCORE_CHUNK = 1 << 22
 
 
 @dataclass
@@ -74,7 +72,7 @@ def prune_regrow(indices: torch.Tensor, values: torch.Tensor, count: int, candid
 def top_outer_scores(row: torch.Tensor, col: torch.Tensor, exclude: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The `count` largest r_i·c_j over flat positions not in the sorted `exclude`, in row chunks."""
     out_features, in_features = row.numel(), col.numel()
-    rows_per_chunk = max(1, _SCORE_CHUNK // in_features)
+    rows_per_chunk = max(1, SCORE_CHUNK // in_features)
     best_pos = torch.empty(0, dtype=torch.int64, device=row.device)
     best_score = torch.empty(0, dtype=torch.float32, device=row.device)
     for start in range(0, out_features, rows_per_chunk):

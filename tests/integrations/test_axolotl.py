@@ -67,6 +67,9 @@ def test_args_are_derived_from_sparse_config_fields():
     assert set(SparseArgs.model_fields) == fields | {"sparse_merge_on_finish", "sparse_save_full_checkpoints"}
     for key, info in SparseArgs.model_fields.items():
         assert info.default is None and info.json_schema_extra["description"], key
+    for field in dataclasses.fields(SparseConfig):  # the field's own help, word for word
+        description = SparseArgs.model_fields[f"sparse_{field.name}"].json_schema_extra["description"]
+        assert description == field.metadata["help"], field.name
     assert "share of each targeted weight matrix" in SparseArgs.model_fields["sparse_density"].json_schema_extra["description"]
 
 

@@ -10,7 +10,7 @@ import torch
 
 from sparse_plugin.kernels._triton import triton
 from sparse_plugin.kernels.backend import interpreting
-from sparse_plugin.kernels.sddmm import SparsePattern
+from sparse_plugin.kernels.pattern import SparsePattern
 
 interpreter = pytest.mark.skipif(
     triton is None or not interpreting(), reason="Triton on CPU tensors needs `triton` and TRITON_INTERPRET=1"

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from sparse_plugin.kernels.blocks import BlockPattern, block_grid, block_positions, tiles_whole_blocks
-from sparse_plugin.kernels.sddmm import SparsePattern
+from sparse_plugin.kernels.pattern import SparsePattern
 
 # (out, in, block_size): exact multiples, edges on both dims, and a block clamped to a small matrix.
 SHAPES = [(12, 16, 4), (10, 7, 4), (13, 29, 8), (6, 40, 16)]

@@ -6,7 +6,7 @@ import torch
 
 from kernel_utils import interpreter, random_pattern
 from sparse_plugin.kernels.merged_weight import _BLOCK, _BLOCK_P, merged_weight, merged_weight_reference
-from sparse_plugin.kernels.sddmm import SparsePattern
+from sparse_plugin.kernels.pattern import SparsePattern
 
 # (out, in, density, empty leading rows): a single position; awkward sizes; rows longer than one copy
 # step (1024 + 76); rows with more positions than two scatter steps (~0.5 × (4 × 64 + 3) = ~130 > 2 × 64);

@@ -5,12 +5,12 @@ import pytest
 import torch
 
 from kernel_utils import interpreter, random_pattern
+from sparse_plugin.kernels.pattern import SparsePattern
 from sparse_plugin.kernels.sddmm import (
     SAMPLED_MAX_DENSITY,
     TRITON_MAX_DENSITY,
     _BLOCK_P,
     _BLOCK_T,
-    SparsePattern,
     grad_path_rule,
     values_grad,
     values_grad_dense,

@@ -17,7 +17,8 @@ def _layer(out_f=6, in_f=5, positions=(0, 3, 4, 7, 12, 13, 21, 29), seed=0):
 
 
 def _reference_sm3(values, grads, positions, shape, lr, momentum=0.0, beta=0.0, eps=1e-30, weight_decay=0.0):
-    """SM3 written position by position, straight from DESIGN.md; returns values after each step."""
+    """SM3 written position by position, straight from the paper's update (arXiv:1901.11150); returns values
+    after each step."""
     out_f, in_f = shape
     r, c = [0.0] * out_f, [0.0] * in_f
     m = [0.0] * len(positions)

@@ -64,7 +64,7 @@ def test_fewer_candidates_than_pruned_keeps_the_count():
 
 
 def test_top_outer_scores_matches_dense_outer_product(monkeypatch):
-    monkeypatch.setattr(spiel, "_SCORE_CHUNK", 17)  # several row chunks, one not full
+    monkeypatch.setattr(spiel, "SCORE_CHUNK", 17)  # several row chunks, one not full
     gen = torch.Generator().manual_seed(0)
     row, col = torch.rand(13, generator=gen), torch.rand(7, generator=gen)
     exclude = torch.randperm(91, generator=gen)[:30].sort().values

@@ -1,7 +1,7 @@
 """`SparseArgs`: the `sparse_*` keys of an Axolotl YAML, derived from `SparseConfig`'s fields.
 
 Each `SparseConfig` field `name` becomes the optional key `sparse_<name>`, with the field's own type and the
-description from its docstring, so a new option appears in Axolotl without being written twice; an unset key
+description from its `help` metadata, so a new option appears in Axolotl without being written twice; an unset key
 takes `SparseConfig`'s default. Axolotl mixes this model into its config class, so the validators here see the
 whole YAML and can check the keys that must agree with ours (`adapter`, `optimizer`, `load_in_4bit`,
 `base_model`). Pydantic ignores unknown keys, so a mistyped `sparse_*` key is caught here explicitly.
@@ -19,7 +19,8 @@ import torch
 from pydantic import BaseModel, Field, create_model, model_validator
 
 from ...config import SparseConfig
-from ...model import allocate_budget, find_targets
+from ...model import find_targets
+from ...sizing import allocate_budget
 from ..hf_registry import SPARSE_OPTIMIZERS
 
 PREFIX = "sparse_"
@@ -48,15 +49,6 @@ def sparse_config_from(cfg: Any) -> SparseConfig:
 
 def _value(cfg: Any, key: str) -> Any:
     return cfg.get(key) if isinstance(cfg, dict) else getattr(cfg, key, None)
-
-
-def _field_docs() -> dict[str, str]:
-    """Each field's description from `SparseConfig`'s docstring (`name (`type`...): text` under Args)."""
-    args = SparseConfig.__doc__.split("Args:", 1)[1].split("Example:", 1)[0]
-    docs = {}
-    for match in re.finditer(r"^\s{8}(\w+) \(.*?\):\s*(.*?)(?=^\s{8}\w+ \(|\Z)", args, re.MULTILINE | re.DOTALL):
-        docs[match.group(1)] = " ".join(match.group(2).split())
-    return docs
 
 
 class _SparseChecks(BaseModel):
@@ -138,7 +130,7 @@ class _SparseChecks(BaseModel):
         return self
 
     @model_validator(mode="after")
-    def check_targets(self):
+    def check_targets_and_budget(self):
         """Resolve `sparse_target_modules` and the budget on the base model built on the meta device (no
         weights), so a wrong target fails now rather than after the datasets are prepared."""
         base = _value(self, "base_model_config") or _value(self, "base_model")
@@ -169,10 +161,11 @@ def _meta_model(name_or_path: str | None, trust_remote_code: bool) -> torch.nn.M
 
 
 def _derived_fields() -> dict[str, tuple]:
-    """`sparse_<name>: <type of name> | None = None`, described by the field's docstring, for each field."""
-    types, docs = typing.get_type_hints(SparseConfig), _field_docs()
+    """`sparse_<name>: <type of name> | None = None`, described by the field's `help`, for each field."""
+    types = typing.get_type_hints(SparseConfig)
+    helps = {item.name: item.metadata["help"] for item in dataclasses.fields(SparseConfig)}
     return {
-        key: (types[name] | None, Field(default=None, json_schema_extra={"description": docs[name]}))
+        key: (types[name] | None, Field(default=None, json_schema_extra={"description": helps[name]}))
         for key, name in CONFIG_KEYS.items()
     }
 
