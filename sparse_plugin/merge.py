@@ -198,18 +198,21 @@ def _copy(entries: list[Path], tmp: Path, output: Path, fix: str) -> None:
 
 
 def check_output(output: Path, inputs: dict[str, Path], overwrite: bool) -> None:
-    """Refuse an output that is, contains or lies inside an input, or an existing one without `overwrite`.
+    """Refuse an output that is or contains an input, lies inside a model input, or exists without `overwrite`.
 
-    `inputs` maps a role ("base", "adapter") to its directory. Paths are compared resolved, links and `..`
-    followed, and each input's files count where their links lead (the hub cache's blobs), so no spelling of
-    `--output` lets `--overwrite` delete what the run reads, nor a write land among it.
+    `inputs` maps a role ("base", "merged model", "adapter") to its directory. Paths are compared resolved, links
+    and `..` followed, and each input's files count where their links lead (the hub cache's blobs), so no spelling
+    of `--output` lets `--overwrite` delete what the run reads. An output inside a model directory is refused too
+    (its files are what a merge copies); one inside the adapter's directory is not: the adapter reads three named
+    files, and Axolotl's `sparse_merge_on_finish` writes `OUTPUT_DIR/merged` beside them.
     """
     resolved = output.resolve()
     for role, directory in inputs.items():
         source = directory.resolve()
         # Where the input's files really are (the hub cache's blobs): an output replacing them would delete them.
         linked = {entry.resolve().parent for entry in directory.iterdir()}
-        if _within(resolved, source) or any(_within(place, resolved) for place in {source, *linked}):
+        inside = resolved == source if role == "adapter" else _within(resolved, source)
+        if inside or any(_within(place, resolved) for place in {source, *linked}):
             raise AdapterError(f"{output}: output must be a new directory outside the {role} ({directory}) and not "
                                "contain it; choose another --output")
     if output.exists() and not overwrite:

@@ -115,7 +115,6 @@ OUTPUTS = {  # id -> (output(saved, tmp_path), the input's role named in the ref
     "the-base": (lambda s, t: s.base, "base"),
     "their-parent": (lambda s, t: t, "base"),
     "relative-with-dots": (lambda s, t: Path("base/../adapter"), "adapter"),
-    "inside-the-adapter": (lambda s, t: s.adapter / "merged", "adapter"),
     "link-to-the-adapter": (lambda s, t: (t / "link").symlink_to(s.adapter) or t / "link", "adapter"),
     "inside-a-link-to-the-base": (lambda s, t: (t / "link").symlink_to(s.base) or t / "link" / "merged", "base"),
     "hub-blobs-the-base-links-to": (_hub_base, "base"),
@@ -138,6 +137,22 @@ def test_output_never_replaces_or_sits_inside_an_input(tmp_path, capsys, monkeyp
     message = rf"{output}: output must be a new directory outside the {role} \(.*\) and not contain it; choose another --output$"
     assert_refused(*run(capsys, *build(model, saved.adapter, output, "--overwrite", "--force")), message)
     assert _tree(tmp_path) == before
+
+
+@pytest.mark.parametrize("command", ["merge", "unmerge"])
+def test_output_inside_the_adapter_directory_leaves_the_adapter_whole(tmp_path, capsys, command):
+    """Axolotl's `sparse_merge_on_finish` merges into OUTPUT_DIR/merged, beside the adapter it reads."""
+    saved = saved_setup(tmp_path)
+    adapter_files = {p.name: p.read_bytes() for p in saved.adapter.iterdir()}
+    model = saved.base
+    if command == "unmerge":
+        model = tmp_path / "merged"
+        assert run(capsys, *merge_argv(saved.base, saved.adapter, model))[0] == 0
+    build = merge_argv if command == "merge" else unmerge_argv
+    for overwrite in ((), ("--overwrite",)):
+        code, _, err = run(capsys, *build(model, saved.adapter, saved.adapter / "out", *overwrite))
+        assert code == 0, err
+    assert {p.name: p.read_bytes() for p in saved.adapter.iterdir() if p.is_file()} == adapter_files
 
 
 # --------------------------------------------------------------------------------------------- signals

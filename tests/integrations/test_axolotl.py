@@ -285,4 +285,4 @@ def test_ctrl_c_saves_the_adapter_not_the_model(tmp_path):
         signal.signal(signal.SIGINT, previous)
     with pytest.raises(SystemExit):
         handler(signal.SIGINT, None)  # what Axolotl runs on Ctrl-C during training
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted([CONFIG_NAME, WEIGHTS_NAME])
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted([CONFIG_NAME, WEIGHTS_NAME, CARD_NAME])
