@@ -252,7 +252,7 @@ def test_export_refuses_an_existing_output(tmp_path, capsys):
     assert main(["export-peft", str(adapter), str(tmp_path / "out"), "--overwrite"]) == 0
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME]
     before = snapshot(adapter)
-    for out in (adapter, adapter / "peft"):  # the adapter read is never replaced, nor written into
+    for out in (adapter, tmp_path):  # the adapter read is never replaced, nor is a directory around it
         _refused(capsys, ["export-peft", adapter, out, "--overwrite"], f"output must be a new directory outside the adapter ({adapter})")
     assert snapshot(adapter) == before
 
