@@ -172,8 +172,9 @@ def save_adapter(
     indices, and of those entries with the values merged in), whether or not the base values are stored: with
     `store_base_values=False` they are what lets a merge refuse another base and an unmerge refuse a model this
     adapter did not make. A bitsandbytes base has no exact entries (the merge goes into its unquantised
-    checkpoint, whose entries the quantised model cannot know), and a base FSDP shards is not gathered just for
-    them, so neither records digests; such adapters merge unchecked, as adapters saved before the digests do.
+    checkpoint, whose entries the quantised model cannot know), so it records none and merges unchecked, as
+    adapters saved before the digests do. A base FSDP shards needs its entries passed as `base_values` (what
+    `SparseCallback` does, stored or not); without them its digests are left out.
 
     Args:
         model (`nn.Module`): a model prepared with `prepare_model` or `load_adapter`.

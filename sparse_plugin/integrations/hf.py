@@ -99,9 +99,10 @@ def _keep_deltas_out_of_fsdp(model, plugin) -> None:
 
 
 def save_from_rank_zero(model, directory, is_main_process: bool) -> None:
-    """Rank 0 writes the adapter; under FSDP every rank must call this, to gather the stored base entries."""
+    """Rank 0 writes the adapter; under FSDP every rank must call this, to gather the base entries (stored, or only
+    hashed into the adapter's base check when `store_base_values=False`)."""
     config = getattr(model, "sparse_config", None)
-    sharded = config is not None and config.store_base_values and is_fsdp_wrapped(model)
+    sharded = config is not None and is_fsdp_wrapped(model)
     base_values = gathered_base_values(model) if sharded else None
     if is_main_process:
         save_adapter(model, directory, base_values=base_values)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import tiny_llama
 
-from sparse_plugin import iter_sparse_layers, load_adapter, read_adapter
+from sparse_plugin import AdapterError, iter_sparse_layers, load_adapter, read_adapter
 from sparse_plugin.integrations.checkpoints import holds_model_weights
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
@@ -100,6 +100,18 @@ def test_trainer_under_ddp_fsdp1_and_fsdp2_trains_alike_and_saves_one_adapter_fr
         _assert_ranks_agree_with(runs["ddp"][0]["layers"], *(r["layers"] for r in runs[wrap]))
         loaded = dict(iter_sparse_layers(load_adapter(tiny_llama(), trainer_runs[wrap][0])))
         assert all(torch.equal(loaded[k].values.detach(), v) for k, (_, v) in runs[wrap][0]["layers"].items())
+
+
+def test_trainer_under_fsdp_without_base_values_records_the_base_digests(tmp_path):
+    """With store_base_values=False the adapter still checks its base: the entries FSDP shards are gathered for the
+    sha256 digests alone, so the adapter loads onto its own base and refuses another one."""
+    _run(tmp_path, "ag", "--trainer", "--wrap", "fsdp2", "--no-base-values")
+    adapter = read_adapter(tmp_path)
+    assert not adapter.has_base_values
+    assert all(t.base_sha256 is not None for t in adapter.targets.values())
+    load_adapter(tiny_llama(), tmp_path)
+    with pytest.raises(AdapterError):
+        load_adapter(tiny_llama(seed=1), tmp_path)
 
 
 @pytest.mark.parametrize("wrap", ["fsdp1", "fsdp2"])

@@ -192,13 +192,15 @@ def main() -> None:
     parser.add_argument("--trainer", action="store_true")
     parser.add_argument("--wrap", choices=["ddp", "fsdp1", "fsdp2"], default="ddp")
     parser.add_argument("--resume", help="a Trainer checkpoint to resume from (with --trainer)")
+    parser.add_argument("--no-base-values", action="store_true", help="store_base_values=False (with --trainer)")
     args = parser.parse_args()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not args.trainer:
         dist.init_process_group("gloo")
     rank = int(os.environ.get("RANK", "0"))
     if args.trainer:
-        model = prepare_model(tiny_llama(), SparseConfig(**METHODS[args.method][0]))
+        config = SparseConfig(**METHODS[args.method][0], store_base_values=not args.no_base_values)
+        model = prepare_model(tiny_llama(), config)
         losses = trainer_run(model, args.method, args.out, args.wrap, args.resume)
     else:
         model, losses = plain_loop(args.method, rank, world, args.wrap)
