@@ -68,6 +68,13 @@ def encode_jsonl_gz(rows: list[dict]) -> bytes:
     return buf.getvalue()
 
 
+def write_corpus(out: Path, rows: list[dict], licence_name: str, licence: str) -> None:
+    """Write the data file and, beside it, its licence (with the note saying how it was derived), which must travel
+    with any copy."""
+    write_atomic(out, encode_jsonl_gz(rows))
+    write_atomic(out.parent / licence_name, licence.encode("utf-8"))
+
+
 def read_jsonl_gz(path: Path, build_command: str) -> list[dict]:
     """The rows of a built data file; a missing file names the command that builds it."""
     if not Path(path).is_file():

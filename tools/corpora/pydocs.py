@@ -26,7 +26,7 @@ import re
 import sys
 from pathlib import Path
 
-from corpora import DATA_DIR, build_main, check_split, encode_jsonl_gz, read_jsonl_gz, split_of, write_atomic
+from corpora import DATA_DIR, build_main, check_split, read_jsonl_gz, split_of, write_corpus
 
 DATA_FILE = DATA_DIR / "pydocs_describe.jsonl.gz"
 SYSTEM = "You are a concise Python reference."
@@ -190,13 +190,12 @@ def license_text(source_dir: Path) -> str:
 def build(source_dir: Path = DEFAULT_SOURCE_DIR, out: Path = DATA_FILE) -> list[dict]:
     """Write the data file and, beside it, the PSF licence, which must travel with any copy."""
     rows = read_rows_from_source(source_dir)
-    write_atomic(out, encode_jsonl_gz(rows))
     note = (
         f"{out.name} is derived from the Python 3.11 documentation ({source_dir}/library/*.rst.txt, Debian "
         "python3.11-doc) by `python -m corpora.pydocs build`: the first prose paragraphs describing each documented "
         "object, reST markup removed.\n\nCopyright (c) 2001-2023 Python Software Foundation; All Rights Reserved.\n\n"
     )
-    write_atomic(out.parent / LICENSE_NAME, (note + license_text(source_dir)).encode("utf-8"))
+    write_corpus(out, rows, LICENSE_NAME, note + license_text(source_dir))
     return rows
 
 

@@ -31,7 +31,7 @@ import re
 import sys
 from pathlib import Path
 
-from corpora import DATA_DIR, build_main, check_split, encode_jsonl_gz, read_jsonl_gz, split_of, write_atomic
+from corpora import DATA_DIR, build_main, check_split, read_jsonl_gz, split_of, write_corpus
 
 DATA_FILE = DATA_DIR / "wordnet_define.jsonl.gz"
 SYSTEM = "You are a concise dictionary."  # the chat system prompt the demo, Axolotl data and benchmarks use
@@ -112,12 +112,11 @@ def license_text(wordnet_dir: Path) -> str:
 def build(wordnet_dir: Path = DEFAULT_WORDNET_DIR, out: Path = DATA_FILE) -> list[dict]:
     """Write the data file and, beside it, WordNet's licence, which must travel with any copy."""
     rows = read_pairs(wordnet_dir)
-    write_atomic(out, encode_jsonl_gz(rows))
     note = (
         f"{out.name} is derived from WordNet 3.0 ({wordnet_dir}/data.{{noun,verb,adj,adv}}, Debian wordnet-base) "
         "by `python -m corpora.wordnet build`: first lemma and definition of each synset, example sentences removed.\n\n"
     )
-    write_atomic(out.parent / LICENSE_NAME, (note + license_text(wordnet_dir)).encode("utf-8"))
+    write_corpus(out, rows, LICENSE_NAME, note + license_text(wordnet_dir))
     return rows
 
 
