@@ -288,3 +288,15 @@ def test_load_adapter_names_a_peft_directory(tmp_path):
     export_peft(adapter, tmp_path / "peft")
     with pytest.raises(AdapterError, match="a PEFT adapter, not a sparse_plugin one; `sparse-merge merge` folds"):
         load_adapter(tiny_llama(0), tmp_path / "peft")
+
+
+def test_the_cli_offers_the_formats_the_exporter_writes():
+    """`sparse-merge --help` loads no torch, so its `--format` choices are spelled out there: keep them in step."""
+    import argparse
+
+    from sparse_plugin import peft_interop
+    from sparse_plugin.cli import _parser
+
+    export = next(a for a in _parser()._subparsers._actions if isinstance(a, argparse._SubParsersAction))
+    choices = next(a.choices for a in export.choices["export-peft"]._actions if a.dest == "format")
+    assert tuple(choices) == peft_interop.FORMATS
