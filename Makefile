@@ -29,6 +29,9 @@ demo: env
 	$(PY) tools/demo.py
 
 test: env
+	# Lint and format as PEFT does (config in pyproject.toml), then the suite.
+	$(PY) -m ruff check --quiet .
+	$(PY) -m ruff format --check --quiet .
 	$(PY) -m pytest -q
 
 test-all: env

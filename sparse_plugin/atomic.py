@@ -190,8 +190,10 @@ def _commit(tmp: Path, output: Path, replace: bool) -> None:
         if err.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR) or not os.path.lexists(output):
             raise
         # The raw error names the temporary directory, which is about to vanish.
-        error = FileExistsError(f"{output}: another process created the output meanwhile; it was left as it is and "
-                                "nothing of this run was written")
+        error = FileExistsError(
+            f"{output}: another process created the output meanwhile; it was left as it is and "
+            "nothing of this run was written"
+        )
         error.errno = errno.EEXIST
         raise error from None
 

@@ -61,64 +61,80 @@ class SparseConfig:
     )
     lora_rank_equivalent: int | None = field(
         default=None,
-        metadata={"help": (
-            "set `num_params` to what LoRA of this rank would train on the same targets, `r * (in + out)` summed "
-            "over them."
-        )},
+        metadata={
+            "help": (
+                "set `num_params` to what LoRA of this rank would train on the same targets, `r * (in + out)` summed "
+                "over them."
+            )
+        },
     )
     target_modules: str | list[str] | None = field(
         default=None,
-        metadata={"help": (
-            'a list of module-name suffixes (`["q_proj", "v_proj"]`), a regular expression matched against the '
-            'full module name, or `"all-linear"` for every `nn.Linear` except the output head. Defaults to '
-            '`"all-linear"`, and to `["q_proj", "k_proj", "v_proj"]` for SMT as in its paper.'
-        )},
+        metadata={
+            "help": (
+                'a list of module-name suffixes (`["q_proj", "v_proj"]`), a regular expression matched against the '
+                'full module name, or `"all-linear"` for every `nn.Linear` except the output head. Defaults to '
+                '`"all-linear"`, and to `["q_proj", "k_proj", "v_proj"]` for SMT as in its paper.'
+            )
+        },
     )
     values_dtype: str = field(
         default="float32",
-        metadata={"help": (
-            "dtype of the trained values; fp32 keeps tiny updates that a bf16 copy of the base would round away."
-        )},
+        metadata={
+            "help": (
+                "dtype of the trained values; fp32 keeps tiny updates that a bf16 copy of the base would round away."
+            )
+        },
     )
     seed: int = field(default=0, metadata={"help": "seed of the random initial indices."})
     forward_strategy: str = field(
         default="auto",
-        metadata={"help": (
-            '`"additive"` (y = base(x) + x·Δᵀ), `"merged"` (the base weight holds W0 + Δ between steps, rounded '
-            'to its dtype; dense float bases only) or `"auto"` (merged wherever the base allows it, additive for '
-            "quantised or FSDP-sharded bases)."
-        )},
+        metadata={
+            "help": (
+                '`"additive"` (y = base(x) + x·Δᵀ), `"merged"` (the base weight holds W0 + Δ between steps, rounded '
+                'to its dtype; dense float bases only) or `"auto"` (merged wherever the base allows it, additive for '
+                "quantised or FSDP-sharded bases)."
+            )
+        },
     )
     store_base_values: bool = field(
         default=True,
-        metadata={"help": (
-            "save the base weight's entries at the indices in the adapter, so `sparse-merge unmerge` restores the"
-            " base bit for bit."
-        )},
+        metadata={
+            "help": (
+                "save the base weight's entries at the indices in the adapter, so `sparse-merge unmerge` restores the"
+                " base bit for bit."
+            )
+        },
     )
     regrow: str = field(
         default="ma",
-        metadata={"help": (
-            "SpIEL's regrowth criterion: "
-            '`"ma"` scores inactive positions by the SM3 row/column accumulators '
-            '(needs `optim="spiel_sm3"`), `"ag"` by gradients accumulated over the gathering steps for the top '
-            "candidates of the first gathering micro-batch."
-        )},
+        metadata={
+            "help": (
+                "SpIEL's regrowth criterion: "
+                '`"ma"` scores inactive positions by the SM3 row/column accumulators '
+                '(needs `optim="spiel_sm3"`), `"ag"` by gradients accumulated over the gathering steps for the top '
+                "candidates of the first gathering micro-batch."
+            )
+        },
     )
     reselection_steps: int = field(default=20, metadata={"help": "optimizer steps between prune/regrow rounds."})
     selection_accumulation_steps: int = field(
         default=5,
-        metadata={"help": (
-            "optimizer steps of gradient gathering before each round (AG only); must be at most "
-            "`reselection_steps`."
-        )},
+        metadata={
+            "help": (
+                "optimizer steps of gradient gathering before each round (AG only); must be at most "
+                "`reselection_steps`."
+            )
+        },
     )
     initial_reselection_rate: float = field(
         default=0.2,
-        metadata={"help": (
-            "share of each matrix's positions replaced in the first round, in [0, 1]; it decays to 0 at the end "
-            "of training."
-        )},
+        metadata={
+            "help": (
+                "share of each matrix's positions replaced in the first round, in [0, 1]; it decays to 0 at the end "
+                "of training."
+            )
+        },
     )
     reselection_schedule: str = field(
         default="linear",
@@ -126,25 +142,31 @@ class SparseConfig:
     )
     block_size: int = field(
         default=256,
-        metadata={"help": (
-            "SMT's block edge, clamped to each matrix; blocks at the edges of dimensions that are not multiples "
-            "are smaller."
-        )},
+        metadata={
+            "help": (
+                "SMT's block edge, clamped to each matrix; blocks at the edges of dimensions that are not multiples "
+                "are smaller."
+            )
+        },
     )
     warmup_steps: int | None = field(
         default=None,
-        metadata={"help": (
-            "SMT's optimizer steps of gradient statistics (no updates) before the blocks are chosen; defaults to "
-            "10% of the run, at most 100 (the paper's value)."
-        )},
+        metadata={
+            "help": (
+                "SMT's optimizer steps of gradient statistics (no updates) before the blocks are chosen; defaults to "
+                "10% of the run, at most 100 (the paper's value)."
+            )
+        },
     )
     selection_steps: int = field(
         default=4,
-        metadata={"help": (
-            "SIFT's micro-batches of accumulated gradient before the positions are chosen; selection happens at "
-            "the end of the optimizer step that holds the last one, and that step already updates the chosen "
-            "positions."
-        )},
+        metadata={
+            "help": (
+                "SIFT's micro-batches of accumulated gradient before the positions are chosen; selection happens at "
+                "the end of the optimizer step that holds the last one, and that step already updates the chosen "
+                "positions."
+            )
+        },
     )
 
     def __post_init__(self) -> None:
@@ -167,7 +189,11 @@ class SparseConfig:
                 f"(got {', '.join(f'`{k}`' for k in given) or 'none'}); e.g. `density=0.01`."
             )
         if self.density is not None:
-            if isinstance(self.density, bool) or not isinstance(self.density, (int, float)) or not 0 < self.density <= 1:
+            if (
+                isinstance(self.density, bool)
+                or not isinstance(self.density, (int, float))
+                or not 0 < self.density <= 1
+            ):
                 raise ValueError(f"`density` must be a number in (0, 1], got {self.density!r}.")
             self.density = float(self.density)
         for name in ("num_params", "lora_rank_equivalent"):
@@ -178,7 +204,13 @@ class SparseConfig:
     def _check_selection(self) -> None:
         _check_choice("regrow", self.regrow, REGROW_METHODS)
         _check_choice("reselection_schedule", self.reselection_schedule, RESELECTION_SCHEDULES)
-        for name in ("reselection_steps", "selection_accumulation_steps", "block_size", "warmup_steps", "selection_steps"):
+        for name in (
+            "reselection_steps",
+            "selection_accumulation_steps",
+            "block_size",
+            "warmup_steps",
+            "selection_steps",
+        ):
             value = getattr(self, name)
             if name == "warmup_steps" and value is None:
                 continue

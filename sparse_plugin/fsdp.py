@@ -60,6 +60,7 @@ def gathered_base_values(model: nn.Module) -> dict[str, torch.Tensor]:
             collect()
     missing = [key for key, _ in layers if key not in found]
     if missing:
-        raise RuntimeError(f"could not gather the base weight of {missing[0]} from FSDP's shards; save with "
-                           "store_base_values=False")
+        raise RuntimeError(
+            f"could not gather the base weight of {missing[0]} from FSDP's shards; save with store_base_values=False"
+        )
     return found

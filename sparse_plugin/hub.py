@@ -25,7 +25,9 @@ ADAPTER_FILES = [CONFIG_NAME, WEIGHTS_NAME, CARD_NAME, PEFT_CONFIG_NAME, PEFT_WE
 _OUR_FILES = [CONFIG_NAME, WEIGHTS_NAME, CARD_NAME]
 
 
-def resolve_adapter(name_or_path: str | os.PathLike, revision: str | None = None, token: str | bool | None = None) -> Path:
+def resolve_adapter(
+    name_or_path: str | os.PathLike, revision: str | None = None, token: str | bool | None = None
+) -> Path:
     """The directory of an adapter: `name_or_path` itself if it exists, else its Hub snapshot (adapter files only).
 
     Raises `AdapterError` (one line) when it is a repo id that cannot be found in the cache or on the Hub.
@@ -33,7 +35,9 @@ def resolve_adapter(name_or_path: str | os.PathLike, revision: str | None = None
     return _resolve(name_or_path, revision, token, allow_patterns=ADAPTER_FILES)
 
 
-def resolve_model(name_or_path: str | os.PathLike, revision: str | None = None, token: str | bool | None = None) -> Path:
+def resolve_model(
+    name_or_path: str | os.PathLike, revision: str | None = None, token: str | bool | None = None
+) -> Path:
     """The directory of a safetensors checkpoint: `name_or_path` if it exists, else its Hub snapshot.
 
     The snapshot is fetched in two passes: everything but weight files (config, tokenizer, shard index), then the
@@ -80,17 +84,24 @@ def _resolve(name_or_path, revision, token, **patterns) -> Path:
     try:
         return Path(snapshot_download(repo_id, revision=revision, token=token, **patterns))
     except RevisionNotFoundError:
-        raise AdapterError(f"{where}: the Hub repo has no such revision; pass a branch, tag or commit it has") from None
+        raise AdapterError(
+            f"{where}: the Hub repo has no such revision; pass a branch, tag or commit it has"
+        ) from None
     except RepositoryNotFoundError:
-        raise AdapterError(f"{where}: no local directory and no Hub repo of that name (a private or gated repo needs "
-                           "`hf auth login` or a token); check the name") from None
+        raise AdapterError(
+            f"{where}: no local directory and no Hub repo of that name (a private or gated repo needs "
+            "`hf auth login` or a token); check the name"
+        ) from None
     except LocalEntryNotFoundError:
-        raise AdapterError(f"{where}: no local directory, and not in the Hugging Face cache ({constants.HF_HUB_CACHE}) "
-                           "while the Hub cannot be reached (HF_HUB_OFFLINE or no network); download it once online or "
-                           "pass a local directory") from None
+        raise AdapterError(
+            f"{where}: no local directory, and not in the Hugging Face cache ({constants.HF_HUB_CACHE}) "
+            "while the Hub cannot be reached (HF_HUB_OFFLINE or no network); download it once online or "
+            "pass a local directory"
+        ) from None
     except OSError as err:  # other HTTP errors (HfHubHTTPError is one) and local I/O
-        raise AdapterError(f"{where}: the Hub download failed ({type(err).__name__}: {err}); retry, or pass a local "
-                           "directory") from None
+        raise AdapterError(
+            f"{where}: the Hub download failed ({type(err).__name__}: {err}); retry, or pass a local directory"
+        ) from None
 
 
 def push_adapter_to_hub(
@@ -139,5 +150,11 @@ def push_adapter_to_hub(
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         if revision is not None:
             api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
-        return api.upload_folder(repo_id=repo_id, folder_path=folder, revision=revision, repo_type="model",
-                                 commit_message=commit_message, allow_patterns=_OUR_FILES)
+        return api.upload_folder(
+            repo_id=repo_id,
+            folder_path=folder,
+            revision=revision,
+            repo_type="model",
+            commit_message=commit_message,
+            allow_patterns=_OUR_FILES,
+        )

@@ -116,7 +116,9 @@ def entries_digest(entries: torch.Tensor) -> str:
     bit); compared by the merge, the unmerge and `load_adapter`.
     """
     data = entries.detach().contiguous().cpu()
-    return hashlib.sha256(dtype_code(data.dtype).encode() + data.view(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+    return hashlib.sha256(
+        dtype_code(data.dtype).encode() + data.view(-1).view(torch.uint8).numpy().tobytes()
+    ).hexdigest()
 
 
 def merged_entries(entries: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -196,8 +198,10 @@ def save_adapter(
     layers = require_sparse_layers(model)
     config: SparseConfig = model.sparse_config
     if base_values is not None and (missing := [key for key, _ in layers if key not in base_values]):
-        raise ValueError(f"`base_values` lacks `{missing[0]}` ({len(missing)} target(s) missing); gather them with "
-                         "`sparse_plugin.fsdp.gathered_base_values(model)`.")
+        raise ValueError(
+            f"`base_values` lacks `{missing[0]}` ({len(missing)} target(s) missing); gather them with "
+            "`sparse_plugin.fsdp.gathered_base_values(model)`."
+        )
     tensors, targets = {}, {}
     for key, layer in layers:
         dtype = base_dtype_code(layer.base_layer.weight)
@@ -208,8 +212,10 @@ def save_adapter(
         base = base_values[key] if base_values is not None else _base_values(key, layer, config.store_base_values)
         if base is not None:
             # Computed even when the base values are not stored: the digests are what then checks the base.
-            targets[key].update(base_sha256=entries_digest(base),
-                                merged_sha256=entries_digest(merged_entries(base, tensors[f"{key}.values"])))
+            targets[key].update(
+                base_sha256=entries_digest(base),
+                merged_sha256=entries_digest(merged_entries(base, tensors[f"{key}.values"])),
+            )
             if config.store_base_values:
                 tensors[f"{key}.base_values"] = base
     has_base_values = all(f"{key}.base_values" in tensors for key in targets)
@@ -290,8 +296,11 @@ def _read_meta(directory: Path) -> dict:
         from .peft_interop import PEFT_CONFIG_NAME  # peft_interop imports this module
 
         if (directory / PEFT_CONFIG_NAME).is_file():
-            raise _fail(directory, "a PEFT adapter, not a sparse_plugin one; `sparse-merge merge` folds PEFT SHiRA and "
-                                   "Super-Tuning adapters into a base, PeftModel.from_pretrained loads them")
+            raise _fail(
+                directory,
+                "a PEFT adapter, not a sparse_plugin one; `sparse-merge merge` folds PEFT SHiRA and "
+                "Super-Tuning adapters into a base, PeftModel.from_pretrained loads them",
+            )
         raise _fail(path, f"missing; an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}")
     with open(path, "rb") as fh:
         raw = fh.read(_MAX_CONFIG_BYTES + 1)
@@ -317,7 +326,9 @@ def _check_format(path: Path, version) -> None:
     if not _is_int(version) or version < 1:
         raise _fail(path, f"`format` is {quote(version)}, not a format version (a positive integer); {_CORRUPT}")
     if version > FORMAT_VERSION:
-        raise _fail(path, f"format {version} is newer than this sparse_plugin reads ({FORMAT_VERSION}); upgrade sparse-plugin")
+        raise _fail(
+            path, f"format {version} is newer than this sparse_plugin reads ({FORMAT_VERSION}); upgrade sparse-plugin"
+        )
 
 
 def _read_tensors(directory: Path, save_id: str) -> dict[str, torch.Tensor]:
@@ -332,8 +343,11 @@ def _read_tensors(directory: Path, save_id: str) -> dict[str, torch.Tensor]:
     except Exception as err:  # safetensors raises several types for malformed headers and data
         raise _fail(path, f"not a readable safetensors file ({type(err).__name__}: {err}); {_CORRUPT}") from None
     if file_id != save_id:
-        raise _fail(path, f"save_id {quote(file_id)} differs from {CONFIG_NAME}'s {save_id!r}: the two files "
-                          "come from different saves (one was interrupted or copied over); save the adapter again")
+        raise _fail(
+            path,
+            f"save_id {quote(file_id)} differs from {CONFIG_NAME}'s {save_id!r}: the two files "
+            "come from different saves (one was interrupted or copied over); save the adapter again",
+        )
     return tensors
 
 
@@ -352,27 +366,43 @@ def _target_entry(path: Path, key: str, entry) -> tuple[tuple[int, int], int, st
     integers and, where present, sha256 hex digests (adapters saved before the digests have none)."""
     if not key.endswith(".weight"):  # else load_adapter would wrap a module it cannot then match, and merge miss it
         raise _fail(path, f"target {quote(key)} is not a weight's state-dict key (`<module>.weight`); {_CORRUPT}")
-    shape, count, dtype = (entry.get(f) for f in ("shape", "count", "dtype")) if isinstance(entry, dict) else (None,) * 3
-    if not (isinstance(shape, list) and len(shape) == 2 and all(map(_is_int, shape)) and _is_int(count) and isinstance(dtype, str)):
+    shape, count, dtype = (
+        (entry.get(f) for f in ("shape", "count", "dtype")) if isinstance(entry, dict) else (None,) * 3
+    )
+    if not (
+        isinstance(shape, list)
+        and len(shape) == 2
+        and all(map(_is_int, shape))
+        and _is_int(count)
+        and isinstance(dtype, str)
+    ):
         raise _fail(path, f"target `{key}` needs `shape` (two integers), `count` (an integer) and `dtype`; {_CORRUPT}")
     if min(shape) < 1 or shape[0] * shape[1] > _MAX_NUMEL or not 0 <= count <= shape[0] * shape[1]:
         raise _fail(path, f"target `{key}` has shape {quote(shape)} and count {count}, which do not fit; {_CORRUPT}")
     digests = tuple(entry.get(field) for field in _DIGEST_FIELDS)
     for field, digest in zip(_DIGEST_FIELDS, digests):
-        if digest is not None and not (isinstance(digest, str) and len(digest) == 64 and set(digest) <= set("0123456789abcdef")):
+        if digest is not None and not (
+            isinstance(digest, str) and len(digest) == 64 and set(digest) <= set("0123456789abcdef")
+        ):
             raise _fail(path, f"target `{key}` has `{field}` {quote(digest)}, not a sha256 hex digest; {_CORRUPT}")
     return (tuple(shape), count, dtype, *digests)
 
 
-def _check_vector(where: Path | str, name: str, tensor: torch.Tensor, dtypes: tuple[torch.dtype, ...], count: int) -> None:
+def _check_vector(
+    where: Path | str, name: str, tensor: torch.Tensor, dtypes: tuple[torch.dtype, ...], count: int
+) -> None:
     if tensor.dtype not in dtypes or tensor.dim() != 1:
         allowed = "/".join(str(d).removeprefix("torch.") for d in dtypes)
-        raise _fail(where, f"tensor `{name}` must be 1-D {allowed}, got {tensor.dtype} {list(tensor.shape)}; {_CORRUPT}")
+        raise _fail(
+            where, f"tensor `{name}` must be 1-D {allowed}, got {tensor.dtype} {list(tensor.shape)}; {_CORRUPT}"
+        )
     if tensor.numel() != count:
         raise _fail(where, f"tensor `{name}` has {tensor.numel()} entries but the config says {count}; {_CORRUPT}")
 
 
-def validate_delta(where: Path | str, key: str, shape: tuple[int, int], count: int, indices, values, base_values) -> torch.Tensor:
+def validate_delta(
+    where: Path | str, key: str, shape: tuple[int, int], count: int, indices, values, base_values
+) -> torch.Tensor:
     """Check one target's tensors against its recorded shape and count; return the indices as int64.
 
     Values must be one of the float dtypes a model is stored in: others (float8, say) have no `isfinite`.
@@ -384,12 +414,16 @@ def validate_delta(where: Path | str, key: str, shape: tuple[int, int], count: i
     indices = indices.long()
     numel = shape[0] * shape[1]
     if count and (int(indices.min()) < 0 or int(indices.max()) >= numel):
-        raise _fail(where, f"tensor `{key}.indices` has positions outside [0, {numel}) for shape {list(shape)}; {_CORRUPT}")
+        raise _fail(
+            where, f"tensor `{key}.indices` has positions outside [0, {numel}) for shape {list(shape)}; {_CORRUPT}"
+        )
     if count > 1 and not bool((indices[1:] > indices[:-1]).all()):
         raise _fail(where, f"tensor `{key}.indices` is not sorted and unique; {_CORRUPT}")
     for name, tensor in (("values", values), ("base_values", base_values)):
         if tensor is not None and not bool(torch.isfinite(tensor).all()):
-            raise _fail(where, f"tensor `{key}.{name}` holds NaN or inf; retrain from a checkpoint before the divergence")
+            raise _fail(
+                where, f"tensor `{key}.{name}` holds NaN or inf; retrain from a checkpoint before the divergence"
+            )
     return indices
 
 
@@ -412,15 +446,23 @@ def read_adapter(adapter_dir: str | os.PathLike) -> Adapter:
     expected = {f"{key}.{s}" for key in entries for s in suffixes}
     if set(tensors) != expected:
         missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
-        raise _fail(directory / WEIGHTS_NAME, f"tensors do not match {CONFIG_NAME} (missing {quote(missing[:3])}, "
-                                              f"unexpected {quote(extra[:3])}); {_CORRUPT}")
+        raise _fail(
+            directory / WEIGHTS_NAME,
+            f"tensors do not match {CONFIG_NAME} (missing {quote(missing[:3])}, "
+            f"unexpected {quote(extra[:3])}); {_CORRUPT}",
+        )
     targets = {}
     for key, (shape, count, dtype, base_sha256, merged_sha256) in entries.items():
         values, base_values = tensors[f"{key}.values"], tensors.get(f"{key}.base_values")
-        indices = validate_delta(directory / WEIGHTS_NAME, key, shape, count, tensors[f"{key}.indices"], values, base_values)
+        indices = validate_delta(
+            directory / WEIGHTS_NAME, key, shape, count, tensors[f"{key}.indices"], values, base_values
+        )
         if base_values is not None and dtype_code(base_values.dtype) != dtype:  # they are the base's own entries
-            raise _fail(directory / WEIGHTS_NAME, f"tensor `{key}.base_values` is {dtype_code(base_values.dtype)} but "
-                                                  f"{CONFIG_NAME} records the base as {dtype}; {_CORRUPT}")
+            raise _fail(
+                directory / WEIGHTS_NAME,
+                f"tensor `{key}.base_values` is {dtype_code(base_values.dtype)} but "
+                f"{CONFIG_NAME} records the base as {dtype}; {_CORRUPT}",
+            )
         targets[key] = TargetDelta(key, shape, dtype, indices, values, base_values, base_sha256, merged_sha256)
     return Adapter(directory, meta, config, targets)
 
@@ -471,14 +513,23 @@ def load_adapter(
         wrap_targets(model, {k.removesuffix(".weight"): t.indices for k, t in adapter.targets.items()}, adapter.config)
         layers = dict(iter_sparse_layers(model))
     if set(layers) != set(adapter.targets):
-        only_adapter, only_model = sorted(set(adapter.targets) - set(layers)), sorted(set(layers) - set(adapter.targets))
-        raise _fail(adapter.path, f"targets differ from the model's sparse layers: only the adapter has {quote(only_adapter[:3])} "
-                                  f"({len(only_adapter)}), only the model has {quote(only_model[:3])} ({len(only_model)}); "
-                                  "prepare the model with the adapter's target_modules or load into an unprepared base")
+        only_adapter, only_model = (
+            sorted(set(adapter.targets) - set(layers)),
+            sorted(set(layers) - set(adapter.targets)),
+        )
+        raise _fail(
+            adapter.path,
+            f"targets differ from the model's sparse layers: only the adapter has {quote(only_adapter[:3])} "
+            f"({len(only_adapter)}), only the model has {quote(only_model[:3])} ({len(only_model)}); "
+            "prepare the model with the adapter's target_modules or load into an unprepared base",
+        )
     for key, layer in layers.items():
         if layer.shape != adapter.targets[key].shape:
-            raise _fail(adapter.path, f"target `{key}` is {list(adapter.targets[key].shape)} in the adapter but "
-                                      f"{list(layer.shape)} in the model; load the base the adapter was trained on")
+            raise _fail(
+                adapter.path,
+                f"target `{key}` is {list(adapter.targets[key].shape)} in the adapter but "
+                f"{list(layer.shape)} in the model; load the base the adapter was trained on",
+            )
     for key, layer in layers.items():  # once every shape matched: a shape mismatch is the one to name
         if check_base:
             layer.restore_base_weight()  # a merged-resident weight holds W0 + Δ
@@ -494,18 +545,28 @@ def _check_module(path: Path, model: nn.Module, module: nn.Module | None, target
     name = target.key.removesuffix(".weight")
     if isinstance(module, nn.Linear) and (module.out_features, module.in_features) == target.shape:
         return
-    found = ("no such module" if module is None else f"a module of type {type(module).__name__}" if not isinstance(module, nn.Linear)
-             else f"a Linear of shape {[module.out_features, module.in_features]}")
-    raise _fail(path, f"target `{target.key}` is a Linear weight of shape {list(target.shape)} in the adapter, but "
-                      f"`{name}` is {found} in {type(model).__name__}; load the base the adapter was trained on")
+    found = (
+        "no such module"
+        if module is None
+        else f"a module of type {type(module).__name__}"
+        if not isinstance(module, nn.Linear)
+        else f"a Linear of shape {[module.out_features, module.in_features]}"
+    )
+    raise _fail(
+        path,
+        f"target `{target.key}` is a Linear weight of shape {list(target.shape)} in the adapter, but "
+        f"`{name}` is {found} in {type(model).__name__}; load the base the adapter was trained on",
+    )
 
 
 def describe_difference(found: torch.Tensor, expected: torch.Tensor, indices: torch.Tensor) -> str:
     """Where two equally long vectors of entries differ: how many, and the first flat position with both values."""
     differ = (found != expected).nonzero()
     first = int(differ[0])
-    return (f"{len(differ)} of {len(found)} entries at its indices differ, the first at flat position "
-            f"{int(indices[first])}: {found[first].item()!r} there, {expected[first].item()!r} in the adapter")
+    return (
+        f"{len(differ)} of {len(found)} entries at its indices differ, the first at flat position "
+        f"{int(indices[first])}: {found[first].item()!r} there, {expected[first].item()!r} in the adapter"
+    )
 
 
 def _check_base_values(path: Path, key: str, base_layer: nn.Module, target: TargetDelta) -> None:
@@ -525,13 +586,19 @@ def _check_base_values(path: Path, key: str, base_layer: nn.Module, target: Targ
     fix = "load that base, or pass check_base=False"
     if target.base_values is None:
         if entries_digest(current) != target.base_sha256:
-            raise _fail(path, f"the model's `{key}` differs from the base the adapter was trained on (its entries at the "
-                              f"indices do not match the adapter's base_sha256); {fix}")
+            raise _fail(
+                path,
+                f"the model's `{key}` differs from the base the adapter was trained on (its entries at the "
+                f"indices do not match the adapter's base_sha256); {fix}",
+            )
         return
     stored = target.base_values.to(device=current.device, dtype=current.dtype)
     if not torch.equal(current, stored):
-        raise _fail(path, f"the model's `{key}` differs from the base the adapter was trained on: "
-                          f"{describe_difference(current, stored, indices)}; {fix}")
+        raise _fail(
+            path,
+            f"the model's `{key}` differs from the base the adapter was trained on: "
+            f"{describe_difference(current, stored, indices)}; {fix}",
+        )
 
 
 @torch.no_grad()

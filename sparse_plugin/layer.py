@@ -253,7 +253,9 @@ class SparseDeltaLinear(nn.Module):
         self.restore_base_weight()  # the strategy was switched to additive
         base_out = self.base_layer(x)
         with torch.autocast(device_type, enabled=False):
-            delta = SparseLinearFunction.apply(compute_x, self.values, self.pattern(), None, None, grad_path, self.grad_collector)
+            delta = SparseLinearFunction.apply(
+                compute_x, self.values, self.pattern(), None, None, grad_path, self.grad_collector
+            )
         return base_out + delta.to(base_out.dtype)
 
     @torch.no_grad()

@@ -89,7 +89,9 @@ def open_checkpoint(directory: str | os.PathLike) -> Checkpoint:
     shards = sorted(set(weight_map.values()))
     for shard in shards:
         if not (directory / shard).is_file():
-            raise AdapterError(f"{directory / shard}: shard listed in {INDEX_FILE} is missing; re-download or re-save the model")
+            raise AdapterError(
+                f"{directory / shard}: shard listed in {INDEX_FILE} is missing; re-download or re-save the model"
+            )
     return Checkpoint(directory, shards, weight_map)
 
 
@@ -103,7 +105,7 @@ def _weight_map(directory: Path) -> dict[str, str]:
                 raise TypeError("weight_map is not an object")
         elif (directory / SINGLE_FILE).is_file():
             with safe_open(directory / SINGLE_FILE, framework="pt") as fh:
-                weight_map = {key: SINGLE_FILE for key in fh.keys()}
+                weight_map = dict.fromkeys(fh.keys(), SINGLE_FILE)
         else:
             raise AdapterError(
                 f"{directory}: no {SINGLE_FILE} or {INDEX_FILE}; save the model with save_pretrained(safe_serialization=True)"
@@ -111,7 +113,9 @@ def _weight_map(directory: Path) -> dict[str, str]:
     except AdapterError:
         raise
     except Exception as err:
-        raise AdapterError(f"{directory}: unreadable checkpoint ({type(err).__name__}: {err}); re-save it with save_pretrained") from None
+        raise AdapterError(
+            f"{directory}: unreadable checkpoint ({type(err).__name__}: {err}); re-save it with save_pretrained"
+        ) from None
     for shard in weight_map.values():
         # Shards sit beside the index. A name like `../x` or `/x` would be read from outside the model and, worse,
         # written to outside the output directory.
@@ -133,13 +137,19 @@ def check_base_matches_adapter(adapter: Adapter, header: dict[str, tuple[tuple[i
     """
     for key, target in adapter.targets.items():
         if key not in header:
-            raise AdapterError(f"{adapter.path}: the base has no tensor `{key}`; pass the base model the adapter was trained on")
+            raise AdapterError(
+                f"{adapter.path}: the base has no tensor `{key}`; pass the base model the adapter was trained on"
+            )
         shape, dtype = header[key]
         if tuple(shape) != target.shape:
-            raise AdapterError(f"{adapter.path}: `{key}` is {list(shape)} in the base but {list(target.shape)} in the adapter; pass the matching base model")
+            raise AdapterError(
+                f"{adapter.path}: `{key}` is {list(shape)} in the base but {list(target.shape)} in the adapter; pass the matching base model"
+            )
         if dtype not in ("F32", "BF16", "F16", "F64"):
-            raise AdapterError(f"{adapter.path}: `{key}` is {dtype} in the base, not a float weight (it was {target.base_dtype} in "
-                               "training); merge into the unquantised checkpoint")
+            raise AdapterError(
+                f"{adapter.path}: `{key}` is {dtype} in the base, not a float weight (it was {target.base_dtype} in "
+                "training); merge into the unquantised checkpoint"
+            )
         if dtype != target.base_dtype and target.base_dtype not in QUANTIZED_DTYPES and not force:
             raise AdapterError(
                 f"{adapter.path}: base fingerprint differs: `{key}` is {dtype} in the base but was {target.base_dtype} in training; "
@@ -179,7 +189,9 @@ def _check_link(path: Path) -> None:
     if not path.is_symlink():
         return
     if not path.exists():
-        raise AdapterError(f"{path}: broken symlink (to {os.readlink(path)}); re-download the model or remove the link")
+        raise AdapterError(
+            f"{path}: broken symlink (to {os.readlink(path)}); re-download the model or remove the link"
+        )
     if path.is_dir():
         raise AdapterError(
             f"{path}: symlinked directory (to {path.resolve()}); the merge would copy all of it into the output, "
@@ -213,8 +225,10 @@ def check_output(output: Path, inputs: dict[str, Path], overwrite: bool) -> None
         linked = {entry.resolve().parent for entry in directory.iterdir()}
         inside = resolved == source if role == "adapter" else _within(resolved, source)
         if inside or any(_within(place, resolved) for place in {source, *linked}):
-            raise AdapterError(f"{output}: output must be a new directory outside the {role} ({directory}) and not "
-                               "contain it; choose another --output")
+            raise AdapterError(
+                f"{output}: output must be a new directory outside the {role} ({directory}) and not "
+                "contain it; choose another --output"
+            )
     if output.exists() and not overwrite:
         raise AdapterError(f"{output}: output directory exists; choose another path or pass --overwrite")
 
@@ -252,12 +266,16 @@ def _positions(weight: torch.Tensor, target: TargetDelta, where: Path) -> tuple[
     the scatter kernels do not bound-check (see kernels/scatter.py): a position is only written after this.
     """
     if tuple(weight.shape) != target.shape:
-        raise AdapterError(f"{where}: `{target.key}` is {list(weight.shape)} in the model but {list(target.shape)} in the "
-                           "adapter; pass the model the adapter was trained on")
+        raise AdapterError(
+            f"{where}: `{target.key}` is {list(weight.shape)} in the model but {list(target.shape)} in the "
+            "adapter; pass the model the adapter was trained on"
+        )
     return target.indices.to(weight.device), target.values.to(weight.device)
 
 
-def _verify(entries: torch.Tensor, stored: torch.Tensor | None, digest: str | None, indices: torch.Tensor) -> str | None:
+def _verify(
+    entries: torch.Tensor, stored: torch.Tensor | None, digest: str | None, indices: torch.Tensor
+) -> str | None:
     """Why `entries` are not what the adapter recorded (its stored entries, else their digest), or None if they are
     (or it recorded neither: an adapter saved before the digests, or over a quantised base)."""
     if stored is not None:
@@ -273,8 +291,10 @@ def _merge_tensor(weight: torch.Tensor, target: TargetDelta, force: bool, where:
     indices, values = _positions(weight, target, where)
     entries = weight.view(-1)[indices]
     if not force and (why := _verify(entries, target.base_values, target.base_sha256, indices)):
-        raise AdapterError(f"{where}: `{target.key}` differs from the base the adapter was trained on ({why}); "
-                           "pass the right base or --force")
+        raise AdapterError(
+            f"{where}: `{target.key}` differs from the base the adapter was trained on ({why}); "
+            "pass the right base or --force"
+        )
     lost = rounded_away(entries, values)
     scatter_add_(weight, indices, values)
     return lost
@@ -288,12 +308,16 @@ def _unmerge_tensor(weight: torch.Tensor, target: TargetDelta, force: bool, wher
     arithmetic, so it matches the output of any merge of this adapter into the base it was trained on.
     """
     indices, values = _positions(weight, target, where)
-    base_values = None if target.base_values is None else target.base_values.to(device=weight.device, dtype=weight.dtype)
+    base_values = (
+        None if target.base_values is None else target.base_values.to(device=weight.device, dtype=weight.dtype)
+    )
     if not force:
         expected = None if base_values is None else merged_entries(base_values, values)
         if why := _verify(weight.view(-1)[indices], expected, target.merged_sha256, indices):
-            raise AdapterError(f"{where}: `{target.key}` is not this adapter merged into its base ({why}); pass the "
-                               "merged model this adapter made, or --force")
+            raise AdapterError(
+                f"{where}: `{target.key}` is not this adapter merged into its base ({why}); pass the "
+                "merged model this adapter made, or --force"
+            )
     if base_values is None:
         scatter_add_(weight, indices, values, alpha=-1.0)
     else:
@@ -338,7 +362,9 @@ def merge_checkpoint(
     header = checkpoint.header()
     if peft:  # PEFT's files record no shapes: the base's header supplies them
         adapter = read_peft_adapter(adapter_dir, header)
-    check_output(output, {"merged model" if unmerge else "base": checkpoint.directory, "adapter": adapter.path}, overwrite)
+    check_output(
+        output, {"merged model" if unmerge else "base": checkpoint.directory, "adapter": adapter.path}, overwrite
+    )
     check_base_matches_adapter(adapter, header, force)
     torch_device = _resolve_device(device)
     copies, skipped = _plan_copies(checkpoint.directory, checkpoint.shards)
@@ -348,10 +374,16 @@ def merge_checkpoint(
     lost: dict[str, int] = {}
     # disable=None draws the bar only on a terminal, so piped stderr holds nothing but a refusal's one line;
     # the `with` closes (leave=False: erases) the bar before an error propagates to be printed.
-    with atomic_directory(output, replace=overwrite) as tmp, tqdm(
-        total=len(adapter.targets), desc="unmerge" if unmerge else "merge", unit="tensor",
-        disable=None if progress else True, leave=False,
-    ) as bar:
+    with (
+        atomic_directory(output, replace=overwrite) as tmp,
+        tqdm(
+            total=len(adapter.targets),
+            desc="unmerge" if unmerge else "merge",
+            unit="tensor",
+            disable=None if progress else True,
+            leave=False,
+        ) as bar,
+    ):
         for shard in checkpoint.shards:
             path = checkpoint.directory / shard
             with safe_open(path, framework="pt") as fh:

@@ -19,26 +19,46 @@ _MAX_CARD_BYTES = 2**20  # a card we wrote is a few KB; anything larger is not o
 
 # Settings that shape each method's result (the budget and targets are shown for all).
 _METHOD_SETTINGS = {
-    "spiel": ("regrow", "reselection_steps", "selection_accumulation_steps", "initial_reselection_rate",
-              "reselection_schedule"),
+    "spiel": (
+        "regrow",
+        "reselection_steps",
+        "selection_accumulation_steps",
+        "initial_reselection_rate",
+        "reselection_schedule",
+    ),
     "smt": ("block_size", "warmup_steps"),
     "sift": ("selection_steps",),
 }
 _COMMON_SETTINGS = ("density", "num_params", "lora_rank_equivalent", "target_modules", "values_dtype", "seed")
 _METHOD_NAMES = {"spiel": "SpIEL", "smt": "SMT", "sift": "SIFT"}
 _CITATIONS = {
-    "spiel": ("Scaling Sparse Fine-Tuning to Large Language Models (Ansell et al., 2024)", "2401.16405",
-              ("@article{ansell2024scaling,\n  title={Scaling Sparse Fine-Tuning to Large Language Models},\n"
-              "  author={Ansell, Alan and Vuli{\\'c}, Ivan and Sterz, Hannah and Korhonen, Anna and Ponti, Edoardo M.},\n"
-              "  journal={arXiv preprint arXiv:2401.16405},\n  year={2024}\n}")),
-    "smt": ("Sparse Matrix in Large Language Model Fine-tuning (He et al., 2024)", "2405.15525",
-            ("@article{he2024sparse,\n  title={Sparse Matrix in Large Language Model Fine-tuning},\n"
+    "spiel": (
+        "Scaling Sparse Fine-Tuning to Large Language Models (Ansell et al., 2024)",
+        "2401.16405",
+        (
+            "@article{ansell2024scaling,\n  title={Scaling Sparse Fine-Tuning to Large Language Models},\n"
+            "  author={Ansell, Alan and Vuli{\\'c}, Ivan and Sterz, Hannah and Korhonen, Anna and Ponti, Edoardo M.},\n"
+            "  journal={arXiv preprint arXiv:2401.16405},\n  year={2024}\n}"
+        ),
+    ),
+    "smt": (
+        "Sparse Matrix in Large Language Model Fine-tuning (He et al., 2024)",
+        "2405.15525",
+        (
+            "@article{he2024sparse,\n  title={Sparse Matrix in Large Language Model Fine-tuning},\n"
             "  author={He, Haoze and Li, Juncheng Billy and Jiang, Xuan and Miller, Heather},\n"
-            "  journal={arXiv preprint arXiv:2405.15525},\n  year={2024}\n}")),
-    "sift": ("Sparse is Enough in Fine-tuning Pre-trained Large Language Models (Song et al., 2023)", "2312.11875",
-             ("@article{song2023sparse,\n  title={Sparse is Enough in Fine-tuning Pre-trained Large Language Models},\n"
-             "  author={Song, Weixi and Li, Zuchao and Zhang, Lefei and Zhao, Hai and Du, Bo},\n"
-             "  journal={arXiv preprint arXiv:2312.11875},\n  year={2023}\n}")),
+            "  journal={arXiv preprint arXiv:2405.15525},\n  year={2024}\n}"
+        ),
+    ),
+    "sift": (
+        "Sparse is Enough in Fine-tuning Pre-trained Large Language Models (Song et al., 2023)",
+        "2312.11875",
+        (
+            "@article{song2023sparse,\n  title={Sparse is Enough in Fine-tuning Pre-trained Large Language Models},\n"
+            "  author={Song, Weixi and Li, Zuchao and Zhang, Lefei and Zhao, Hai and Du, Bo},\n"
+            "  journal={arXiv preprint arXiv:2312.11875},\n  year={2023}\n}"
+        ),
+    ),
 }
 # The Hub's pipeline for a transformers head class, by class-name suffix; other heads get none.
 _PIPELINES = {
@@ -61,8 +81,9 @@ def is_ours(path: Path) -> bool:
         return False
 
 
-def card_writer(directory: Path, meta: dict, model_class: str | None = None,
-                base_revision: str | None = None) -> Callable[[Path], None] | None:
+def card_writer(
+    directory: Path, meta: dict, model_class: str | None = None, base_revision: str | None = None
+) -> Callable[[Path], None] | None:
     """A writer of the card for the adapter `meta` describes, or None where `directory` holds a README not ours."""
     if not is_ours(directory / CARD_NAME):
         return None
@@ -94,7 +115,9 @@ def render(meta: dict, model_class: str | None = None, base_revision: str | None
 
     method = meta["method"]
     data = ModelCardData(
-        library_name=LIBRARY_NAME, base_model=_hub_repo_id(meta.get("base_model")), pipeline_tag=pipeline_tag(model_class),
+        library_name=LIBRARY_NAME,
+        base_model=_hub_repo_id(meta.get("base_model")),
+        pipeline_tag=pipeline_tag(model_class),
         tags=[LIBRARY_NAME, "sparse-fine-tuning", method],
     )
     return f"---\n{data.to_yaml()}\n---\n{_MARKER}\n\n" + "\n".join(_body(meta, base_revision)) + "\n"
@@ -108,23 +131,54 @@ def _body(meta: dict, base_revision: str | None) -> list[str]:
     if method == "spiel" and config.get("regrow") != "ag":  # gathering steps exist only for SpIEL-AG
         settings.remove("selection_accumulation_steps")
     return [
-        f"# {_METHOD_NAMES[method]} sparse adapter for {base}", "",
-        (f"A sparse fine-tuning adapter of `{base}`{revision}, trained with {_METHOD_NAMES[method]} "
-        f"([arXiv:{arxiv}](https://arxiv.org/abs/{arxiv})) by sparse-plugin {meta['sparse_plugin_version']}: "
-        f"**{meta['num_params']:,d}** trainable values, density **{meta['density']:.4%}** of the targeted weights, "
-        f"{len(meta['targets'])} target matrices."), "",
-        "## Settings", "", "| setting | value |", "|---|---|",
-        *(f"| `{name}` | `{config[name]}` |" for name in settings if config.get(name) is not None), "",
-        "## Targets", "", "| weights | matrices | shape | values | density |", "|---|---:|---|---:|---:|",
-        *_target_rows(meta["targets"]), "",
-        "## Use", "", "Load it over the base model:", "", "```python",
-        "from transformers import AutoModelForCausalLM", "from sparse_plugin import load_adapter", "",
+        f"# {_METHOD_NAMES[method]} sparse adapter for {base}",
+        "",
+        (
+            f"A sparse fine-tuning adapter of `{base}`{revision}, trained with {_METHOD_NAMES[method]} "
+            f"([arXiv:{arxiv}](https://arxiv.org/abs/{arxiv})) by sparse-plugin {meta['sparse_plugin_version']}: "
+            f"**{meta['num_params']:,d}** trainable values, density **{meta['density']:.4%}** of the targeted weights, "
+            f"{len(meta['targets'])} target matrices."
+        ),
+        "",
+        "## Settings",
+        "",
+        "| setting | value |",
+        "|---|---|",
+        *(f"| `{name}` | `{config[name]}` |" for name in settings if config.get(name) is not None),
+        "",
+        "## Targets",
+        "",
+        "| weights | matrices | shape | values | density |",
+        "|---|---:|---|---:|---:|",
+        *_target_rows(meta["targets"]),
+        "",
+        "## Use",
+        "",
+        "Load it over the base model:",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM",
+        "from sparse_plugin import load_adapter",
+        "",
         f'model = AutoModelForCausalLM.from_pretrained("{base}")',
-        'model = load_adapter(model, "path/to/this/adapter")  # or its Hub repo id', "```", "",
-        "Or fold it into a copy of the base's safetensors (streaming, atomic):", "", "```bash",
-        f"sparse-merge merge --base {base} --adapter path/to/this/adapter --output merged", "```", "",
+        'model = load_adapter(model, "path/to/this/adapter")  # or its Hub repo id',
+        "```",
+        "",
+        "Or fold it into a copy of the base's safetensors (streaming, atomic):",
+        "",
+        "```bash",
+        f"sparse-merge merge --base {base} --adapter path/to/this/adapter --output merged",
+        "```",
+        "",
         "`sparse-merge export-peft` writes it as a PEFT Super-Tuning or SHiRA adapter for stacks that only load PEFT.",
-        "", "## Citation", "", f"{title}:", "", "```bibtex", bibtex, "```",
+        "",
+        "## Citation",
+        "",
+        f"{title}:",
+        "",
+        "```bibtex",
+        bibtex,
+        "```",
     ]
 
 

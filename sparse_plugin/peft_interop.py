@@ -81,8 +81,9 @@ def pad_delta(indices: torch.Tensor, values: torch.Tensor, slots: int) -> tuple[
     return torch.cat([indices, free])[order], torch.cat([values, values.new_zeros(extra)])[order]
 
 
-def export_peft(adapter_dir: str | os.PathLike, output_dir: str | os.PathLike, format: str = "supertuning",
-                overwrite: bool = False) -> dict:
+def export_peft(
+    adapter_dir: str | os.PathLike, output_dir: str | os.PathLike, format: str = "supertuning", overwrite: bool = False
+) -> dict:
     """Write an adapter as a PEFT adapter directory that `PeftModel.from_pretrained` loads with stock peft.
 
     Args:
@@ -142,21 +143,35 @@ def _check_slots(adapter: Adapter, format: str, target: TargetDelta, setting: fl
             "export with --format supertuning"
         )
     if format == "supertuning" and out_features * in_features >= _INT32_LIMIT:
-        raise AdapterError(f"{adapter.path}: `{target.key}` has {out_features * in_features:,d} entries, beyond the "
-                           "int32 positions Super-Tuning stores; export with --format shira")
+        raise AdapterError(
+            f"{adapter.path}: `{target.key}` has {out_features * in_features:,d} entries, beyond the "
+            "int32 positions Super-Tuning stores; export with --format shira"
+        )
     return slots
 
 
 def _peft_config(format: str, peft_type: str, adapter: Adapter, setting: dict) -> dict:
     """`adapter_config.json` as peft's own `save_pretrained` writes it for this method (every field explicit)."""
     common = {
-        "peft_type": peft_type, "task_type": None, "base_model_name_or_path": adapter.base_model, "revision": None,
-        "inference_mode": True, "init_weights": True, "modules_to_save": None,
+        "peft_type": peft_type,
+        "task_type": None,
+        "base_model_name_or_path": adapter.base_model,
+        "revision": None,
+        "inference_mode": True,
+        "init_weights": True,
+        "modules_to_save": None,
         "target_modules": sorted(key.removesuffix(".weight") for key in adapter.targets),  # exact module names
     }
     if format == "supertuning":
-        return {**common, **setting, "select_top": True, "r": None, "lora_alpha": None, "lora_dropout": 0.0,
-                "save_precomputed_indices": True}
+        return {
+            **common,
+            **setting,
+            "select_top": True,
+            "r": None,
+            "lora_alpha": None,
+            "lora_dropout": 0.0,
+            "save_precomputed_indices": True,
+        }
     return {**common, **setting, "mask_type": "random", "random_seed": None, "fan_in_fan_out": False}
 
 
@@ -176,28 +191,40 @@ def read_peft_adapter(directory: str | os.PathLike, header: dict[str, tuple[tupl
     try:
         tensors = load_file(path)
     except Exception as err:  # noqa: BLE001 - safetensors raises several types for a missing or malformed file
-        raise AdapterError(f"{path}: not a readable safetensors file ({type(err).__name__}: {err}); save the PEFT "
-                           "adapter again with save_pretrained(safe_serialization=True)") from None
-    modules = sorted({name[len(_PREFIX):].rsplit(".", 1)[0] for name in tensors if name.startswith(_PREFIX)})
+        raise AdapterError(
+            f"{path}: not a readable safetensors file ({type(err).__name__}: {err}); save the PEFT "
+            "adapter again with save_pretrained(safe_serialization=True)"
+        ) from None
+    modules = sorted({name[len(_PREFIX) :].rsplit(".", 1)[0] for name in tensors if name.startswith(_PREFIX)})
     expected = {f"{_PREFIX}{m}.{suffix}" for m in modules for suffix in (index_name, value_name)}
     if set(tensors) != expected or not modules:
         odd = sorted(set(tensors) ^ expected)[:3]
-        raise AdapterError(f"{path}: tensors {quote(odd)} are not a PEFT {format} adapter's `<module>.{index_name}` / "
-                           f"`.{value_name}` pairs; save the PEFT adapter again")
+        raise AdapterError(
+            f"{path}: tensors {quote(odd)} are not a PEFT {format} adapter's `<module>.{index_name}` / "
+            f"`.{value_name}` pairs; save the PEFT adapter again"
+        )
     targets = {}
     for module in modules:
         key = f"{module}.weight"
         if key not in header:
-            raise AdapterError(f"{directory}: the base has no tensor `{key}`; pass the base model the adapter was trained on")
+            raise AdapterError(
+                f"{directory}: the base has no tensor `{key}`; pass the base model the adapter was trained on"
+            )
         shape, dtype = header[key]
         if len(shape) != 2:
-            raise AdapterError(f"{directory}: `{key}` is {list(shape)} in the base, not a Linear weight; pass the right base")
+            raise AdapterError(
+                f"{directory}: `{key}` is {list(shape)} in the base, not a Linear weight; pass the right base"
+            )
         indices = _flat_positions(path, key, tuple(shape), tensors[f"{_PREFIX}{module}.{index_name}"], format)
         targets[key] = _coalesced(path, key, tuple(shape), dtype, indices, tensors[f"{_PREFIX}{module}.{value_name}"])
     meta = {
-        "format": FORMAT_VERSION, "method": f"peft-{format}", "base_model": config.get("base_model_name_or_path"),
-        "has_base_values": False, "targets": {k: {"shape": list(t.shape), "count": t.indices.numel(), "dtype": t.base_dtype}
-                                              for k, t in targets.items()},
+        "format": FORMAT_VERSION,
+        "method": f"peft-{format}",
+        "base_model": config.get("base_model_name_or_path"),
+        "has_base_values": False,
+        "targets": {
+            k: {"shape": list(t.shape), "count": t.indices.numel(), "dtype": t.base_dtype} for k, t in targets.items()
+        },
     }
     total = sum(t.indices.numel() for t in targets.values())
     sparse_config = SparseConfig(num_params=max(total, 1), target_modules=modules, store_base_values=False)
@@ -210,48 +237,67 @@ def _read_peft_config(path: Path) -> tuple[str, dict]:
         config = json.loads(path.read_text(encoding="utf-8"))
         peft_type = config.get("peft_type")
     except (OSError, ValueError, AttributeError) as err:
-        raise AdapterError(f"{path}: not a readable PEFT adapter config ({type(err).__name__}); save the adapter again") from None
+        raise AdapterError(
+            f"{path}: not a readable PEFT adapter config ({type(err).__name__}); save the adapter again"
+        ) from None
     formats = {peft: name for name, (peft, _, _) in _LAYOUT.items()}
     if peft_type not in formats:
-        raise AdapterError(f"{path}: a PEFT {quote(peft_type)} adapter; sparse-merge reads SHIRA and SUPERTUNING adapters "
-                           "only (merge others with peft's merge_and_unload)")
+        raise AdapterError(
+            f"{path}: a PEFT {quote(peft_type)} adapter; sparse-merge reads SHIRA and SUPERTUNING adapters "
+            "only (merge others with peft's merge_and_unload)"
+        )
     supertuning = peft_type == "SUPERTUNING"
     refusals = (
         ("r", supertuning and config.get("r") is not None, "its Supra LoRA part is not sparse"),
-        ("save_precomputed_indices", supertuning and config.get("save_precomputed_indices") is False,
-         "its positions are not saved (PEFT recomputes them from the base)"),
+        (
+            "save_precomputed_indices",
+            supertuning and config.get("save_precomputed_indices") is False,
+            "its positions are not saved (PEFT recomputes them from the base)",
+        ),
         ("fan_in_fan_out", bool(config.get("fan_in_fan_out")), "its weights are transposed (Conv1D)"),
         ("modules_to_save", bool(config.get("modules_to_save")), "it also saves whole modules"),
     )
     for field, refused, reason in refusals:
         if refused:
-            raise AdapterError(f"{path}: `{field}` is {quote(config.get(field))}: {reason}, which sparse-merge cannot "
-                               "fold; use peft's merge_and_unload")
+            raise AdapterError(
+                f"{path}: `{field}` is {quote(config.get(field))}: {reason}, which sparse-merge cannot "
+                "fold; use peft's merge_and_unload"
+            )
     return formats[peft_type], config
 
 
 def _flat_positions(path: Path, key: str, shape: tuple[int, int], indices: torch.Tensor, format: str) -> torch.Tensor:
     """Flat int64 positions from Super-Tuning's flat or SHiRA's [2, N] (row, column) indices, range-checked."""
     rows_cols = format == "shira"
-    if indices.dtype not in (torch.int32, torch.int64) or indices.dim() != (2 if rows_cols else 1) or (
-            rows_cols and indices.shape[0] != 2):
+    if (
+        indices.dtype not in (torch.int32, torch.int64)
+        or indices.dim() != (2 if rows_cols else 1)
+        or (rows_cols and indices.shape[0] != 2)
+    ):
         want = "[2, N]" if rows_cols else "1-D"
-        raise AdapterError(f"{path}: `{key}` positions must be {want} int32/int64, got {indices.dtype} "
-                           f"{list(indices.shape)}; save the PEFT adapter again")
+        raise AdapterError(
+            f"{path}: `{key}` positions must be {want} int32/int64, got {indices.dtype} "
+            f"{list(indices.shape)}; save the PEFT adapter again"
+        )
     if not rows_cols:
         return indices.long()
     rows, cols = indices.long()
     if indices.numel() and (int(cols.min()) < 0 or int(cols.max()) >= shape[1]):  # else one would alias another row
-        raise AdapterError(f"{path}: `{key}` has columns outside [0, {shape[1]}) for shape {list(shape)}; pass the "
-                           "base model the adapter was trained on")
+        raise AdapterError(
+            f"{path}: `{key}` has columns outside [0, {shape[1]}) for shape {list(shape)}; pass the "
+            "base model the adapter was trained on"
+        )
     return rows * shape[1] + cols
 
 
-def _coalesced(path: Path, key: str, shape: tuple[int, int], dtype: str, indices: torch.Tensor,
-               values: torch.Tensor) -> TargetDelta:
+def _coalesced(
+    path: Path, key: str, shape: tuple[int, int], dtype: str, indices: torch.Tensor, values: torch.Tensor
+) -> TargetDelta:
     if values.dtype not in _FLOAT_DTYPES or values.shape != indices.shape:
-        raise AdapterError(f"{path}: `{key}` values must be {indices.numel()} floats, got {values.dtype} "
-                           f"{list(values.shape)}; save the PEFT adapter again")
+        raise AdapterError(
+            f"{path}: `{key}` values must be {indices.numel()} floats, got {values.dtype} "
+            f"{list(values.shape)}; save the PEFT adapter again"
+        )
     unique, inverse = torch.unique(indices, sorted=True, return_inverse=True)
     values = values.new_zeros(unique.numel()).index_add_(0, inverse, values)  # sorted, repeats summed
     validate_delta(path, key, shape, unique.numel(), unique, values, None)

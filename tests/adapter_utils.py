@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+from conftest import tiny_llama
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save, save_file
 from transformers import LlamaForCausalLM
 
-from conftest import tiny_llama
 from sparse_plugin import SparseConfig, iter_sparse_layers, prepare_model, save_adapter
 from sparse_plugin.io import CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME
 
@@ -36,7 +36,9 @@ TOKENS = torch.randint(97, (2, 12), generator=torch.Generator().manual_seed(0))
 
 def target_keys(model: torch.nn.Module) -> list[str]:
     """State-dict keys of every Linear weight except the output head: what `all-linear` trains."""
-    return [f"{name}.weight" for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and name != "lm_head"]
+    return [
+        f"{name}.weight" for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and name != "lm_head"
+    ]
 
 
 def base_state(seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
@@ -66,7 +68,9 @@ def logits(model: torch.nn.Module) -> torch.Tensor:
     return model(input_ids=TOKENS).logits
 
 
-def dense_reference(base: dict[str, torch.Tensor], adapter_tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def dense_reference(
+    base: dict[str, torch.Tensor], adapter_tensors: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
     """Plain torch merge: each target's values added at its flat indices in fp32, rounded once to the base dtype."""
     merged = dict(base)
     for name, indices in adapter_tensors.items():
@@ -117,7 +121,9 @@ class Saved:
     base_state: dict[str, torch.Tensor]
 
 
-def saved_setup(root: Path, *, dtype: torch.dtype = torch.float32, max_shard_size: str | None = None, **config) -> Saved:
+def saved_setup(
+    root: Path, *, dtype: torch.dtype = torch.float32, max_shard_size: str | None = None, **config
+) -> Saved:
     """Save `tiny_llama(0, dtype)` to `root/base` (sharded when `max_shard_size` is given), train a sparse delta
     over it and save the adapter to `root/adapter`."""
     model = tiny_llama(0, dtype)
@@ -132,8 +138,11 @@ def saved_setup(root: Path, *, dtype: torch.dtype = torch.float32, max_shard_siz
 
 def snapshot(directory: Path) -> dict[str, str]:
     """sha256 of every file under `directory`, by relative path: equal snapshots mean nothing was written there."""
-    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(directory.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
 
 
 def leftovers(out: Path) -> list[str]:
@@ -353,24 +362,36 @@ HOSTILE_ADAPTERS = {
     # sparse_config.json
     "invalid-json": Hostile(lambda d: (d / C).write_text('{"format": 1,'), C, "not valid JSON"),
     "config-not-object": Hostile(lambda d: (d / C).write_text("[1]"), C, "not a JSON object"),
-    "config-deeply-nested": Hostile(lambda d: (d / C).write_text("[" * 100_000 + "]" * 100_000), C, r"not valid JSON \(RecursionError"),
+    "config-deeply-nested": Hostile(
+        lambda d: (d / C).write_text("[" * 100_000 + "]" * 100_000), C, r"not valid JSON \(RecursionError"
+    ),
     "config-too-large": Hostile(_oversized_config, C, "larger than 16 MiB"),
     "config-duplicate-target": Hostile(_duplicate_target, C, f"not valid JSON .*duplicate key '{KEY}'"),
-    "format-newer": Hostile(edit_meta(lambda m: m.update(format=FORMAT_VERSION + 1)), C, f"format {FORMAT_VERSION + 1} is newer"),
+    "format-newer": Hostile(
+        edit_meta(lambda m: m.update(format=FORMAT_VERSION + 1)), C, f"format {FORMAT_VERSION + 1} is newer"
+    ),
     "format-missing": Hostile(edit_meta(lambda m: m.pop("format")), C, f"`format` is None, {_NOT_FORMAT}"),
     "format-zero": Hostile(edit_meta(lambda m: m.update(format=0)), C, f"`format` is 0, {_NOT_FORMAT}"),
     "format-string": Hostile(edit_meta(lambda m: m.update(format="1")), C, f"`format` is '1', {_NOT_FORMAT}"),
-    "has-base-values-not-bool": Hostile(edit_meta(lambda m: m.update(has_base_values="yes")), C, "`has_base_values` is missing or not a bool"),
-    "invalid-sparse-config": Hostile(edit_meta(lambda m: m["config"].update(density=2)), C, r"invalid `config` \(`density` must be"),
+    "has-base-values-not-bool": Hostile(
+        edit_meta(lambda m: m.update(has_base_values="yes")), C, "`has_base_values` is missing or not a bool"
+    ),
+    "invalid-sparse-config": Hostile(
+        edit_meta(lambda m: m["config"].update(density=2)), C, r"invalid `config` \(`density` must be"
+    ),
     "targets-empty": Hostile(edit_meta(lambda m: m.update(targets={})), C, "`targets` is empty"),
     "target-not-a-weight": Hostile(_rename_target(KEY.removesuffix(".weight")), C, "is not a weight's state-dict key"),
     "target-shape-float": Hostile(_set_target(shape=[48.0, 48]), C, _BAD_TARGET),
     "target-shape-infinite": Hostile(_set_target(shape=[float("inf"), 48]), C, _BAD_TARGET),
     "target-count-string": Hostile(_set_target(count="115"), C, _BAD_TARGET),
-    "target-name-with-line-break": Hostile(edit_meta(lambda m: m["targets"].update({"evil\nname.weight": {}})), C, r"target `evil\\nname\.weight` needs"),
+    "target-name-with-line-break": Hostile(
+        edit_meta(lambda m: m["targets"].update({"evil\nname.weight": {}})), C, r"target `evil\\nname\.weight` needs"
+    ),
     "count-too-large": Hostile(_set_target(count=KEY_NUMEL + 1), C, "which do not fit"),
     "shape-beyond-int64": Hostile(_set_target(shape=[2**62, 4]), C, "which do not fit"),
-    "count-mismatch": Hostile(edit_meta(_count_minus_one), W, f"`{IDX}` has {KEY_COUNT} entries but the config says {KEY_COUNT - 1}"),
+    "count-mismatch": Hostile(
+        edit_meta(_count_minus_one), W, f"`{IDX}` has {KEY_COUNT} entries but the config says {KEY_COUNT - 1}"
+    ),
     # sparse_adapter.safetensors: the container
     "truncated-safetensors": Hostile(_truncate, W, _UNREADABLE),
     "random-bytes-safetensors": Hostile(_random_bytes, W, _UNREADABLE),
@@ -378,18 +399,44 @@ HOSTILE_ADAPTERS = {
     "pickle-not-safetensors": Hostile(_pickle, W, _UNREADABLE),
     "header-length-beyond-file": Hostile(_set_header_length(lambda size: 2 * size), W, _UNREADABLE),
     "header-length-huge": Hostile(_set_header_length(lambda size: 2**63), W, _UNREADABLE),
-    "data-offsets-huge": Hostile(edit_header(lambda h: h[VAL].update(data_offsets=[2**62, 2**62 + 4 * KEY_COUNT])), W, _UNREADABLE),
-    "data-offsets-negative": Hostile(edit_header(lambda h: h[VAL].update(data_offsets=[-4 * KEY_COUNT, 0])), W, _UNREADABLE),
+    "data-offsets-huge": Hostile(
+        edit_header(lambda h: h[VAL].update(data_offsets=[2**62, 2**62 + 4 * KEY_COUNT])), W, _UNREADABLE
+    ),
+    "data-offsets-negative": Hostile(
+        edit_header(lambda h: h[VAL].update(data_offsets=[-4 * KEY_COUNT, 0])), W, _UNREADABLE
+    ),
     "terabyte-tensor": Hostile(edit_header(_terabyte_values), W, _UNREADABLE),
     "duplicate-tensor-name": Hostile(_rewrite_header(_repeat_values_entry), W, f"duplicate key '{VAL}'"),
     # sparse_adapter.safetensors: the tensors
     "missing-tensor": Hostile(edit_tensors(_replace(VAL, lambda t: None)), W, rf"missing \['{VAL}'\]"),
-    "extra-tensor": Hostile(edit_tensors(lambda t: t.update({"lm_head.weight.values": torch.zeros(3)})), W, r"unexpected \['lm_head.weight.values'\]"),
-    "indices-2d": Hostile(edit_tensors(_replace(IDX, lambda t: t.view(1, -1))), W, rf"`{IDX}` must be 1-D int32/int64, got torch.int32 \[1, {KEY_COUNT}\]"),
-    "indices-float": Hostile(edit_tensors(_replace(IDX, torch.Tensor.float)), W, rf"`{IDX}` must be 1-D int32/int64, got torch.float32"),
-    "values-int": Hostile(edit_tensors(_replace(VAL, torch.Tensor.int)), W, rf"`{VAL}` must be 1-D float32/bfloat16/float16/float64, got torch.int32"),
-    "values-float8": Hostile(edit_tensors(_replace(VAL, lambda t: t.to(torch.float8_e4m3fn))), W, rf"`{VAL}` must be .*, got torch.float8_e4m3fn"),
-    "values-shorter": Hostile(edit_tensors(_replace(VAL, lambda t: t[1:])), W, f"`{VAL}` has {KEY_COUNT - 1} entries but the config says {KEY_COUNT}"),
+    "extra-tensor": Hostile(
+        edit_tensors(lambda t: t.update({"lm_head.weight.values": torch.zeros(3)})),
+        W,
+        r"unexpected \['lm_head.weight.values'\]",
+    ),
+    "indices-2d": Hostile(
+        edit_tensors(_replace(IDX, lambda t: t.view(1, -1))),
+        W,
+        rf"`{IDX}` must be 1-D int32/int64, got torch.int32 \[1, {KEY_COUNT}\]",
+    ),
+    "indices-float": Hostile(
+        edit_tensors(_replace(IDX, torch.Tensor.float)), W, rf"`{IDX}` must be 1-D int32/int64, got torch.float32"
+    ),
+    "values-int": Hostile(
+        edit_tensors(_replace(VAL, torch.Tensor.int)),
+        W,
+        rf"`{VAL}` must be 1-D float32/bfloat16/float16/float64, got torch.int32",
+    ),
+    "values-float8": Hostile(
+        edit_tensors(_replace(VAL, lambda t: t.to(torch.float8_e4m3fn))),
+        W,
+        rf"`{VAL}` must be .*, got torch.float8_e4m3fn",
+    ),
+    "values-shorter": Hostile(
+        edit_tensors(_replace(VAL, lambda t: t[1:])),
+        W,
+        f"`{VAL}` has {KEY_COUNT - 1} entries but the config says {KEY_COUNT}",
+    ),
     "base-values-2d": Hostile(edit_tensors(_replace(BASE, lambda t: t.view(1, -1))), W, f"`{BASE}` must be 1-D"),
     "index-out-of-range": Hostile(edit_tensors(_set(IDX, -1, KEY_NUMEL)), W, _OUTSIDE),
     "negative-index": Hostile(edit_tensors(_set(IDX, 0, -1)), W, _OUTSIDE),
@@ -398,10 +445,17 @@ HOSTILE_ADAPTERS = {
     "nan-values": Hostile(edit_tensors(_set(VAL, 3, float("nan"))), W, f"`{VAL}` holds NaN or inf"),
     "inf-values": Hostile(edit_tensors(_set(VAL, 3, float("inf"))), W, f"`{VAL}` holds NaN or inf"),
     "nan-base-values": Hostile(edit_tensors(_set(BASE, 0, float("nan"))), W, f"`{BASE}` holds NaN or inf"),
-    "base-values-other-dtype": Hostile(edit_tensors(_replace(BASE, lambda t: t.to(torch.bfloat16))), W,
-                                       f"`{BASE}` is BF16 but {C} records the base as F32"),
-    "base-digest-not-hex": Hostile(_set_target(base_sha256="zz" * 32), C, f"`{KEY}` has `base_sha256` 'z{{64}}', not a sha256"),
-    "merged-digest-short": Hostile(_set_target(merged_sha256="ab"), C, f"`{KEY}` has `merged_sha256` 'ab', not a sha256"),
+    "base-values-other-dtype": Hostile(
+        edit_tensors(_replace(BASE, lambda t: t.to(torch.bfloat16))),
+        W,
+        f"`{BASE}` is BF16 but {C} records the base as F32",
+    ),
+    "base-digest-not-hex": Hostile(
+        _set_target(base_sha256="zz" * 32), C, f"`{KEY}` has `base_sha256` 'z{{64}}', not a sha256"
+    ),
+    "merged-digest-short": Hostile(
+        _set_target(merged_sha256="ab"), C, f"`{KEY}` has `merged_sha256` 'ab', not a sha256"
+    ),
 }
 
 

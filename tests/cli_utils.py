@@ -61,7 +61,9 @@ sys.exit(main(sys.argv[1:]))
 def start_stalled_merge(argv) -> subprocess.Popen:
     """`sparse-merge *argv` in a subprocess, returned once it stalls half-way through writing its second shard."""
     script = _STALLING_MERGE.format(tests=str(Path(__file__).parent))
-    proc = subprocess.Popen([sys.executable, "-c", script, *map(str, argv)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, *map(str, argv)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     ready, _, _ = select.select([proc.stdout], [], [], 300)  # a crash gives EOF at once; 300 s only bounds a hang
     line = proc.stdout.readline() if ready else ""
     if line != "stalled\n":

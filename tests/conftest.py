@@ -1,13 +1,12 @@
 """Put the repo's tools/ dir on sys.path so tests can `import data` and `import bundled_model`."""
 
+import os
 import sys
 from pathlib import Path
 
 TOOLS_DIR = str(Path(__file__).resolve().parent.parent / "tools")
 if TOOLS_DIR not in sys.path:
     sys.path.insert(0, TOOLS_DIR)
-
-import os
 
 # Triton kernels are tested on CPU tensors through the interpreter; it must be set before triton is imported.
 # Only a default: an explicit TRITON_INTERPRET=0 (tools/gpu_check.sh) compiles them for the GPU instead.
@@ -21,10 +20,19 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) -> LlamaForCausalLM:
     """A 2-layer random Llama with awkward (non-power-of-two) sizes, built in code: no download."""
     torch.manual_seed(seed)
-    config = LlamaConfig(**{
-        "vocab_size": 97, "hidden_size": 48, "intermediate_size": 80, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "max_position_embeddings": 64, "tie_word_embeddings": False, **overrides,
-    })
+    config = LlamaConfig(
+        **{
+            "vocab_size": 97,
+            "hidden_size": 48,
+            "intermediate_size": 80,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 64,
+            "tie_word_embeddings": False,
+            **overrides,
+        }
+    )
     return LlamaForCausalLM(config).to(dtype).eval()
 
 
@@ -51,4 +59,6 @@ def tiny_tokenizer():
     vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3} | {f"w{i}": i + 4 for i in range(90)}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )

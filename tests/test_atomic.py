@@ -8,9 +8,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from adapter_utils import leftovers, saved_setup, trained_model
 from safetensors import SafetensorError
 
-from adapter_utils import leftovers, saved_setup, trained_model
 from sparse_plugin import save_adapter
 from sparse_plugin.atomic import DiskFullError, atomic_directory, reporting_disk_full
 from sparse_plugin.io import CONFIG_NAME, WEIGHTS_NAME
@@ -51,7 +51,10 @@ def test_save_replaces_a_linked_file_instead_of_writing_through_it(tmp_path):
 
 @pytest.mark.parametrize(
     "error",
-    [OSError(errno.EACCES, "Permission denied"), SafetensorError("Error while serializing: I/O error: Permission denied (os error 13)")],
+    [
+        OSError(errno.EACCES, "Permission denied"),
+        SafetensorError("Error while serializing: I/O error: Permission denied (os error 13)"),
+    ],
     ids=["os-error", "safetensors-error"],
 )
 def test_other_write_errors_pass_through_unchanged(tmp_path, error):
@@ -68,8 +71,13 @@ def small_tmpfs(tmp_path):
     which copy these errors, carry the checks."""
     mount = tmp_path / "tmpfs"
     mount.mkdir()
-    mounted = os.geteuid() == 0 and subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=128k", "tmpfs", str(mount)], capture_output=True).returncode == 0
+    mounted = (
+        os.geteuid() == 0
+        and subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=128k", "tmpfs", str(mount)], capture_output=True
+        ).returncode
+        == 0
+    )
     if not mounted:
         pytest.skip("mounting a tmpfs needs root")
     try:
@@ -81,11 +89,16 @@ def small_tmpfs(tmp_path):
 
 def test_a_real_full_disk_is_one_line_and_leaves_nothing(tmp_path, small_tmpfs):
     saved = saved_setup(tmp_path)
-    with pytest.raises(DiskFullError, match=rf"^no space left on device writing {small_tmpfs}/out/{SINGLE_FILE}; free space"):
+    with pytest.raises(
+        DiskFullError, match=rf"^no space left on device writing {small_tmpfs}/out/{SINGLE_FILE}; free space"
+    ):
         merge_checkpoint(saved.base, saved.adapter, small_tmpfs / "out", device="cpu", progress=False)
     assert os.listdir(small_tmpfs) == ["filler"]
 
-    with pytest.raises(DiskFullError, match=rf"^no space left on device writing {small_tmpfs}/adapter/({WEIGHTS_NAME}|{CONFIG_NAME}); "):
+    with pytest.raises(
+        DiskFullError,
+        match=rf"^no space left on device writing {small_tmpfs}/adapter/({WEIGHTS_NAME}|{CONFIG_NAME}); ",
+    ):
         save_adapter(saved.model, small_tmpfs / "adapter")
     assert os.listdir(small_tmpfs) == ["filler"]
 
@@ -108,7 +121,10 @@ def test_a_failed_write_removes_the_parents_it_created_but_not_what_others_put_t
     assert os.listdir(tmp_path) == []
 
     (tmp_path / "a").mkdir()
-    with pytest.raises(OSError, match="simulated"), atomic_directory(tmp_path / "a" / "b" / "c" / "out", replace=False):
+    with (
+        pytest.raises(OSError, match="simulated"),
+        atomic_directory(tmp_path / "a" / "b" / "c" / "out", replace=False),
+    ):
         (tmp_path / "a" / "b" / "theirs.txt").write_text("another process wrote here meanwhile")
         raise OSError(errno.EIO, "simulated I/O error")
     # `c` was ours and is gone; `b`, though ours, now holds another's file; `a` existed before.

@@ -12,9 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
-
 from adapter_utils import (
     HOSTILE_ADAPTERS,
     KEY,
@@ -38,10 +35,12 @@ from cli_utils import run as _run
 from cli_utils import start_stalled_merge as _start_stalled_merge
 from cli_utils import unmerge_argv as _unmerge
 from conftest import tiny_llama
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
 from sparse_plugin import iter_sparse_layers
 from sparse_plugin.io import WEIGHTS_NAME
 from sparse_plugin.merge import INDEX_FILE, SINGLE_FILE
-
 
 # --------------------------------------------------------------------------------------------- success
 
@@ -53,15 +52,23 @@ def test_merge_then_unmerge(tmp_path, capsys, store_base_values):
 
     code, out, err = _run(capsys, *_merge(saved.base, saved.adapter, tmp_path / "merged"))
     assert code == 0 and err == ""  # no progress bar when stderr is not a terminal
-    assert re.fullmatch(rf"merged {counts:,d} values in 14 tensors over 1 shard\(s\) on cpu in [\d.]+s -> .*merged\n", out), out
+    assert re.fullmatch(
+        rf"merged {counts:,d} values in 14 tensors over 1 shard\(s\) on cpu in [\d.]+s -> .*merged\n", out
+    ), out
     expected = dense_reference(saved.base_state, load_file(saved.adapter / WEIGHTS_NAME))
     merged = read_checkpoint(tmp_path / "merged")
     assert all(torch.equal(merged[k], expected[k]) for k in expected)
 
     code, out, err = _run(capsys, *_unmerge(tmp_path / "merged", saved.adapter, tmp_path / "restored"))
     assert code == 0 and err == ""
-    how = "exactly, from stored base values" if store_base_values else r"by subtraction \(approximate: the adapter has no base values\)"
-    assert re.fullmatch(rf"unmerged {counts:,d} values in 14 tensors over 1 shard\(s\) {how} on cpu in [\d.]+s -> .*restored\n", out), out
+    how = (
+        "exactly, from stored base values"
+        if store_base_values
+        else r"by subtraction \(approximate: the adapter has no base values\)"
+    )
+    assert re.fullmatch(
+        rf"unmerged {counts:,d} values in 14 tensors over 1 shard\(s\) {how} on cpu in [\d.]+s -> .*restored\n", out
+    ), out
     restored, base = read_checkpoint(tmp_path / "restored"), read_checkpoint(saved.base)
     assert restored.keys() == base.keys()
     for key in base:
@@ -78,8 +85,16 @@ def test_merge_copies_other_files_and_reports_other_weight_formats(tmp_path, cap
     torch.save({"stale": torch.zeros(1)}, saved.base / "pytorch_model.bin")
     code, out, _ = _run(capsys, *_merge(saved.base, saved.adapter, tmp_path / "out"))
     assert code == 0
-    assert out.splitlines()[1] == "note: pytorch_model.bin (another weight format) was not copied; it would hold unmerged weights"
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json", "generation_config.json", SINGLE_FILE, "tokenizer.json"]
+    assert (
+        out.splitlines()[1]
+        == "note: pytorch_model.bin (another weight format) was not copied; it would hold unmerged weights"
+    )
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "config.json",
+        "generation_config.json",
+        SINGLE_FILE,
+        "tokenizer.json",
+    ]
     for name in ("config.json", "generation_config.json", "tokenizer.json"):
         assert (tmp_path / "out" / name).read_bytes() == (saved.base / name).read_bytes()
 
@@ -178,8 +193,11 @@ def _(saved, tmp_path):
     return _merge(_edited_base(saved, tmp_path, _to_bf16), saved.adapter, tmp_path / "out")
 
 
-@_refusal("base-other-weights", r"differs from the base the adapter was trained on \(\d+ of \d+ entries at its indices differ, the first "
-                                r"at flat position \d+: \S+ there, \S+ in the adapter\); pass the right base or --force")
+@_refusal(
+    "base-other-weights",
+    r"differs from the base the adapter was trained on \(\d+ of \d+ entries at its indices differ, the first "
+    r"at flat position \d+: \S+ there, \S+ in the adapter\); pass the right base or --force",
+)
 def _(saved, tmp_path):
     return _merge(_other_seed_base(saved, tmp_path), saved.adapter, tmp_path / "out")
 
@@ -195,7 +213,9 @@ def _(saved, tmp_path):
     return _merge(base, saved.adapter, tmp_path / "out")
 
 
-@_refusal("sharded-base-index-omits-tensor", f"holds `{KEY}`, which {INDEX_FILE} puts in None; the index is inconsistent")
+@_refusal(
+    "sharded-base-index-omits-tensor", f"holds `{KEY}`, which {INDEX_FILE} puts in None; the index is inconsistent"
+)
 def _(saved, tmp_path):
     return _merge(_sharded_base(tmp_path, _drop_from_index), saved.adapter, tmp_path / "out")
 
@@ -219,7 +239,9 @@ def _index_base(saved, tmp_path: Path, shard) -> Path:
 
 # Without the refusal, these two read the real base beside them and write the merged shard back over it, since the
 # output's temporary directory / shard is that file too: the base snapshot in the test would catch the write.
-@_refusal("index-shard-outside-base", rf"{INDEX_FILE}: shard '\.\./base/{SINGLE_FILE}' is not a file name in .*; re-save")
+@_refusal(
+    "index-shard-outside-base", rf"{INDEX_FILE}: shard '\.\./base/{SINGLE_FILE}' is not a file name in .*; re-save"
+)
 def _(saved, tmp_path):
     return _merge(_index_base(saved, tmp_path, f"../base/{SINGLE_FILE}"), saved.adapter, tmp_path / "out")
 
@@ -242,12 +264,19 @@ def _linked_base(saved, tmp_path: Path, name: str, target: Path) -> Path:
     return base
 
 
-@_refusal("base-broken-symlink", r"linked-base/tokenizer\.json: broken symlink \(to .*missing-blob\); re-download the model")
+@_refusal(
+    "base-broken-symlink", r"linked-base/tokenizer\.json: broken symlink \(to .*missing-blob\); re-download the model"
+)
 def _(saved, tmp_path):
-    return _merge(_linked_base(saved, tmp_path, "tokenizer.json", tmp_path / "missing-blob"), saved.adapter, tmp_path / "out")
+    return _merge(
+        _linked_base(saved, tmp_path, "tokenizer.json", tmp_path / "missing-blob"), saved.adapter, tmp_path / "out"
+    )
 
 
-@_refusal("base-symlinked-directory", r"linked-base/extra/data: symlinked directory \(to .*/outside\); the merge would copy all of it")
+@_refusal(
+    "base-symlinked-directory",
+    r"linked-base/extra/data: symlinked directory \(to .*/outside\); the merge would copy all of it",
+)
 def _(saved, tmp_path):
     (tmp_path / "outside").mkdir()
     (tmp_path / "outside" / "big.bin.part").write_bytes(b"\0" * 1024)  # stands for a disk's worth of files
@@ -322,9 +351,11 @@ def test_merge_warns_when_a_16_bit_base_rounds_deltas_away(tmp_path, capsys):
     counts = sum(layer.indices.numel() for _, layer in iter_sparse_layers(saved.model))
     code, out, err = _run(capsys, *_merge(saved.base, saved.adapter, tmp_path / "merged"))
     assert code == 0 and out.startswith(f"merged {counts:,d} values")
-    assert err == (f"sparse-merge: warning: {tmp_path / 'merged'}: {TINY} of {counts:,d} deltas rounded away in the base's "
-                   f"16-bit weights (most in `{KEY}`: {TINY}); to keep them, merge into an fp32 copy of the base or "
-                   "serve the adapter unmerged (load_adapter)\n")
+    assert err == (
+        f"sparse-merge: warning: {tmp_path / 'merged'}: {TINY} of {counts:,d} deltas rounded away in the base's "
+        f"16-bit weights (most in `{KEY}`: {TINY}); to keep them, merge into an fp32 copy of the base or "
+        "serve the adapter unmerged (load_adapter)\n"
+    )
     expected = dense_reference(saved.base_state, load_file(saved.adapter / WEIGHTS_NAME))
     assert all(torch.equal(v, expected[k]) for k, v in read_checkpoint(tmp_path / "merged").items())
 
@@ -339,7 +370,6 @@ def test_device_cuda_without_cuda_is_refused(tmp_path, capsys):
 
 
 # --------------------------------------------------------------------------------------------- killed, or out of disk
-
 
 
 def _sharded_setup(tmp_path: Path, overwrite: bool):
@@ -404,13 +434,25 @@ def _expected_summary(saved) -> tuple[list[dict], dict]:
     rows = []
     for key, layer in iter_sparse_layers(saved.model):
         values = layer.values.detach().double().abs()
-        rows.append({"name": key, "shape": list(layer.shape), "count": values.numel(),
-                     "density": values.numel() / (layer.shape[0] * layer.shape[1]),
-                     "abs_mean": float(values.mean()), "abs_max": float(values.max())})
+        rows.append(
+            {
+                "name": key,
+                "shape": list(layer.shape),
+                "count": values.numel(),
+                "density": values.numel() / (layer.shape[0] * layer.shape[1]),
+                "abs_mean": float(values.mean()),
+                "abs_max": float(values.max()),
+            }
+        )
     every = torch.cat([layer.values.detach().double().abs() for _, layer in iter_sparse_layers(saved.model)])
     size = sum(r["shape"][0] * r["shape"][1] for r in rows)
-    total = {"count": every.numel(), "size": size, "density": every.numel() / size,
-             "abs_mean": float(every.mean()), "abs_max": float(every.max())}
+    total = {
+        "count": every.numel(),
+        "size": size,
+        "density": every.numel() / size,
+        "abs_mean": float(every.mean()),
+        "abs_max": float(every.max()),
+    }
     return rows, total
 
 
@@ -422,7 +464,9 @@ def test_inspect_json(tmp_path, capsys):
     rows, total = _expected_summary(saved)
     assert summary["base_model"] == "tiny/base" and summary["method"] == "spiel"
     assert summary["format"] == 1 and summary["has_base_values"] is True
-    assert summary["total"]["rounded_away"] == 0 and all(t["rounded_away"] == 0 for t in summary["targets"])  # fp32 base
+    assert summary["total"]["rounded_away"] == 0 and all(
+        t["rounded_away"] == 0 for t in summary["targets"]
+    )  # fp32 base
     assert sorted(t["name"] for t in summary["targets"]) == sorted(r["name"] for r in rows)
     by_name = {t["name"]: t for t in summary["targets"]}
     for row in rows:
@@ -447,7 +491,11 @@ def test_inspect_table(tmp_path, capsys):
     printed = {line.split()[0]: line.split() for line in body[:-1]}
     assert sorted(printed) == sorted(r["name"] for r in rows)
     for row in rows:
-        assert printed[row["name"]][1:4] == ["x".join(map(str, row["shape"])), f"{row['count']:,d}", f"{row['density']:.4f}"]
+        assert printed[row["name"]][1:4] == [
+            "x".join(map(str, row["shape"])),
+            f"{row['count']:,d}",
+            f"{row['density']:.4f}",
+        ]
     fields = body[-1].split()
     assert fields[:4] == ["total", f"{total['count']:,d}", f"{total['density']:.4f}", "0"]
     assert float(fields[-1]) == pytest.approx(total["abs_max"], rel=1e-3)  # printed with 4 significant digits
@@ -470,8 +518,10 @@ def test_inspect_counts_the_deltas_a_16_bit_base_would_round_away(tmp_path, caps
     assert rounded.pop(KEY) == rounded.pop("total") == str(TINY)
     assert set(rounded.values()) == {"0"}
     count = summary["total"]["count"]
-    assert lines[-1] == (f"note: {TINY} of {count:,d} deltas round away when merged into the base's 16-bit weights; to keep "
-                         "them, merge into an fp32 copy of the base or serve the adapter unmerged (load_adapter)")
+    assert lines[-1] == (
+        f"note: {TINY} of {count:,d} deltas round away when merged into the base's 16-bit weights; to keep "
+        "them, merge into an fp32 copy of the base or serve the adapter unmerged (load_adapter)"
+    )
 
 
 def test_inspect_cannot_count_rounding_without_base_values(tmp_path, capsys):
@@ -499,8 +549,10 @@ def test_console_script_help():
         ("inspect",): ["ADAPTER_DIR", "--json"],
     }
     # Started together: each process pays the torch import, so running them side by side saves seconds.
-    procs = {args: subprocess.Popen([script, *args, "--help"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for args in expected}
+    procs = {
+        args: subprocess.Popen([script, *args, "--help"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for args in expected
+    }
     for args, proc in procs.items():
         out, err = proc.communicate(timeout=120)
         assert proc.returncode == 0, err

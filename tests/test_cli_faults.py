@@ -13,8 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from adapter_utils import (
     IDX,
     KEY,
@@ -31,6 +29,8 @@ from adapter_utils import (
 )
 from cli_utils import assert_refused, merge_argv, run, start_stalled_merge, unmerge_argv
 from conftest import tiny_llama
+from safetensors.torch import load_file
+
 import sparse_plugin.merge
 from sparse_plugin import SparseConfig, prepare_model, save_adapter
 from sparse_plugin.io import CONFIG_NAME, WEIGHTS_NAME
@@ -44,6 +44,7 @@ def _tree(root: Path) -> dict[str, str]:
 
 def _loading_forbidden(monkeypatch) -> None:
     """Make loading any checkpoint tensor fail the test: a claim must be refused from the headers alone."""
+
     def load_file_(*_args, **_kwargs):
         raise AssertionError("a tensor was loaded before the adapter's claims were checked")
 
@@ -78,11 +79,26 @@ def _claim(shape=None, count=None, dtype=None):
 
 
 CLAIMS = {  # id -> (edit, store_base_values, regex naming both sides)
-    "same-size-other-shape": (_claim(shape=[24, 96]), True, rf"`{KEY}` is \[48, 48\] in the base but \[24, 96\] in the adapter"),
-    "larger-shape": (_claim(shape=[48, 96]), True, rf"`{KEY}` is \[48, 48\] in the base but \[48, 96\] in the adapter"),
-    "count-beyond-the-base": (_claim(shape=[96, 96], count=KEY_NUMEL + 100), True,
-                              rf"`{KEY}` is \[48, 48\] in the base but \[96, 96\] in the adapter"),
-    "other-dtype": (_claim(dtype="BF16"), False, rf"`{KEY}` is F32 in the base but was BF16 in training; pass --force"),
+    "same-size-other-shape": (
+        _claim(shape=[24, 96]),
+        True,
+        rf"`{KEY}` is \[48, 48\] in the base but \[24, 96\] in the adapter",
+    ),
+    "larger-shape": (
+        _claim(shape=[48, 96]),
+        True,
+        rf"`{KEY}` is \[48, 48\] in the base but \[48, 96\] in the adapter",
+    ),
+    "count-beyond-the-base": (
+        _claim(shape=[96, 96], count=KEY_NUMEL + 100),
+        True,
+        rf"`{KEY}` is \[48, 48\] in the base but \[96, 96\] in the adapter",
+    ),
+    "other-dtype": (
+        _claim(dtype="BF16"),
+        False,
+        rf"`{KEY}` is F32 in the base but was BF16 in training; pass --force",
+    ),
 }
 
 
@@ -238,8 +254,13 @@ def test_signals_at_every_point_of_a_merge_leave_nothing(tmp_path):
     root.mkdir()
     inputs = _tree(saved.base), _tree(saved.adapter)
     script = _SIGNALLED_MERGES.format(tests=str(Path(__file__).parent), repeats=RANDOM_REPEATS)
-    done = subprocess.run([sys.executable, "-c", script, saved.base, saved.adapter, root],
-                          capture_output=True, text=True, timeout=600, check=False)
+    done = subprocess.run(
+        [sys.executable, "-c", script, saved.base, saved.adapter, root],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     results = [json.loads(line) for line in done.stdout.splitlines()]
     assert len(results) == 5 * 3 + 2 + RANDOM_REPEATS
@@ -248,7 +269,12 @@ def test_signals_at_every_point_of_a_merge_leave_nothing(tmp_path):
     for result in results:
         if result["code"] == 0:  # unsignalled, or a random signal that came after the output was in place
             assert result["name"] in ("warm-up", "unsignalled") or result["name"].startswith("random-"), result
-            assert result["left"] == ["a", "a/b", "a/b/out", *(f"a/b/out/{n}" for n in ("config.json", "generation_config.json", "model.safetensors"))]
+            assert result["left"] == [
+                "a",
+                "a/b",
+                "a/b/out",
+                *(f"a/b/out/{n}" for n in ("config.json", "generation_config.json", "model.safetensors")),
+            ]
             merged = read_checkpoint(root / result["name"] / "a" / "b" / "out")
             assert all(torch.equal(merged[k], expected[k]) for k in expected), result["name"]
             continue
@@ -269,7 +295,9 @@ def test_signal_from_another_process_mid_write_is_a_refusal(tmp_path):
         assert len(leftovers(out)) == 1  # mid-write: the temporary directory holds a shard and a half
         proc.send_signal(signum)
         stdout, stderr = proc.communicate(timeout=120)
-        assert_refused(proc.returncode, stdout, stderr, f"interrupted by {signum.name}; nothing of this run was written$")
+        assert_refused(
+            proc.returncode, stdout, stderr, f"interrupted by {signum.name}; nothing of this run was written$"
+        )
         assert not out.exists() and leftovers(out) == []
 
 
@@ -288,11 +316,23 @@ def _disk_full(saved, tmp_path, monkeypatch):
 
 REFUSALS = {  # id -> (argv(saved, tmp_path, monkeypatch), regex)
     # refused while streaming, after the output's directories exist
-    "other-base-weights": (lambda s, t, m: merge_argv(_other_base(t), s.adapter, t / "a" / "b" / "out"), "differs from the base the adapter was trained on"),
-    "unmerge-of-a-base": (lambda s, t, m: unmerge_argv(s.base, s.adapter, t / "a" / "b" / "out"), "is not this adapter merged"),
+    "other-base-weights": (
+        lambda s, t, m: merge_argv(_other_base(t), s.adapter, t / "a" / "b" / "out"),
+        "differs from the base the adapter was trained on",
+    ),
+    "unmerge-of-a-base": (
+        lambda s, t, m: unmerge_argv(s.base, s.adapter, t / "a" / "b" / "out"),
+        "is not this adapter merged",
+    ),
     "disk-full": (_disk_full, "no space left on device"),
-    "missing-adapter": (lambda s, t, m: merge_argv(s.base, t / "nowhere", t / "a" / "b" / "out"), "adapter directory not found"),
-    "existing-output": (lambda s, t, m: merge_argv(s.base, s.adapter, t / "base"), "output must be a new directory outside"),
+    "missing-adapter": (
+        lambda s, t, m: merge_argv(s.base, t / "nowhere", t / "a" / "b" / "out"),
+        "adapter directory not found",
+    ),
+    "existing-output": (
+        lambda s, t, m: merge_argv(s.base, s.adapter, t / "base"),
+        "output must be a new directory outside",
+    ),
 }
 
 
@@ -322,8 +362,13 @@ def test_the_loser_of_two_racing_merges_says_so_and_leaves_nothing(tmp_path, cap
 
     monkeypatch.setattr(sparse_plugin.merge, "_copy", copy_then_lose_the_race)
     code, stdout, err = run(capsys, *merge_argv(saved.base, saved.adapter, out))
-    assert_refused(code, stdout, err, rf"{out}: another process created the output meanwhile; it was left as it is and "
-                                      "nothing of this run was written$")
+    assert_refused(
+        code,
+        stdout,
+        err,
+        rf"{out}: another process created the output meanwhile; it was left as it is and "
+        "nothing of this run was written$",
+    )
     assert ".tmp" not in err
     assert leftovers(out) == [] and _tree(out) == winner
     expected = dense_reference(saved.base_state, load_file(saved.adapter / WEIGHTS_NAME))
@@ -349,13 +394,16 @@ def _merged(saved, tmp_path, capsys) -> Path:
 CHECKS = {  # id -> (argv(saved, tmp_path, capsys, out), regex)
     "merge-into-another-base": (
         lambda s, t, c, o: merge_argv(_other_base(t), s.adapter, o),
-        r"differs from the base the adapter was trained on \(its entries at the indices do not match the sha256 the adapter recorded\)"),
+        r"differs from the base the adapter was trained on \(its entries at the indices do not match the sha256 the adapter recorded\)",
+    ),
     "unmerge-with-another-adapter": (
         lambda s, t, c, o: unmerge_argv(_merged(s, t, c), _other_adapter(s, t), o),
-        r"is not this adapter merged into its base \(its entries at the indices do not match the sha256 the adapter recorded\)"),
+        r"is not this adapter merged into its base \(its entries at the indices do not match the sha256 the adapter recorded\)",
+    ),
     "unmerge-of-the-base": (
         lambda s, t, c, o: unmerge_argv(s.base, s.adapter, o),
-        r"is not this adapter merged into its base \(its entries at the indices do not match the sha256 the adapter recorded\)"),
+        r"is not this adapter merged into its base \(its entries at the indices do not match the sha256 the adapter recorded\)",
+    ),
 }
 
 
@@ -382,7 +430,9 @@ def test_adapter_without_base_values_accepts_its_own_base_and_merge(tmp_path, ca
 
 def test_adapter_saved_before_the_digests_still_merges(tmp_path, capsys):
     saved = saved_setup(tmp_path, store_base_values=False)
-    edit_meta(lambda meta: [t.pop(f) for t in meta["targets"].values() for f in ("base_sha256", "merged_sha256")])(saved.adapter)
+    edit_meta(lambda meta: [t.pop(f) for t in meta["targets"].values() for f in ("base_sha256", "merged_sha256")])(
+        saved.adapter
+    )
     code, _, err = run(capsys, *merge_argv(saved.base, saved.adapter, tmp_path / "merged"))
     assert code == 0 and err == ""
     expected = dense_reference(saved.base_state, load_file(saved.adapter / WEIGHTS_NAME))

@@ -4,14 +4,13 @@ runs are in tests/distributed/."""
 
 import pytest
 import torch
+from conftest import tiny_llama
 from torch import nn
 
 from sparse_plugin import SparseConfig, iter_sparse_layers, prepare_model, read_adapter, save_adapter
 from sparse_plugin.distributed import averages_delta_gradients, keep_deltas_replicated
 from sparse_plugin.fsdp import gathered_base_values, is_fsdp_wrapped, is_whole
 from sparse_plugin.layer import SparseDelta
-
-from conftest import tiny_llama
 
 
 def _prepared():
@@ -32,7 +31,9 @@ def test_keep_deltas_replicated_is_idempotent_and_changes_nothing_in_one_process
     deltas = keep_deltas_replicated(model)
     averagers = [d._gradient_averager for d in deltas]
     assert keep_deltas_replicated(model) == deltas and [d._gradient_averager for d in deltas] == averagers
-    assert averages_delta_gradients(deltas) and not averages_delta_gradients([layer.delta for _, layer in iter_sparse_layers(_prepared())])
+    assert averages_delta_gradients(deltas) and not averages_delta_gradients(
+        [layer.delta for _, layer in iter_sparse_layers(_prepared())]
+    )
     ids = torch.randint(3, 97, (2, 9))
     model(input_ids=ids, labels=ids).loss.backward()
     twin = _prepared()

@@ -69,31 +69,43 @@ def hub(tmp_path, monkeypatch):
 
 def test_load_adapter_from_the_hub_cache_at_a_revision(hub):
     root, saved = hub
-    for repo_revision, local in ((None, saved.adapter), ("main", saved.adapter), ("v2", root / "adapter-v2"),
-                                 (V2, root / "adapter-v2")):
+    for repo_revision, local in (
+        (None, saved.adapter),
+        ("main", saved.adapter),
+        ("v2", root / "adapter-v2"),
+        (V2, root / "adapter-v2"),
+    ):
         from_hub = logits(load_adapter(tiny_llama(0), "org/adapter", revision=repo_revision))
         assert torch.equal(from_hub, logits(load_adapter(tiny_llama(0), local))), repo_revision
-    assert not torch.equal(logits(load_adapter(tiny_llama(0), "org/adapter")),
-                           logits(load_adapter(tiny_llama(0), "org/adapter", revision="v2")))
+    assert not torch.equal(
+        logits(load_adapter(tiny_llama(0), "org/adapter")),
+        logits(load_adapter(tiny_llama(0), "org/adapter", revision="v2")),
+    )
 
 
 def test_a_local_directory_wins_over_the_hub(hub, monkeypatch):
     root, _ = hub
     shutil.copytree(root / "adapter-v2", root / "work" / "org" / "adapter")
     monkeypatch.chdir(root / "work")
-    assert torch.equal(logits(load_adapter(tiny_llama(0), "org/adapter")),
-                       logits(load_adapter(tiny_llama(0), root / "adapter-v2")))
+    assert torch.equal(
+        logits(load_adapter(tiny_llama(0), "org/adapter")), logits(load_adapter(tiny_llama(0), root / "adapter-v2"))
+    )
 
 
-@pytest.mark.parametrize("name, revision, message", [
-    ("org/missing", None, "`org/missing`: no local directory, and not in the Hugging Face cache"),
-    ("org/adapter", "v3", "`org/adapter` (revision `v3`): no local directory, and not in the Hugging Face cache"),
-])
+@pytest.mark.parametrize(
+    "name, revision, message",
+    [
+        ("org/missing", None, "`org/missing`: no local directory, and not in the Hugging Face cache"),
+        ("org/adapter", "v3", "`org/adapter` (revision `v3`): no local directory, and not in the Hugging Face cache"),
+    ],
+)
 def test_a_repo_missing_from_the_cache_is_one_line(hub, name, revision, message):
     with pytest.raises(AdapterError) as err:
         load_adapter(tiny_llama(0), name, revision=revision)
     assert str(err.value).startswith(message) and "\n" not in str(err.value)
-    assert "HF_HUB_OFFLINE" in str(err.value) and str(err.value).endswith("download it once online or pass a local directory")
+    assert "HF_HUB_OFFLINE" in str(err.value) and str(err.value).endswith(
+        "download it once online or pass a local directory"
+    )
 
 
 def test_a_missing_path_that_is_no_repo_id_stays_a_missing_directory(hub):
@@ -105,13 +117,35 @@ def test_sparse_merge_resolves_base_and_adapter_through_the_hub(hub):
     """The console entry point in a fresh process, which reads HF_HUB_CACHE / HF_HUB_OFFLINE from its environment."""
     root, saved = hub
     out = root / "merged"
-    run = subprocess.run([sys.executable, "-m", "sparse_plugin.cli", "merge", "--base", "org/base", "--adapter",
-                          "org/adapter", "--adapter-revision", "v2", "--output", str(out), "--device", "cpu", "--quiet"],
-                         check=False, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sparse_plugin.cli",
+            "merge",
+            "--base",
+            "org/base",
+            "--adapter",
+            "org/adapter",
+            "--adapter-revision",
+            "v2",
+            "--output",
+            str(out),
+            "--device",
+            "cpu",
+            "--quiet",
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert run.returncode == 0, run.stderr
     adapter = read_adapter(root / "adapter-v2")
-    expected = dense_reference(saved.base_state, {f"{k}.{p}": getattr(t, p) for k, t in adapter.targets.items()
-                                                  for p in ("indices", "values")})
+    expected = dense_reference(
+        saved.base_state,
+        {f"{k}.{p}": getattr(t, p) for k, t in adapter.targets.items() for p in ("indices", "values")},
+    )
     merged = read_checkpoint(out)
     assert merged.keys() == expected.keys() and all(torch.equal(merged[k], expected[k]) for k in expected)
     assert not any(p.is_symlink() for p in out.iterdir())  # files of the cache's links, copied as files
@@ -119,11 +153,41 @@ def test_sparse_merge_resolves_base_and_adapter_through_the_hub(hub):
 
 def test_sparse_merge_unmerge_resolves_the_merged_model_through_the_hub(hub, capsys):
     root, saved = hub
-    assert main(["merge", "--base", str(saved.base), "--adapter", str(saved.adapter), "--output", str(root / "merged"),
-                 "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "merge",
+                "--base",
+                str(saved.base),
+                "--adapter",
+                str(saved.adapter),
+                "--output",
+                str(root / "merged"),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     cache_repo(root / "cache", "org/merged", root / "merged", "d" * 40)
-    assert main(["unmerge", "--merged", "org/merged", "--merged-revision", "main", "--adapter", "org/adapter",
-                 "--output", str(root / "unmerged"), "--device", "cpu", "--quiet"]) == 0, capsys.readouterr().err
+    assert (
+        main(
+            [
+                "unmerge",
+                "--merged",
+                "org/merged",
+                "--merged-revision",
+                "main",
+                "--adapter",
+                "org/adapter",
+                "--output",
+                str(root / "unmerged"),
+                "--device",
+                "cpu",
+                "--quiet",
+            ]
+        )
+        == 0
+    ), capsys.readouterr().err
     restored = read_checkpoint(root / "unmerged")
     assert all(torch.equal(restored[k], v) for k, v in saved.base_state.items())  # bit-exact, from the base values
 
@@ -174,9 +238,16 @@ def recorded_api(monkeypatch):
         calls.append(("create_branch", repo_id, kwargs))
 
     def upload_folder(self, *, repo_id, folder_path, allow_patterns=None, **kwargs):
-        files = sorted(filter_repo_objects([p.name for p in Path(folder_path).iterdir()], allow_patterns=allow_patterns))
-        calls.append(("upload_folder", repo_id, {**kwargs, "files": files,
-                                                 "values": read_adapter(folder_path).meta["num_params"]}))
+        files = sorted(
+            filter_repo_objects([p.name for p in Path(folder_path).iterdir()], allow_patterns=allow_patterns)
+        )
+        calls.append(
+            (
+                "upload_folder",
+                repo_id,
+                {**kwargs, "files": files, "values": read_adapter(folder_path).meta["num_params"]},
+            )
+        )
         return "commit-info"
 
     for name, fn in (("create_repo", create_repo), ("create_branch", create_branch), ("upload_folder", upload_folder)):
@@ -186,8 +257,10 @@ def recorded_api(monkeypatch):
 
 def test_push_a_model_uploads_the_adapter_and_card(recorded_api):
     model = trained_model()
-    assert push_adapter_to_hub(model, "me/tiny-spiel", private=True, revision="dev",
-                               base_model_name_or_path="org/base") == "commit-info"
+    assert (
+        push_adapter_to_hub(model, "me/tiny-spiel", private=True, revision="dev", base_model_name_or_path="org/base")
+        == "commit-info"
+    )
     (_, repo, create), (_, branch_repo, branch), (_, upload_repo, upload) = recorded_api
     assert (repo, create) == ("me/tiny-spiel", {"private": True, "exist_ok": True, "repo_type": "model"})
     assert (branch_repo, branch) == ("me/tiny-spiel", {"branch": "dev", "exist_ok": True, "repo_type": "model"})
@@ -211,4 +284,3 @@ def test_push_refuses_a_corrupt_adapter_before_any_upload(tmp_path, recorded_api
     with pytest.raises(AdapterError, match="not a readable safetensors file"):
         push_adapter_to_hub(tmp_path / "a", "me/x")
     assert recorded_api == []
-

@@ -23,7 +23,9 @@ REPORT = "import json, sys; print(json.dumps(sorted(m for m in {modules!r} if m 
 
 def _python(code: str, *argv: str) -> subprocess.CompletedProcess:
     """Run `code` in a fresh interpreter from the repository root, so `sparse_plugin` is this checkout's."""
-    return subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, cwd=ROOT, timeout=300, check=False)
+    return subprocess.run(
+        [sys.executable, "-c", code, *argv], capture_output=True, text=True, cwd=ROOT, timeout=300, check=False
+    )
 
 
 def _loaded(done: subprocess.CompletedProcess) -> list[str]:
@@ -80,8 +82,11 @@ assert main(["inspect", {str(missing)!r}]) == 2
 
 def test_sparse_merge_help_writes_nothing_to_stderr_and_loads_no_torch():
     # The console script's own code (pyproject's `sparse-merge = "sparse_plugin.cli:main"`).
-    done = _python("import sys\nfrom sparse_plugin.cli import main\ntry:\n    main()\nexcept SystemExit:\n    pass\n"
-                   + REPORT.format(modules=["torch", *TRAINER_STACK]), "--help")
+    done = _python(
+        "import sys\nfrom sparse_plugin.cli import main\ntry:\n    main()\nexcept SystemExit:\n    pass\n"
+        + REPORT.format(modules=["torch", *TRAINER_STACK]),
+        "--help",
+    )
     assert done.stdout.startswith("usage: sparse-merge")
     assert _loaded(done) == []
     assert done.stderr == ""

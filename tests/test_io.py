@@ -9,10 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file
-from transformers import LlamaForCausalLM
-
 from adapter_utils import (
     HOSTILE_ADAPTERS,
     KEY,
@@ -33,6 +29,10 @@ from adapter_utils import (
     trained_model,
 )
 from conftest import tiny_llama
+from safetensors import safe_open
+from safetensors.torch import load_file
+from transformers import LlamaForCausalLM
+
 from sparse_plugin import (
     AdapterError,
     SparseConfig,
@@ -63,7 +63,9 @@ def test_save_names_tensors_by_base_key_with_int32_indices_and_base_values(tmp_p
     base = base_state()
     save_adapter(model, tmp_path, base_model_name_or_path="tiny/base")
 
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([CONFIG_NAME, WEIGHTS_NAME, CARD_NAME])  # no temporary files left
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [CONFIG_NAME, WEIGHTS_NAME, CARD_NAME]
+    )  # no temporary files left
     tensors = load_file(tmp_path / WEIGHTS_NAME)
     keys = target_keys(tiny_llama())
     assert "model.layers.0.self_attn.q_proj.weight" in keys and len(keys) == 14
@@ -84,13 +86,19 @@ def test_save_names_tensors_by_base_key_with_int32_indices_and_base_values(tmp_p
     assert meta["format"] == FORMAT_VERSION and meta["has_base_values"] is True
     assert meta["base_model"] == "tiny/base" and meta["method"] == "spiel"
     assert meta["config"] == SparseConfig(density=0.05).to_dict()
+
     def digest(entries):  # what the checks compare: sha256 of the dtype's safetensors code and the raw bytes
         return hashlib.sha256(b"F32" + entries.numpy().tobytes()).hexdigest()
 
     entries = {k: base[k].view(-1)[layers[k].indices] for k in keys}
     assert meta["targets"] == {
-        k: {"shape": list(base[k].shape), "count": layers[k].indices.numel(), "dtype": "F32",
-            "base_sha256": digest(entries[k]), "merged_sha256": digest(entries[k] + layers[k].values.detach())}
+        k: {
+            "shape": list(base[k].shape),
+            "count": layers[k].indices.numel(),
+            "dtype": "F32",
+            "base_sha256": digest(entries[k]),
+            "merged_sha256": digest(entries[k] + layers[k].values.detach()),
+        }
         for k in keys
     }
     counts = sum(layers[k].indices.numel() for k in keys)
@@ -127,7 +135,9 @@ def test_round_trip_into_unprepared_base_gives_identical_logits(tmp_path, strate
     torch.testing.assert_close(logits(fresh), logits(reference), **LOGITS_TOL)
 
 
-@pytest.mark.parametrize("prepared", [SparseConfig(density=0.05, seed=7), SparseConfig(density=0.1)], ids=["same-budget", "other-budget"])
+@pytest.mark.parametrize(
+    "prepared", [SparseConfig(density=0.05, seed=7), SparseConfig(density=0.1)], ids=["same-budget", "other-budget"]
+)
 def test_load_into_prepared_model(tmp_path, prepared):
     model = trained_model()
     save_adapter(model, tmp_path)
@@ -155,8 +165,10 @@ def test_store_base_values_false_writes_none(tmp_path):
 
 
 # With base values, the refusal names both sides of the first difference; without, the recorded base_sha256 decides.
-OTHER_BASE = {True: r": \d+ of \d+ entries at its indices differ, the first at flat position \d+: -?\d\S* there, -?\d\S* in the adapter",
-              False: r" \(its entries at the indices do not match the adapter's base_sha256\)"}
+OTHER_BASE = {
+    True: r": \d+ of \d+ entries at its indices differ, the first at flat position \d+: -?\d\S* there, -?\d\S* in the adapter",
+    False: r" \(its entries at the indices do not match the adapter's base_sha256\)",
+}
 
 
 @pytest.mark.parametrize("store_base_values", [True, False], ids=["base-values", "digest-only"])
@@ -197,20 +209,38 @@ def _mlp_as_embedding():
 
 # Each mismatch names what the adapter records and what the model has at the same place.
 MODEL_MISMATCHES = {
-    "other-shape": (lambda: tiny_llama(intermediate_size=64), (
-        r"target `model\.layers\.0\.mlp\.down_proj\.weight` is a Linear weight of shape \[48, 80\] in the adapter, "
-        r"but `model\.layers\.0\.mlp\.down_proj` is a Linear of shape \[48, 64\] in LlamaForCausalLM; load the base")),
-    "other-architecture": (_gpt2, (
-        r"target `model\.layers\.0\.mlp\.down_proj\.weight` is a Linear weight of shape \[48, 80\] in the "
-        r"adapter, but `model\.layers\.0\.mlp\.down_proj` is no such module in GPT2LMHeadModel; load the base")),
-    "other-module-type": (_mlp_as_embedding, (
-        r"`model\.layers\.0\.mlp\.down_proj\.weight` is a Linear weight of shape \[48, 80\] in the "
-        r"adapter, but `model\.layers\.0\.mlp\.down_proj` is a module of type Embedding in LlamaForCausalLM")),
-    "prepared-other-targets": (lambda: prepare_model(tiny_llama(), SparseConfig(density=0.05, target_modules=["q_proj", "lm_head"])), (
-        r"targets differ from the model's sparse layers: only the adapter has \['model\.layers\.0\.mlp\.down_proj\.weight', .*\] \(12\), "
-        r"only the model has \['lm_head\.weight'\] \(1\); prepare the model")),
-    "prepared-other-shape": (lambda: prepare_model(tiny_llama(intermediate_size=64), SparseConfig(density=0.05)),
-                             r"target `model\.layers\.0\.mlp\.\w+_proj\.weight` is \[(80, 48|48, 80)\] in the adapter but \[(64, 48|48, 64)\] in the model"),
+    "other-shape": (
+        lambda: tiny_llama(intermediate_size=64),
+        (
+            r"target `model\.layers\.0\.mlp\.down_proj\.weight` is a Linear weight of shape \[48, 80\] in the adapter, "
+            r"but `model\.layers\.0\.mlp\.down_proj` is a Linear of shape \[48, 64\] in LlamaForCausalLM; load the base"
+        ),
+    ),
+    "other-architecture": (
+        _gpt2,
+        (
+            r"target `model\.layers\.0\.mlp\.down_proj\.weight` is a Linear weight of shape \[48, 80\] in the "
+            r"adapter, but `model\.layers\.0\.mlp\.down_proj` is no such module in GPT2LMHeadModel; load the base"
+        ),
+    ),
+    "other-module-type": (
+        _mlp_as_embedding,
+        (
+            r"`model\.layers\.0\.mlp\.down_proj\.weight` is a Linear weight of shape \[48, 80\] in the "
+            r"adapter, but `model\.layers\.0\.mlp\.down_proj` is a module of type Embedding in LlamaForCausalLM"
+        ),
+    ),
+    "prepared-other-targets": (
+        lambda: prepare_model(tiny_llama(), SparseConfig(density=0.05, target_modules=["q_proj", "lm_head"])),
+        (
+            r"targets differ from the model's sparse layers: only the adapter has \['model\.layers\.0\.mlp\.down_proj\.weight', .*\] \(12\), "
+            r"only the model has \['lm_head\.weight'\] \(1\); prepare the model"
+        ),
+    ),
+    "prepared-other-shape": (
+        lambda: prepare_model(tiny_llama(intermediate_size=64), SparseConfig(density=0.05)),
+        r"target `model\.layers\.0\.mlp\.\w+_proj\.weight` is \[(80, 48|48, 80)\] in the adapter but \[(64, 48|48, 64)\] in the model",
+    ),
 }
 
 
@@ -241,7 +271,9 @@ def test_two_saves_mixed_are_refused(tmp_path):
     save_adapter(model, tmp_path / "a")
     save_adapter(model, tmp_path / "b")
     shutil.copy(tmp_path / "a" / CONFIG_NAME, tmp_path / "b" / CONFIG_NAME)
-    with pytest.raises(AdapterError, match="differs from sparse_config.json's .* the two files come from different saves"):
+    with pytest.raises(
+        AdapterError, match="differs from sparse_config.json's .* the two files come from different saves"
+    ):
         read_adapter(tmp_path / "b")
 
 
@@ -308,13 +340,17 @@ def test_save_on_a_full_disk_changes_nothing(tmp_path, monkeypatch, at, existing
     with torch.no_grad():
         _layers(model)[KEY].values.mul_(2)
     _fill_disk(monkeypatch, at)
-    message = rf"^no space left on device writing {re.escape(str(target / at))}; free space or save to another directory$"
+    message = (
+        rf"^no space left on device writing {re.escape(str(target / at))}; free space or save to another directory$"
+    )
     with pytest.raises(DiskFullError, match=message) as refused:
         save_adapter(model, target)
     assert isinstance(refused.value, OSError) and refused.value.errno == errno.ENOSPC
     if existing:
         assert snapshot(target) == before
-        assert sorted(p.name for p in target.iterdir()) == sorted([CONFIG_NAME, WEIGHTS_NAME, CARD_NAME, "trainer_state.json"])
+        assert sorted(p.name for p in target.iterdir()) == sorted(
+            [CONFIG_NAME, WEIGHTS_NAME, CARD_NAME, "trainer_state.json"]
+        )
     else:
         assert not target.exists()
     assert leftovers(target) == []

@@ -21,10 +21,10 @@ from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import torch
+from adapter_utils import trained_model
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from adapter_utils import trained_model
 from sparse_plugin import AdapterError, read_adapter, save_adapter
 from sparse_plugin.cli import main
 from sparse_plugin.io import CONFIG_NAME, WEIGHTS_NAME

@@ -162,7 +162,9 @@ def test_merge_then_unmerge_restores_base_bit_exactly(dtype):
     y_adapter = layer(x)
     layer.merge()
     assert layer.merged
-    torch.testing.assert_close(layer(x).float(), y_adapter.float(), atol=3e-2 if dtype != torch.float32 else 1e-5, rtol=1e-2)
+    torch.testing.assert_close(
+        layer(x).float(), y_adapter.float(), atol=3e-2 if dtype != torch.float32 else 1e-5, rtol=1e-2
+    )
     layer.unmerge()
     assert torch.equal(layer.base_layer.weight, before)
 
@@ -257,5 +259,6 @@ def test_moving_or_casting_a_merged_layer_puts_w0_back_first():
     layer(x)
     layer.to(torch.float64)
     assert torch.equal(layer.base_layer.weight, w0.double())
-    torch.testing.assert_close(layer(x.double()), F.linear(x.double(), w0.double() + layer.delta_weight().double(),
-                                                           layer.base_layer.bias))
+    torch.testing.assert_close(
+        layer(x.double()), F.linear(x.double(), w0.double() + layer.delta_weight().double(), layer.base_layer.bias)
+    )

@@ -5,10 +5,6 @@ import json
 
 import pytest
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file
-from transformers import LlamaForCausalLM
-
 from adapter_utils import (
     IDX,
     KEY,
@@ -23,6 +19,10 @@ from adapter_utils import (
     tiny_deltas,
     trained_model,
 )
+from safetensors import safe_open
+from safetensors.torch import load_file
+from transformers import LlamaForCausalLM
+
 from sparse_plugin import iter_sparse_layers, merge_adapter, unmerge_adapter
 from sparse_plugin.io import WEIGHTS_NAME
 from sparse_plugin.kernels.scatter import scatter_add_reference
@@ -56,8 +56,14 @@ def test_in_memory_merge_matches_adapter_and_unmerge_restores_bits(strategy):
     model = trained_model(forward_strategy=strategy)
     base = base_state()
     adapter_logits = logits(model)
-    reference = dense_reference(base, {f"{k}.{part}": getattr(layer, part).detach()
-                                       for k, layer in iter_sparse_layers(model) for part in ("indices", "values")})
+    reference = dense_reference(
+        base,
+        {
+            f"{k}.{part}": getattr(layer, part).detach()
+            for k, layer in iter_sparse_layers(model)
+            for part in ("indices", "values")
+        },
+    )
 
     merge_adapter(model)
     for key, layer in iter_sparse_layers(model):
@@ -91,7 +97,9 @@ def test_merged_checkpoint_reloads_with_the_adapters_logits(tmp_path, strategy):
     assert summary["rounded_away"] == {}
 
     # Tensor by tensor: bit for bit the plain torch W0 + scatter(Δ); untouched tensors are copied exactly.
-    _assert_tensors_equal(read_checkpoint(tmp_path / "out"), dense_reference(saved.base_state, _adapter_tensors(saved)))
+    _assert_tensors_equal(
+        read_checkpoint(tmp_path / "out"), dense_reference(saved.base_state, _adapter_tensors(saved))
+    )
     merged = LlamaForCausalLM.from_pretrained(tmp_path / "out").eval()
     torch.testing.assert_close(logits(merged), logits(saved.model), **LOGITS_TOL)
 
@@ -108,7 +116,8 @@ def test_sharded_base_keeps_shards_index_and_other_files(tmp_path):
     assert summary["shards"] == len(shards)
     assert summary["skipped_files"] == ["pytorch_model.bin"]
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        shards + [INDEX_FILE, "config.json", "generation_config.json", "tokenizer.json"])
+        shards + [INDEX_FILE, "config.json", "generation_config.json", "tokenizer.json"]
+    )
     for name in (INDEX_FILE, "config.json", "generation_config.json", "tokenizer.json"):
         assert (out / name).read_bytes() == (saved.base / name).read_bytes(), name
     for shard in shards:  # each shard holds the same tensors and header metadata as before
@@ -135,9 +144,13 @@ def test_merge_then_unmerge_is_bit_exact(tmp_path, dtype):
     # fp32 add, one rounding to the base dtype: exactly what the plain torch reference does.
     _assert_tensors_equal(merged, dense_reference(base_files, _adapter_tensors(saved)))
     assert summary["rounded_away"] == rounded_away_reference(base_files, _adapter_tensors(saved))  # bf16: 2 deltas
-    assert not torch.equal(merged["model.layers.0.self_attn.q_proj.weight"], base_files["model.layers.0.self_attn.q_proj.weight"])
+    assert not torch.equal(
+        merged["model.layers.0.self_attn.q_proj.weight"], base_files["model.layers.0.self_attn.q_proj.weight"]
+    )
 
-    summary = merge_checkpoint(tmp_path / "merged", saved.adapter, tmp_path / "restored", unmerge=True, device="cpu", progress=False)
+    summary = merge_checkpoint(
+        tmp_path / "merged", saved.adapter, tmp_path / "restored", unmerge=True, device="cpu", progress=False
+    )
     assert summary["exact"] is True
     _assert_tensors_equal(read_checkpoint(tmp_path / "restored"), base_files)
 
@@ -159,7 +172,9 @@ def test_unmerge_after_a_lossy_bf16_merge_is_bit_exact(tmp_path):
     saved = saved_setup(tmp_path, dtype=torch.bfloat16)
     tiny_deltas(saved.adapter)
     merge_checkpoint(saved.base, saved.adapter, tmp_path / "merged", device="cpu", progress=False)
-    summary = merge_checkpoint(tmp_path / "merged", saved.adapter, tmp_path / "restored", unmerge=True, device="cpu", progress=False)
+    summary = merge_checkpoint(
+        tmp_path / "merged", saved.adapter, tmp_path / "restored", unmerge=True, device="cpu", progress=False
+    )
     assert summary["exact"] is True and summary["rounded_away"] is None
     _assert_tensors_equal(read_checkpoint(tmp_path / "restored"), read_checkpoint(saved.base))
     # Subtracting the deltas instead, in the same fp32-then-bf16 arithmetic, does not restore the base: hence .base_values.
@@ -172,7 +187,9 @@ def test_unmerge_without_base_values_is_approximate(tmp_path):
     saved = saved_setup(tmp_path, store_base_values=False)
     base_files = read_checkpoint(saved.base)
     merge_checkpoint(saved.base, saved.adapter, tmp_path / "merged", device="cpu", progress=False)
-    summary = merge_checkpoint(tmp_path / "merged", saved.adapter, tmp_path / "restored", unmerge=True, device="cpu", progress=False)
+    summary = merge_checkpoint(
+        tmp_path / "merged", saved.adapter, tmp_path / "restored", unmerge=True, device="cpu", progress=False
+    )
     assert summary["exact"] is False
     restored, merged = read_checkpoint(tmp_path / "restored"), read_checkpoint(tmp_path / "merged")
     assert restored.keys() == base_files.keys()

@@ -3,7 +3,13 @@
 import pytest
 import torch
 
-from sparse_plugin import SparseConfig, SparseDeltaLinear, iter_sparse_layers, prepare_model, print_trainable_parameters
+from sparse_plugin import (
+    SparseConfig,
+    SparseDeltaLinear,
+    iter_sparse_layers,
+    prepare_model,
+    print_trainable_parameters,
+)
 from sparse_plugin.model import find_targets, random_indices
 
 PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -23,7 +29,9 @@ def test_suffix_list_and_regex(tiny_model):
 
 
 def test_unknown_target_names_the_entry_and_the_choices(tiny_model):
-    with pytest.raises(ValueError, match="entry 'qkv' matches no Linear layer of LlamaForCausalLM; available suffixes: .*q_proj"):
+    with pytest.raises(
+        ValueError, match="entry 'qkv' matches no Linear layer of LlamaForCausalLM; available suffixes: .*q_proj"
+    ):
         find_targets(tiny_model, ["q_proj", "qkv"])
     with pytest.raises(ValueError, match="selects no Linear layer"):
         find_targets(tiny_model, "nothing.*")
@@ -57,7 +65,9 @@ def test_prepare_freezes_wraps_and_keeps_outputs(tiny_model):
     assert "model.layers.0.self_attn.q_proj.weight" in layers
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable == [f"{k.removesuffix('.weight')}.delta.values" for k in layers]
-    assert sum(m.values.numel() for m in layers.values()) == sum(2 * (m.in_features + m.out_features) for m in layers.values())
+    assert sum(m.values.numel() for m in layers.values()) == sum(
+        2 * (m.in_features + m.out_features) for m in layers.values()
+    )
     assert model.sparse_config is config
     torch.testing.assert_close(model(ids).logits, before)  # values start at zero
 
@@ -84,7 +94,7 @@ def test_values_dtype_and_training_step_moves_only_values(tiny_model):
     ids = torch.randint(0, 97, (2, 9))
     model(ids, labels=ids).loss.backward()
     opt.step()
-    layer = next(l for _, l in iter_sparse_layers(model))
+    layer = next(lay for _, lay in iter_sparse_layers(model))
     assert layer.values.dtype == torch.bfloat16 and layer.values.abs().sum() > 0
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
 
@@ -93,7 +103,10 @@ def test_print_trainable_parameters(tiny_model, capsys):
     prepare_model(tiny_model, SparseConfig(num_params=500))
     print_trainable_parameters(tiny_model)
     total = sum(p.numel() for p in tiny_model.parameters())
-    assert capsys.readouterr().out.strip() == f"trainable params: 500 || all params: {total:,d} || trainable%: {100 * 500 / total:.4f}"
+    assert (
+        capsys.readouterr().out.strip()
+        == f"trainable params: 500 || all params: {total:,d} || trainable%: {100 * 500 / total:.4f}"
+    )
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, None)])
@@ -110,8 +123,9 @@ def test_training_with_merged_weights_matches_the_additive_path(dtype, tol):
     batches = [data[i % 3] for i in range(25)]
     runs = {}
     for strategy in ("additive", "merged"):
-        model = prepare_model(tiny_llama(dtype=dtype), SparseConfig(density=0.05, reselection_steps=10,
-                                                                   forward_strategy=strategy))
+        model = prepare_model(
+            tiny_llama(dtype=dtype), SparseConfig(density=0.05, reselection_steps=10, forward_strategy=strategy)
+        )
         base = {k: v.clone() for k, v in model.state_dict().items() if "base_layer" in k}
         optimizer = SM3(model, lr=1e-2, total_steps=25)
         losses = []

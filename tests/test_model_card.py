@@ -38,7 +38,9 @@ def test_card_describes_the_adapter_with_valid_hub_metadata(tmp_path, method):
     rows = [line for line in text.splitlines() if line.startswith("| `model.layers.*.")]
     assert len(rows) == len({k.split(".", 3)[3] for k in meta["targets"]}) == (3 if method == "smt" else 7)
     count = sum(t["count"] for k, t in meta["targets"].items() if k.endswith("q_proj.weight"))
-    assert any(row.startswith("| `model.layers.*.self_attn.q_proj.weight` | 2 | 48x48 | " + f"{count:,d} |") for row in rows)
+    assert any(
+        row.startswith("| `model.layers.*.self_attn.q_proj.weight` | 2 | 48x48 | " + f"{count:,d} |") for row in rows
+    )
 
 
 def test_card_names_the_base_revision_and_leaves_a_local_base_out_of_the_metadata(tmp_path, monkeypatch):
@@ -78,4 +80,6 @@ def test_an_unreadable_readme_counts_as_the_users(tmp_path):
     before = snapshot(tmp_path / "a")
     save_adapter(trained_model(), tmp_path / "a")
     assert (tmp_path / "a" / CARD_NAME).is_symlink() and snapshot(tmp_path / "a").keys() - before.keys() == {
-        CONFIG_NAME, "sparse_adapter.safetensors"}
+        CONFIG_NAME,
+        "sparse_adapter.safetensors",
+    }

@@ -79,8 +79,20 @@ _STOCK_PEFT = textwrap.dedent("""
 def stock_peft_logits(tmp: Path, base: Path, adapters: list[Path]) -> dict[Path, torch.Tensor]:
     """Logits of `PeftModel.from_pretrained(base, adapter)` for each adapter, in one fresh interpreter."""
     torch.save(TOKENS, tmp / "tokens.pt")
-    subprocess.run([sys.executable, "-c", _STOCK_PEFT, str(base), str(tmp / "tokens.pt"), str(tmp / "logits.pt"),
-                    *map(str, adapters)], check=True, cwd=tmp, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _STOCK_PEFT,
+            str(base),
+            str(tmp / "tokens.pt"),
+            str(tmp / "logits.pt"),
+            *map(str, adapters),
+        ],
+        check=True,
+        cwd=tmp,
+        capture_output=True,
+    )
     return {Path(k): v for k, v in torch.load(tmp / "logits.pt").items()}
 
 
@@ -141,7 +153,8 @@ def test_export_holds_every_count_in_the_fewest_positions(exported, format, unev
         assert min(slack) == 0  # the tightest target is filled exactly: no higher sparsity would hold it
     else:
         assert config["r"] == 1 or any(  # r - 1 would not hold some target
-            (config["r"] - 1) * sum(t.shape) < t.indices.numel() for t in targets.values())
+            (config["r"] - 1) * sum(t.shape) < t.indices.numel() for t in targets.values()
+        )
 
 
 def test_merge_of_exported_adapter_equals_peft_model(exported):
@@ -149,11 +162,31 @@ def test_merge_of_exported_adapter_equals_peft_model(exported):
     root, cases = exported
     for (format, uneven), (adapter, out, peft_logits) in cases.items():
         merged = root / f"merged-{format}-{uneven}"
-        assert main(["merge", "--base", str(root / "base"), "--adapter", str(out), "--output", str(merged),
-                     "--device", "cpu", "--quiet"]) == 0
-        reference = dense_reference(base_state(), {f"{k}.{part}": getattr(t, part)
-                                                   for k, t in read_adapter(adapter).targets.items()
-                                                   for part in ("indices", "values")})
+        assert (
+            main(
+                [
+                    "merge",
+                    "--base",
+                    str(root / "base"),
+                    "--adapter",
+                    str(out),
+                    "--output",
+                    str(merged),
+                    "--device",
+                    "cpu",
+                    "--quiet",
+                ]
+            )
+            == 0
+        )
+        reference = dense_reference(
+            base_state(),
+            {
+                f"{k}.{part}": getattr(t, part)
+                for k, t in read_adapter(adapter).targets.items()
+                for part in ("indices", "values")
+            },
+        )
         state = read_checkpoint(merged)
         for key in reference:
             assert torch.equal(state[key], reference[key]), (format, key)
@@ -166,8 +199,11 @@ def test_merge_of_native_peft_adapter_equals_peft_model(tmp_path, format):
     from peft import PeftModel, ShiraConfig, SupertuningConfig, get_peft_model
 
     tiny_llama(0).save_pretrained(tmp_path / "base")
-    config = (SupertuningConfig(sparsity=0.9, init_weights=False, target_modules=["q_proj", "down_proj"])
-              if format == "supertuning" else ShiraConfig(r=2, init_weights=False, target_modules=["q_proj", "down_proj"]))
+    config = (
+        SupertuningConfig(sparsity=0.9, init_weights=False, target_modules=["q_proj", "down_proj"])
+        if format == "supertuning"
+        else ShiraConfig(r=2, init_weights=False, target_modules=["q_proj", "down_proj"])
+    )
     get_peft_model(tiny_llama(0), config).save_pretrained(tmp_path / "peft")
     peft_model = PeftModel.from_pretrained(tiny_llama(0), tmp_path / "peft").eval()
     result = merge_checkpoint(tmp_path / "base", tmp_path / "peft", tmp_path / "merged", device="cpu", progress=False)
@@ -175,8 +211,9 @@ def test_merge_of_native_peft_adapter_equals_peft_model(tmp_path, format):
     merged = model_with_state(read_checkpoint(tmp_path / "merged"))
     # PEFT adds the delta to a copy of W0 for each call, as the merge adds it once: the same fp32 sums.
     torch.testing.assert_close(logits(merged), logits(peft_model), atol=1e-6, rtol=1e-6)
-    result = merge_checkpoint(tmp_path / "merged", tmp_path / "peft", tmp_path / "unmerged", unmerge=True, device="cpu",
-                           progress=False)
+    result = merge_checkpoint(
+        tmp_path / "merged", tmp_path / "peft", tmp_path / "unmerged", unmerge=True, device="cpu", progress=False
+    )
     assert result["exact"] is False  # PEFT stores no base values: unmerged by subtraction, within fp32 rounding
     for key, weight in read_checkpoint(tmp_path / "unmerged").items():
         torch.testing.assert_close(weight, base_state()[key], atol=1e-6, rtol=0)
@@ -186,8 +223,13 @@ def test_read_peft_sums_repeated_positions(tmp_path):
     """PEFT's scatter-add (and SHiRA's sparse COO) sum a position given twice; so does the converted adapter."""
     key, module = "model.layers.0.self_attn.q_proj.weight", "base_model.model.model.layers.0.self_attn.q_proj"
     (tmp_path / PEFT_CONFIG_NAME).write_text(json.dumps({"peft_type": "SUPERTUNING", "sparsity": 0.99}))
-    save_file({f"{module}.supertuning_indices": torch.tensor([7, 3, 7], dtype=torch.int32),
-               f"{module}.supertuning_values": torch.tensor([1.0, 2.0, 0.5])}, tmp_path / PEFT_WEIGHTS_NAME)
+    save_file(
+        {
+            f"{module}.supertuning_indices": torch.tensor([7, 3, 7], dtype=torch.int32),
+            f"{module}.supertuning_values": torch.tensor([1.0, 2.0, 0.5]),
+        },
+        tmp_path / PEFT_WEIGHTS_NAME,
+    )
     adapter = read_peft_adapter(tmp_path, {key: ((48, 48), "F32")})
     target = adapter.targets[key]
     assert target.indices.tolist() == [3, 7] and target.values.tolist() == [2.0, 1.5]
@@ -236,9 +278,12 @@ def _refused(capsys, argv, message):
 
 def test_shira_refuses_a_target_too_small_for_the_rank(tmp_path, capsys):
     adapter = _adapter(tmp_path, "dense", False, density=0.9)  # down_proj's 3,456 need r=27; k_proj (24x48) holds r≤16
-    _refused(capsys, ["export-peft", adapter, tmp_path / "out", "--format", "shira"],
-             "`model.layers.0.self_attn.k_proj.weight` (24x48) cannot hold SHiRA's r·(in+out) = 1,944 positions at "
-             "r=27, the rank that `model.layers.0.mlp.down_proj.weight`'s 3,456 values need; export with --format supertuning")
+    _refused(
+        capsys,
+        ["export-peft", adapter, tmp_path / "out", "--format", "shira"],
+        "`model.layers.0.self_attn.k_proj.weight` (24x48) cannot hold SHiRA's r·(in+out) = 1,944 positions at "
+        "r=27, the rank that `model.layers.0.mlp.down_proj.weight`'s 3,456 values need; export with --format supertuning",
+    )
     assert not (tmp_path / "out").exists()
     assert main(["export-peft", str(adapter), str(tmp_path / "out")]) == 0  # Super-Tuning holds any counts
 
@@ -247,31 +292,68 @@ def test_export_refuses_an_existing_output(tmp_path, capsys):
     adapter = _adapter(tmp_path, "a", False)
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("mine")
-    _refused(capsys, ["export-peft", adapter, tmp_path / "out"], "output directory exists; choose another path or pass --overwrite")
+    _refused(
+        capsys,
+        ["export-peft", adapter, tmp_path / "out"],
+        "output directory exists; choose another path or pass --overwrite",
+    )
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
     assert main(["export-peft", str(adapter), str(tmp_path / "out"), "--overwrite"]) == 0
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME]
     before = snapshot(adapter)
     for out in (adapter, tmp_path):  # the adapter read is never replaced, nor is a directory around it
-        _refused(capsys, ["export-peft", adapter, out, "--overwrite"], f"output must be a new directory outside the adapter ({adapter})")
+        _refused(
+            capsys,
+            ["export-peft", adapter, out, "--overwrite"],
+            f"output must be a new directory outside the adapter ({adapter})",
+        )
     assert snapshot(adapter) == before
 
 
-@pytest.mark.parametrize("config, message", [
-    ({"peft_type": "LORA", "r": 8}, "a PEFT 'LORA' adapter; sparse-merge reads SHIRA and SUPERTUNING adapters only"),
-    ({"peft_type": "SUPERTUNING", "sparsity": 0.9, "r": 4}, "`r` is 4: its Supra LoRA part is not sparse"),
-    ({"peft_type": "SUPERTUNING", "sparsity": 0.9, "save_precomputed_indices": False},
-     "`save_precomputed_indices` is False: its positions are not saved"),
-    ({"peft_type": "SHIRA", "r": 2, "fan_in_fan_out": True}, "`fan_in_fan_out` is True: its weights are transposed"),
-    ({"peft_type": "SHIRA", "r": 2, "modules_to_save": ["lm_head"]}, "`modules_to_save` is ['lm_head']: it also saves"),
-])
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        (
+            {"peft_type": "LORA", "r": 8},
+            "a PEFT 'LORA' adapter; sparse-merge reads SHIRA and SUPERTUNING adapters only",
+        ),
+        ({"peft_type": "SUPERTUNING", "sparsity": 0.9, "r": 4}, "`r` is 4: its Supra LoRA part is not sparse"),
+        (
+            {"peft_type": "SUPERTUNING", "sparsity": 0.9, "save_precomputed_indices": False},
+            "`save_precomputed_indices` is False: its positions are not saved",
+        ),
+        (
+            {"peft_type": "SHIRA", "r": 2, "fan_in_fan_out": True},
+            "`fan_in_fan_out` is True: its weights are transposed",
+        ),
+        (
+            {"peft_type": "SHIRA", "r": 2, "modules_to_save": ["lm_head"]},
+            "`modules_to_save` is ['lm_head']: it also saves",
+        ),
+    ],
+)
 def test_merge_refuses_peft_adapters_it_cannot_fold(tmp_path, capsys, config, message):
     tiny_llama(0).save_pretrained(tmp_path / "base")
     (tmp_path / "peft").mkdir()
     (tmp_path / "peft" / PEFT_CONFIG_NAME).write_text(json.dumps(config))
-    save_file({"base_model.model.model.layers.0.self_attn.q_proj.x": torch.zeros(1)}, tmp_path / "peft" / PEFT_WEIGHTS_NAME)
-    _refused(capsys, ["merge", "--base", tmp_path / "base", "--adapter", tmp_path / "peft", "--output", tmp_path / "out",
-                      "--device", "cpu"], message)
+    save_file(
+        {"base_model.model.model.layers.0.self_attn.q_proj.x": torch.zeros(1)}, tmp_path / "peft" / PEFT_WEIGHTS_NAME
+    )
+    _refused(
+        capsys,
+        [
+            "merge",
+            "--base",
+            tmp_path / "base",
+            "--adapter",
+            tmp_path / "peft",
+            "--output",
+            tmp_path / "out",
+            "--device",
+            "cpu",
+        ],
+        message,
+    )
     assert not (tmp_path / "out").exists()
 
 
@@ -279,8 +361,21 @@ def test_merge_refuses_a_peft_adapter_for_another_base(tmp_path, capsys):
     adapter = _adapter(tmp_path, "a", False)
     assert main(["export-peft", str(adapter), str(tmp_path / "peft")]) == 0
     tiny_llama(0, num_hidden_layers=1).save_pretrained(tmp_path / "base")
-    _refused(capsys, ["merge", "--base", tmp_path / "base", "--adapter", tmp_path / "peft", "--output", tmp_path / "out",
-                      "--device", "cpu"], "the base has no tensor `model.layers.1.")
+    _refused(
+        capsys,
+        [
+            "merge",
+            "--base",
+            tmp_path / "base",
+            "--adapter",
+            tmp_path / "peft",
+            "--output",
+            tmp_path / "out",
+            "--device",
+            "cpu",
+        ],
+        "the base has no tensor `model.layers.1.",
+    )
 
 
 def test_load_adapter_names_a_peft_directory(tmp_path):

@@ -6,18 +6,18 @@ unquantised checkpoint. bitsandbytes' CPU kernels want dims that are multiples o
 
 import pytest
 import torch
+from conftest import tiny_llama
 from torch import nn
 
 from sparse_plugin import SM3, SparseConfig, iter_sparse_layers, load_adapter, prepare_model, save_adapter
 from sparse_plugin.cli import main
 
-from conftest import tiny_llama
-
 bnb = pytest.importorskip("bitsandbytes")
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig  # noqa: E402
 
-NF4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                         bnb_4bit_compute_dtype=torch.bfloat16)
+NF4 = BitsAndBytesConfig(
+    load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16
+)
 INT8 = BitsAndBytesConfig(load_in_8bit=True)
 
 
@@ -32,13 +32,14 @@ def _dequantized(layer) -> torch.Tensor:
     weight = layer.base_layer.weight
     if type(weight).__name__ == "Params4bit":
         return bnb.functional.dequantize_4bit(weight.data, weight.quant_state).float()
-    return (weight.data.float() * weight.SCB.float()[:, None] / 127)
+    return weight.data.float() * weight.SCB.float()[:, None] / 127
 
 
 @pytest.mark.parametrize("quantization", [NF4, INT8], ids=["nf4", "int8"])
 def test_layer_over_a_quantized_base_matches_the_dequantized_reference(base_dir, quantization):
-    model = prepare_model(AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=quantization),
-                          SparseConfig(density=0.05))
+    model = prepare_model(
+        AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=quantization), SparseConfig(density=0.05)
+    )
     key, layer = next(iter(iter_sparse_layers(model)))
     assert type(layer.base_layer).__name__ in ("Linear4bit", "Linear8bitLt") and layer.strategy() == "additive"
     layer.values.data.normal_(0, 0.05)
@@ -46,7 +47,9 @@ def test_layer_over_a_quantized_base_matches_the_dequantized_reference(base_dir,
     x = torch.randn(3, 5, layer.in_features, requires_grad=True)
     out = layer(x)
     reference = x.detach() @ weight.t()
-    torch.testing.assert_close(out.float(), reference, atol=0.1, rtol=0.05)  # the base runs its own low-precision matmul
+    torch.testing.assert_close(
+        out.float(), reference, atol=0.1, rtol=0.05
+    )  # the base runs its own low-precision matmul
     dy = torch.randn_like(out)
     out.backward(dy)
     expected = (dy.reshape(-1, dy.shape[-1]).t().float() @ x.detach().reshape(-1, x.shape[-1])).view(-1)[layer.indices]
@@ -55,8 +58,10 @@ def test_layer_over_a_quantized_base_matches_the_dequantized_reference(base_dir,
 
 @pytest.mark.parametrize("quantization", [NF4, INT8], ids=["nf4", "int8"])
 def test_training_keeps_the_quantized_weight_and_merges_into_the_full_checkpoint(base_dir, tmp_path, quantization):
-    model = prepare_model(AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=quantization),
-                          SparseConfig(density=0.05, reselection_steps=2))
+    model = prepare_model(
+        AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=quantization),
+        SparseConfig(density=0.05, reselection_steps=2),
+    )
     layers = [layer for _, layer in iter_sparse_layers(model)]
     ids = torch.randint(0, 97, (2, 8))
     with torch.no_grad():
@@ -71,7 +76,20 @@ def test_training_keeps_the_quantized_weight_and_merges_into_the_full_checkpoint
     assert all(layer.values.dtype == torch.float32 and bool(layer.values.abs().sum() > 0) for layer in layers)
     save_adapter(model, tmp_path / "adapter")
     # The unquantised fp32 checkpoint is the base to merge into: no --force, no base values (nothing exact to restore).
-    assert main(["merge", "--base", str(base_dir), "--adapter", str(tmp_path / "adapter"), "--output", str(tmp_path / "merged")]) == 0
+    assert (
+        main(
+            [
+                "merge",
+                "--base",
+                str(base_dir),
+                "--adapter",
+                str(tmp_path / "adapter"),
+                "--output",
+                str(tmp_path / "merged"),
+            ]
+        )
+        == 0
+    )
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     full = load_adapter(AutoModelForCausalLM.from_pretrained(base_dir), tmp_path / "adapter")
     torch.testing.assert_close(merged(ids).logits, full(ids).logits, atol=1e-5, rtol=1e-5)

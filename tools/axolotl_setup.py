@@ -31,11 +31,13 @@ DEFAULT_OUT = Path(__file__).resolve().parents[1] / "axolotl_configs" / "local"
 
 def conversation(pair: dict) -> dict:
     """One chat row in the shape Axolotl's `chat_template` dataset type reads (`field_messages: messages`)."""
-    return {"messages": [
-        {"role": "system", "content": SYSTEM},
-        {"role": "user", "content": pair["prompt"]},
-        {"role": "assistant", "content": pair["answer"]},
-    ]}
+    return {
+        "messages": [
+            {"role": "system", "content": SYSTEM},
+            {"role": "user", "content": pair["prompt"]},
+            {"role": "assistant", "content": pair["answer"]},
+        ]
+    }
 
 
 def write_split(path: Path, pairs: list[dict], rows: int, seed: int) -> int:

@@ -47,12 +47,26 @@ def measure(directory: Path, full: bool, steps: int) -> dict:
     model, tokenizer = load_model()
     sparse_plugin.prepare_model(model, SparseConfig(lora_rank_equivalent=16))
     ids = torch.randint(0, tokenizer.vocab_size, (4 * steps, 64), generator=torch.Generator().manual_seed(0)).tolist()
-    args = TrainingArguments(str(directory), optim="spiel_sm3", learning_rate=1e-2, max_steps=steps,
-                             per_device_train_batch_size=4, save_strategy="steps", save_steps=1, logging_steps=1000,
-                             report_to=[], use_cpu=True, disable_tqdm=True)
+    args = TrainingArguments(
+        str(directory),
+        optim="spiel_sm3",
+        learning_rate=1e-2,
+        max_steps=steps,
+        per_device_train_batch_size=4,
+        save_strategy="steps",
+        save_steps=1,
+        logging_steps=1000,
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+    )
     timer = SaveTimer()
-    Trainer(model=model, args=args, train_dataset=Dataset.from_dict({"input_ids": ids, "labels": ids}),
-            callbacks=[SparseCallback(save_full_checkpoints=full), timer]).train()
+    Trainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_dict({"input_ids": ids, "labels": ids}),
+        callbacks=[SparseCallback(save_full_checkpoints=full), timer],
+    ).train()
     checkpoint = directory / f"checkpoint-{steps}"
     files = {p.name: p.stat().st_size for p in checkpoint.iterdir()}
     return {"bytes": sum(files.values()), "files": files, "save_s": statistics.median(timer.seconds)}
@@ -63,16 +77,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=3, help="steps, one checkpoint each (median save time)")
     parser.add_argument("--output-dir", type=Path, default=Path("runs/bench_checkpoint"))
     args = parser.parse_args(argv)
-    print(f"# {platform.node()} {platform.machine()}, torch {torch.__version__}, transformers {transformers.__version__}, "
-          f"{time.strftime('%Y-%m-%d')}, {torch.get_num_threads()} threads")
+    print(
+        f"# {platform.node()} {platform.machine()}, torch {torch.__version__}, transformers {transformers.__version__}, "
+        f"{time.strftime('%Y-%m-%d')}, {torch.get_num_threads()} threads"
+    )
     results = {}
     for name, full in (("adapter-only", False), ("full", True)):
         shutil.rmtree(args.output_dir / name, ignore_errors=True)
         results[name] = measure(args.output_dir / name, full, args.steps)
-        print(f"{name:>12}: {results[name]['bytes'] / 2**20:8.1f} MiB per checkpoint, save {results[name]['save_s']:.2f} s "
-              f"(median of {args.steps}); files: {results[name]['files']}", flush=True)
+        print(
+            f"{name:>12}: {results[name]['bytes'] / 2**20:8.1f} MiB per checkpoint, save {results[name]['save_s']:.2f} s "
+            f"(median of {args.steps}); files: {results[name]['files']}",
+            flush=True,
+        )
     small, big = results["adapter-only"], results["full"]
-    print(f"adapter-only / full: size {small['bytes'] / big['bytes']:.3f}, save time {small['save_s'] / big['save_s']:.3f}")
+    print(
+        f"adapter-only / full: size {small['bytes'] / big['bytes']:.3f}, save time {small['save_s'] / big['save_s']:.3f}"
+    )
     return 0
 
 

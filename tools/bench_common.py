@@ -64,8 +64,16 @@ BENCH_METHODS = {
     "lora-1pct": ("lora", "AdamW"),
 }
 # The LoRA row each method's trainable count equals (for the "matched LoRA" ratio).
-MATCHED_LORA = {"spiel-ma": "lora-r16", "spiel-ag": "lora-r16", "smt": "lora-r16", "sift": "lora-r16",
-                "dora-r16": "lora-r16", "shira": "lora-r16", "supertuning": "lora-r16", "spiel-ma-1pct": "lora-1pct"}
+MATCHED_LORA = {
+    "spiel-ma": "lora-r16",
+    "spiel-ag": "lora-r16",
+    "smt": "lora-r16",
+    "sift": "lora-r16",
+    "dora-r16": "lora-r16",
+    "shira": "lora-r16",
+    "supertuning": "lora-r16",
+    "spiel-ma-1pct": "lora-1pct",
+}
 
 
 # ---------------------------------------------------------------- memory
@@ -141,8 +149,10 @@ class OtherLoad:
         except (OSError, ValueError, IndexError):
             return None
         busy = (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-        own = sum(u.ru_utime + u.ru_stime for u in (resource.getrusage(resource.RUSAGE_SELF),
-                                                     resource.getrusage(resource.RUSAGE_CHILDREN)))
+        own = sum(
+            u.ru_utime + u.ru_stime
+            for u in (resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN))
+        )
         return time.perf_counter(), busy, own
 
     def share(self) -> float | None:
@@ -191,8 +201,9 @@ def trainable_params(model) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def build_method(model, method: str, *, lr: float, total_steps: int, sparse_overrides: dict | None = None,
-                 seed: int = 0):
+def build_method(
+    model, method: str, *, lr: float, total_steps: int, sparse_overrides: dict | None = None, seed: int = 0
+):
     """Turn the loaded base `model` into `method`'s trainable model; returns (model, optimizer, info).
 
     `sparse_overrides` are extra `SparseConfig` fields for the sparse methods (bench_step shortens AG's
@@ -218,8 +229,9 @@ def build_method(model, method: str, *, lr: float, total_steps: int, sparse_over
 
         budget = {"density": ONE_PERCENT} if method.endswith("-1pct") else {"lora_rank_equivalent": LORA_RANK}
         regrow = "ag" if method == "spiel-ag" else "ma"
-        config = SparseConfig(method=family, regrow=regrow, target_modules="all-linear", seed=seed, **budget,
-                              **(sparse_overrides or {}))
+        config = SparseConfig(
+            method=family, regrow=regrow, target_modules="all-linear", seed=seed, **budget, **(sparse_overrides or {})
+        )
         model = sparse_plugin.prepare_model(model, config)
         cls = SM3 if BENCH_METHODS[method][1] == "SM3" else SparseAdamW
         optimizer = cls(model, lr=lr, total_steps=total_steps)
@@ -228,10 +240,22 @@ def build_method(model, method: str, *, lr: float, total_steps: int, sparse_over
         from sparse_plugin.kernels.sddmm import pick_grad_path
 
         info["grad_paths"] = sorted({pick_grad_path(layer.pattern()) for layer in layers})
-        info["sparse_config"] = {k: v for k, v in config.to_dict().items()
-                                 if k in ("method", "density", "lora_rank_equivalent", "regrow", "reselection_steps",
-                                          "selection_accumulation_steps", "block_size", "warmup_steps",
-                                          "selection_steps")}
+        info["sparse_config"] = {
+            k: v
+            for k, v in config.to_dict().items()
+            if k
+            in (
+                "method",
+                "density",
+                "lora_rank_equivalent",
+                "regrow",
+                "reselection_steps",
+                "selection_accumulation_steps",
+                "block_size",
+                "warmup_steps",
+                "selection_steps",
+            )
+        }
         return model, optimizer, info
     from peft import get_peft_model
 
@@ -239,8 +263,14 @@ def build_method(model, method: str, *, lr: float, total_steps: int, sparse_over
         from peft import LoraConfig
 
         rank = lora_rank_for_density(model, ONE_PERCENT) if method.endswith("-1pct") else LORA_RANK
-        peft_config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules="all-linear",
-                                 use_dora=family == "dora", task_type="CAUSAL_LM")
+        peft_config = LoraConfig(
+            r=rank,
+            lora_alpha=2 * rank,
+            lora_dropout=0.0,
+            target_modules="all-linear",
+            use_dora=family == "dora",
+            task_type="CAUSAL_LM",
+        )
         info["rank"] = rank
     elif family == "shira":
         from peft import ShiraConfig
@@ -292,7 +322,9 @@ def environment() -> dict:
     }
 
 
-def run_child(script: Path, method: str, extra: list[str], timeout: float | None = None) -> tuple[list[dict], float | None]:
+def run_child(
+    script: Path, method: str, extra: list[str], timeout: float | None = None
+) -> tuple[list[dict], float | None]:
     """Run `script --method METHOD --json EXTRA` in a fresh interpreter; its JSON lines, and the share of
     the machine that other processes used meanwhile. A failure becomes one row with an `error`."""
     load = OtherLoad()
@@ -351,7 +383,8 @@ def markdown_table(headers: list[str], rows: list[list]) -> str:
 
 
 def header_lines(env: dict, note: str = "") -> str:
-    text = (f"{env['date']} · torch {env['torch']} · transformers {env['transformers']} · peft {env['peft']} · "
-            f"device {env['device']} ({env['cpu']}, {env['cores']} cores, {env['threads']} torch threads)")
+    text = (
+        f"{env['date']} · torch {env['torch']} · transformers {env['transformers']} · peft {env['peft']} · "
+        f"device {env['device']} ({env['cpu']}, {env['cores']} cores, {env['threads']} torch threads)"
+    )
     return text + (f"\n{note}" if note else "")
-

@@ -40,8 +40,8 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -50,6 +50,7 @@ sys.path.insert(0, str(TOOLS.parent))
 sys.path.insert(0, str(TOOLS))
 
 from bench_common import OtherLoad, interleaved_rounds, markdown_table, percentile  # noqa: E402
+
 from sparse_plugin.kernels._triton import triton  # noqa: E402
 from sparse_plugin.kernels.merged_weight import merged_weight, merged_weight_reference  # noqa: E402
 from sparse_plugin.kernels.pattern import SparsePattern  # noqa: E402
@@ -140,9 +141,19 @@ def sddmm_rows(shape, tokens, density, dtype_name, device, args) -> list[dict]:
     if device.type == "cuda" and triton is not None:
         calls["triton"] = lambda: values_grad_triton(dy, x, pattern)
     stats = time_variants(calls, device, args, seed)
-    common = {"kind": "sddmm", "shape": list(shape), "tokens": tokens, "density": density, "dtype": dtype_name,
-              "k": pattern.indices.numel(), "rule": grad_path_rule(density, device)}
-    return [{**common, "variant": name, **s, "vs_dense_grad": s["ms"] / stats["dense_grad"]["ms"]} for name, s in stats.items()]
+    common = {
+        "kind": "sddmm",
+        "shape": list(shape),
+        "tokens": tokens,
+        "density": density,
+        "dtype": dtype_name,
+        "k": pattern.indices.numel(),
+        "rule": grad_path_rule(density, device),
+    }
+    return [
+        {**common, "variant": name, **s, "vs_dense_grad": s["ms"] / stats["dense_grad"]["ms"]}
+        for name, s in stats.items()
+    ]
 
 
 def merged_rows(shape, density, dtype_name, device, args) -> list[dict]:
@@ -157,13 +168,23 @@ def merged_rows(shape, density, dtype_name, device, args) -> list[dict]:
         "torch": lambda: merged_weight_reference(base, values, pattern, dtype),
     }
     if device.type == "cuda" and triton is not None:
-        calls["copy_scatter"] = lambda: scatter_add_(base.to(dtype, copy=True), pattern.indices, values, backend="triton")
+        calls["copy_scatter"] = lambda: scatter_add_(
+            base.to(dtype, copy=True), pattern.indices, values, backend="triton"
+        )
         calls["fused"] = lambda: merged_weight(base, values, pattern, dtype, backend="triton")
     stats = time_variants(calls, device, args, seed)
     moved = 2 * base.numel() * base.element_size()  # read W0, write W
-    common = {"kind": "merged", "shape": list(shape), "density": density, "dtype": dtype_name, "k": pattern.indices.numel()}
-    return [{**common, "variant": name, **s, "GB_per_s": moved / 1e6 / s["ms"], "vs_copy": s["ms"] / stats["copy"]["ms"]}
-            for name, s in stats.items()]
+    common = {
+        "kind": "merged",
+        "shape": list(shape),
+        "density": density,
+        "dtype": dtype_name,
+        "k": pattern.indices.numel(),
+    }
+    return [
+        {**common, "variant": name, **s, "GB_per_s": moved / 1e6 / s["ms"], "vs_copy": s["ms"] / stats["copy"]["ms"]}
+        for name, s in stats.items()
+    ]
 
 
 def device_bandwidth(device: torch.device) -> dict:
@@ -195,13 +216,23 @@ def environment(device: torch.device) -> dict:
     else:
         name, extra = platform.processor() or platform.machine(), {}
         try:
-            name = next(l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("model name"))
+            name = next(
+                line.split(":", 1)[1].strip()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")
+            )
         except (OSError, StopIteration):
             pass
     return {
-        "kind": "meta", "device": str(device), "device_name": name, **extra, "threads": torch.get_num_threads(),
-        "torch": torch.__version__, "triton": None if triton is None else triton.__version__,
-        "python": platform.python_version(), "TRITON_MAX_DENSITY": TRITON_MAX_DENSITY,
+        "kind": "meta",
+        "device": str(device),
+        "device_name": name,
+        **extra,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "triton": None if triton is None else triton.__version__,
+        "python": platform.python_version(),
+        "TRITON_MAX_DENSITY": TRITON_MAX_DENSITY,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         **device_bandwidth(device),
     }
@@ -219,7 +250,9 @@ def crossover(rows: list[dict]) -> dict[str, float | None]:
     """Per dtype, the largest density at which Triton beat `dense_grad` at every shape and token count."""
     by = {}
     for r in rows:
-        by.setdefault((r["dtype"], r["density"]), {}).setdefault((tuple(r["shape"]), r["tokens"]), {})[r["variant"]] = r["ms"]
+        by.setdefault((r["dtype"], r["density"]), {}).setdefault((tuple(r["shape"]), r["tokens"]), {})[
+            r["variant"]
+        ] = r["ms"]
     result: dict[str, float | None] = {}
     for (dtype, density), configs in sorted(by.items()):
         wins = all("triton" in c and c["triton"] < c["dense_grad"] for c in configs.values())
@@ -231,7 +264,8 @@ def crossover(rows: list[dict]) -> dict[str, float | None]:
 
 def markdown(meta: dict, sddmm: list[dict], merged: list[dict]) -> str:
     bandwidth = f"copy {meta['copy_GB_per_s']:.0f} GB/s measured" + (
-        f", {meta['peak_GB_per_s']:.0f} GB/s peak" if meta.get("peak_GB_per_s") else "")
+        f", {meta['peak_GB_per_s']:.0f} GB/s peak" if meta.get("peak_GB_per_s") else ""
+    )
     others = meta.get("other_cpu_share")
     lines = [
         f"Device: {meta['device']} ({meta['device_name']}), {meta['threads']} threads; torch {meta['torch']}, triton "
@@ -239,7 +273,9 @@ def markdown(meta: dict, sddmm: list[dict], merged: list[dict]) -> str:
         f"{'an unknown share' if others is None else f'{100 * others:.0f}%'} of the CPU. Times: median ms per call (p10–p90).",
     ]
     if meta["device"] == "cpu":
-        lines.append("Triton kernels need CUDA: only the torch paths ran here (tools/gpu_check.sh runs the rest on a GPU).")
+        lines.append(
+            "Triton kernels need CUDA: only the torch paths ran here (tools/gpu_check.sh runs the rest on a GPU)."
+        )
     lines += ["", "Values' gradient (SDDMM); ratios < 1: faster than full fine-tuning's dense dyᵀx.", ""]
     table = []
     groups: dict[tuple, dict[str, dict]] = {}
@@ -247,15 +283,48 @@ def markdown(meta: dict, sddmm: list[dict], merged: list[dict]) -> str:
         groups.setdefault((tuple(r["shape"]), r["tokens"], r["density"], r["dtype"], r["rule"]), {})[r["variant"]] = r
     for (shape, tokens, density, dtype, rule), v in groups.items():
         best_torch = min((v[n] for n in ("dense_gather", "sampled")), key=lambda r: r["ms"])
-        table.append([f"{shape[0]}×{shape[1]}", tokens, f"{100 * density:g}%", dtype, _ms(v["dense_grad"]),
-                      _ms(v["dense_gather"]), _ms(v["sampled"]), _ms(v.get("triton")), _ratio(v["sampled"], v["dense_grad"]),
-                      _ratio(v.get("triton"), v["dense_grad"]), _ratio(v.get("triton"), best_torch), rule])
-    lines.append(markdown_table(["shape", "tokens", "density", "dtype", "dense dyᵀx", "dyᵀx + gather", "sampled_addmm", "triton",
-                                 "sampled ÷ dyᵀx", "triton ÷ dyᵀx", "triton ÷ best torch", "rule picks"], table))
+        table.append(
+            [
+                f"{shape[0]}×{shape[1]}",
+                tokens,
+                f"{100 * density:g}%",
+                dtype,
+                _ms(v["dense_grad"]),
+                _ms(v["dense_gather"]),
+                _ms(v["sampled"]),
+                _ms(v.get("triton")),
+                _ratio(v["sampled"], v["dense_grad"]),
+                _ratio(v.get("triton"), v["dense_grad"]),
+                _ratio(v.get("triton"), best_torch),
+                rule,
+            ]
+        )
+    lines.append(
+        markdown_table(
+            [
+                "shape",
+                "tokens",
+                "density",
+                "dtype",
+                "dense dyᵀx",
+                "dyᵀx + gather",
+                "sampled_addmm",
+                "triton",
+                "sampled ÷ dyᵀx",
+                "triton ÷ dyᵀx",
+                "triton ÷ best torch",
+                "rule picks",
+            ],
+            table,
+        )
+    )
     if any(r["variant"] == "triton" for r in sddmm):
         found = ", ".join(f"{d}: {'none' if c is None else f'{100 * c:g}%'}" for d, c in crossover(sddmm).items())
-        lines += ["", f"Largest density where Triton beat dense dyᵀx at every shape and token count: {found} "
-                      f"(TRITON_MAX_DENSITY = {100 * TRITON_MAX_DENSITY:g}%)."]
+        lines += [
+            "",
+            f"Largest density where Triton beat dense dyᵀx at every shape and token count: {found} "
+            f"(TRITON_MAX_DENSITY = {100 * TRITON_MAX_DENSITY:g}%).",
+        ]
     lines += ["", "Merged weight W0.to(dtype) + scatter(Δ); GB/s counts reading W0 and writing W once.", ""]
     table = []
     groups = {}
@@ -263,19 +332,53 @@ def markdown(meta: dict, sddmm: list[dict], merged: list[dict]) -> str:
         groups.setdefault((tuple(r["shape"]), r["density"], r["dtype"]), {})[r["variant"]] = r
     for (shape, density, dtype), v in groups.items():
         fused = v.get("fused")
-        table.append([f"{shape[0]}×{shape[1]}", f"{100 * density:g}%", dtype, _ms(v["copy"]), _ms(v["torch"]),
-                      _ms(v.get("copy_scatter")), _ms(fused), _ratio(fused, v.get("copy_scatter")), _ratio(fused, v["copy"]),
-                      f"{v['copy']['GB_per_s']:.0f}", "–" if fused is None else f"{fused['GB_per_s']:.0f}"])
-    lines.append(markdown_table(["shape", "density", "dtype", "copy", "torch copy+scatter", "copy+Triton scatter", "fused",
-                                 "fused ÷ copy+scatter", "fused ÷ copy", "copy GB/s", "fused GB/s"], table))
+        table.append(
+            [
+                f"{shape[0]}×{shape[1]}",
+                f"{100 * density:g}%",
+                dtype,
+                _ms(v["copy"]),
+                _ms(v["torch"]),
+                _ms(v.get("copy_scatter")),
+                _ms(fused),
+                _ratio(fused, v.get("copy_scatter")),
+                _ratio(fused, v["copy"]),
+                f"{v['copy']['GB_per_s']:.0f}",
+                "–" if fused is None else f"{fused['GB_per_s']:.0f}",
+            ]
+        )
+    lines.append(
+        markdown_table(
+            [
+                "shape",
+                "density",
+                "dtype",
+                "copy",
+                "torch copy+scatter",
+                "copy+Triton scatter",
+                "fused",
+                "fused ÷ copy+scatter",
+                "fused ÷ copy",
+                "copy GB/s",
+                "fused GB/s",
+            ],
+            table,
+        )
+    )
     return "\n".join(lines)
 
 
 def parse_shapes(text: str) -> list[tuple[int, int]]:
     try:
-        return [tuple(int(d) for d in item.lower().replace("×", "x").split("x")) for item in text.split(",") if item.strip()]
+        return [
+            tuple(int(d) for d in item.lower().replace("×", "x").split("x"))
+            for item in text.split(",")
+            if item.strip()
+        ]
     except ValueError:
-        raise SystemExit(f"--shapes: cannot read {text!r}; write out x in, comma-separated, e.g. 4096x4096,4096x11008") from None
+        raise SystemExit(
+            f"--shapes: cannot read {text!r}; write out x in, comma-separated, e.g. 4096x4096,4096x11008"
+        ) from None
 
 
 def _csv(text: str, kind=float) -> list:
@@ -285,15 +388,23 @@ def _csv(text: str, kind=float) -> list:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--quick", action="store_true", help="fewer sizes: CUDA bf16 at 2k/8k tokens; CPU 1024×1024 only")
+    parser.add_argument(
+        "--quick", action="store_true", help="fewer sizes: CUDA bf16 at 2k/8k tokens; CPU 1024×1024 only"
+    )
     parser.add_argument("--shapes", help="comma-separated out x in (default: per device, see the module docstring)")
     parser.add_argument("--tokens", help="comma-separated token counts for the SDDMM")
-    parser.add_argument("--densities", default=",".join(map(str, DENSITIES)), help="comma-separated fractions (default %(default)s)")
+    parser.add_argument(
+        "--densities", default=",".join(map(str, DENSITIES)), help="comma-separated fractions (default %(default)s)"
+    )
     parser.add_argument("--dtypes", help=f"comma-separated, from {', '.join(DTYPES)}")
     parser.add_argument("--repeats", type=int, default=10, help="timed rounds at most (default %(default)s)")
     parser.add_argument("--min-repeats", type=int, default=3, help="timed rounds at least (default %(default)s)")
-    parser.add_argument("--budget-s", type=float, default=2.0,
-                        help="seconds of rounds per configuration, after which no new round starts once --min-repeats are done (default %(default)s)")
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=2.0,
+        help="seconds of rounds per configuration, after which no new round starts once --min-repeats are done (default %(default)s)",
+    )
     parser.add_argument("--skip-merged", action="store_true", help="only the SDDMM")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--json", action="store_true", help="print one JSON object per line before the tables")
@@ -329,8 +440,16 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"# {shape[0]}×{shape[1]} {dtype} d={density:g}: done at {done}", file=sys.stderr, flush=True)
     meta["other_cpu_share"] = neighbours.share()
     if args.json:
-        print(json.dumps({"kind": "end", "seconds": time.perf_counter() - started, "other_cpu_share": meta["other_cpu_share"],
-                          "triton_crossover": crossover(sddmm)}))
+        print(
+            json.dumps(
+                {
+                    "kind": "end",
+                    "seconds": time.perf_counter() - started,
+                    "other_cpu_share": meta["other_cpu_share"],
+                    "triton_crossover": crossover(sddmm),
+                }
+            )
+        )
     print()
     print(markdown(meta, sddmm, merged))
 

@@ -60,9 +60,9 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -70,11 +70,12 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench_common import OtherLoad, interleaved_rounds, percentile  # noqa: E402
+
 from sparse_plugin.kernels._triton import triton  # noqa: E402
 from sparse_plugin.kernels.sddmm import SAMPLED_MAX_DENSITY, pick_grad_path  # noqa: E402
 from sparse_plugin.layer import SparseDeltaLinear  # noqa: E402
 from sparse_plugin.model import random_indices  # noqa: E402
-from bench_common import OtherLoad, interleaved_rounds, percentile  # noqa: E402
 
 SMOL_TOKENS = 512
 BIG_TOKENS = 2048
@@ -97,7 +98,9 @@ class LoRALinear(nn.Module):
     def __init__(self, base: nn.Linear, rank: int, alpha: float | None = None):
         super().__init__()
         self.base = base
-        self.lora_A = nn.Parameter(torch.randn(rank, base.in_features, device=base.weight.device) / math.sqrt(base.in_features))
+        self.lora_A = nn.Parameter(
+            torch.randn(rank, base.in_features, device=base.weight.device) / math.sqrt(base.in_features)
+        )
         # PEFT starts B at zero; any value times the same FLOPs, nonzero keeps every product honest.
         self.lora_B = nn.Parameter(torch.randn(base.out_features, rank, device=base.weight.device) * 1e-3)
         self.scaling = (alpha if alpha is not None else 2 * rank) / rank
@@ -162,8 +165,12 @@ def _cpu_peak_bytes(run: Callable[[], object]) -> int:
     try:
         events = prof.profiler.kineto_results.events()
     except AttributeError as err:  # a torch whose profiler moved its results
-        raise RuntimeError(f"this torch ({torch.__version__}) does not expose profiler memory events; run with --no-memory") from err
-    memory = [(e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]" and str(e.device_type()).endswith("CPU")]
+        raise RuntimeError(
+            f"this torch ({torch.__version__}) does not expose profiler memory events; run with --no-memory"
+        ) from err
+    memory = [
+        (e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]" and str(e.device_type()).endswith("CPU")
+    ]
     memory.sort(key=lambda item: item[0])  # stable: events with equal stamps keep their recorded order
     current = peak = 0
     for _, nbytes in memory:
@@ -220,7 +227,9 @@ def run_config(
     variants: list[Variant] = []
     for fwd, grad in sparse_variants(device):
         layer = sparse_layer(base, indices, values, fwd)
-        variants.append(Variant(f"sparse-{fwd}-{grad}", lambda x, layer=layer, grad=grad: layer(x, grad_path=grad), [layer.values]))
+        variants.append(
+            Variant(f"sparse-{fwd}-{grad}", lambda x, layer=layer, grad=grad: layer(x, grad_path=grad), [layer.values])
+        )
     lora = LoRALinear(base, rank)
     variants.append(Variant("lora", lora, [lora.lora_A, lora.lora_B]))
     new_full = full is None
@@ -302,7 +311,9 @@ def parse_shapes(text: str) -> list[tuple[int, int, int | None]]:
             out_features, in_features = (int(d) for d in dims.lower().replace("×", "x").split("x"))
             shapes.append((out_features, in_features, int(tokens) if tokens else None))
         except ValueError:
-            raise SystemExit(f"--shapes: cannot read {item!r}; write out x in, optionally :tokens, e.g. 576x1536:512") from None
+            raise SystemExit(
+                f"--shapes: cannot read {item!r}; write out x in, optionally :tokens, e.g. 576x1536:512"
+            ) from None
     return shapes
 
 
@@ -332,7 +343,9 @@ def environment(device: torch.device) -> dict:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "dtype": "float32",
         "SAMPLED_MAX_DENSITY": SAMPLED_MAX_DENSITY,
-        "memory_method": "cuda.max_memory_allocated" if device.type == "cuda" else "torch.profiler CPU allocator events (peak of running sum)",
+        "memory_method": "cuda.max_memory_allocated"
+        if device.type == "cuda"
+        else "torch.profiler CPU allocator events (peak of running sum)",
     }
 
 
@@ -395,13 +408,24 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="SmolLM2 shapes only (skips 4096×4096 and 4096×11008)")
     parser.add_argument("--shapes", help="comma-separated out x in[:tokens], e.g. 576x576,4096x4096:2048")
-    parser.add_argument("--tokens", type=int, help=f"tokens for every shape (default {SMOL_TOKENS} for SmolLM2 shapes, {BIG_TOKENS} for the others)")
-    parser.add_argument("--densities", default=",".join(map(str, DENSITIES)), help="comma-separated fractions (default %(default)s)")
+    parser.add_argument(
+        "--tokens",
+        type=int,
+        help=f"tokens for every shape (default {SMOL_TOKENS} for SmolLM2 shapes, {BIG_TOKENS} for the others)",
+    )
+    parser.add_argument(
+        "--densities", default=",".join(map(str, DENSITIES)), help="comma-separated fractions (default %(default)s)"
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--warmup", type=int, default=1, help="warm-up steps per variant (default %(default)s)")
     parser.add_argument("--repeats", type=int, default=15, help="timed rounds at most (default %(default)s)")
     parser.add_argument("--min-repeats", type=int, default=3, help="timed rounds at least (default %(default)s)")
-    parser.add_argument("--budget-s", type=float, default=8.0, help="seconds of timed rounds per (shape, density) after which no new round starts once --min-repeats are done (default %(default)s)")
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=8.0,
+        help="seconds of timed rounds per (shape, density) after which no new round starts once --min-repeats are done (default %(default)s)",
+    )
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory step")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice, one per core)")
     parser.add_argument("--json", action="store_true", help="print one JSON object per line before the tables")
@@ -435,10 +459,18 @@ def main(argv: list[str] | None = None) -> None:
                 for row in new_rows:
                     print(json.dumps(row), flush=True)
             rows += new_rows
-            print(f"# {out_features}×{in_features} T={tokens} d={density:g}: done at {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
+            print(
+                f"# {out_features}×{in_features} T={tokens} d={density:g}: done at {time.perf_counter() - started:.0f} s",
+                file=sys.stderr,
+                flush=True,
+            )
     meta["other_cpu_share"] = whole_run.share()
     if args.json:
-        print(json.dumps({"kind": "end", "seconds": time.perf_counter() - started, "other_cpu_share": meta["other_cpu_share"]}))
+        print(
+            json.dumps(
+                {"kind": "end", "seconds": time.perf_counter() - started, "other_cpu_share": meta["other_cpu_share"]}
+            )
+        )
     print()
     print(markdown(meta, rows))
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import platform
 import random
 import shutil
@@ -45,12 +44,13 @@ TOOLS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TOOLS.parent))
 sys.path.insert(0, str(TOOLS))
 
+from bench_common import OtherLoad  # noqa: E402
 from bundled_model import model_dir  # noqa: E402
+
 from sparse_plugin.config import SparseConfig  # noqa: E402
 from sparse_plugin.io import save_adapter  # noqa: E402
 from sparse_plugin.merge import SINGLE_FILE, merge_checkpoint  # noqa: E402
 from sparse_plugin.model import iter_sparse_layers, prepare_model  # noqa: E402
-from bench_common import OtherLoad  # noqa: E402
 
 CASES = ("merge", "copy", "load_save")
 
@@ -99,7 +99,11 @@ def environment(device: str) -> dict:
     else:
         name = platform.processor() or platform.machine()
         try:
-            name = next(l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("model name"))
+            name = next(
+                line.split(":", 1)[1].strip()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")
+            )
         except (OSError, StopIteration):
             pass
     return {
@@ -115,11 +119,22 @@ def environment(device: str) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="merge_checkpoint's device (default %(default)s)")
+    parser.add_argument(
+        "--device",
+        default="auto",
+        choices=("auto", "cpu", "cuda"),
+        help="merge_checkpoint's device (default %(default)s)",
+    )
     parser.add_argument("--repeats", type=int, default=3, help="rounds (default %(default)s)")
-    parser.add_argument("--rank", type=int, default=16, help="lora_rank_equivalent of the adapter (default %(default)s)")
-    parser.add_argument("--model-dir", type=Path, help="a safetensors checkpoint directory (default: the bundled SmolLM2 cache)")
-    parser.add_argument("--workdir", type=Path, help="where adapter and outputs are written (default: a new temporary directory)")
+    parser.add_argument(
+        "--rank", type=int, default=16, help="lora_rank_equivalent of the adapter (default %(default)s)"
+    )
+    parser.add_argument(
+        "--model-dir", type=Path, help="a safetensors checkpoint directory (default: the bundled SmolLM2 cache)"
+    )
+    parser.add_argument(
+        "--workdir", type=Path, help="where adapter and outputs are written (default: a new temporary directory)"
+    )
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice, one per core)")
     parser.add_argument("--json", action="store_true", help="print one JSON object per line before the table")
     args = parser.parse_args(argv)
@@ -162,7 +177,9 @@ def main(argv: list[str] | None = None) -> None:
                 times[case].append(seconds)
                 shutil.rmtree(out)
                 if args.json:
-                    print(json.dumps({"kind": "sample", "case": case, "round": round_, "seconds": seconds}), flush=True)
+                    print(
+                        json.dumps({"kind": "sample", "case": case, "round": round_, "seconds": seconds}), flush=True
+                    )
         meta["other_cpu_share"] = neighbours.share()
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -199,7 +216,9 @@ def main(argv: list[str] | None = None) -> None:
     print("| case | median s | min–max s | n | MB/s of shard | merge ÷ case |")
     print("|---|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['case']} | {r['median_s']:.3f} | {r['min_s']:.3f}–{r['max_s']:.3f} | {r['repeats']} | {r['MB_per_s']:.0f} | {r['merge_vs_this']:.2f} |")
+        print(
+            f"| {r['case']} | {r['median_s']:.3f} | {r['min_s']:.3f}–{r['max_s']:.3f} | {r['repeats']} | {r['MB_per_s']:.0f} | {r['merge_vs_this']:.2f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -89,11 +89,12 @@ def answer_loss(model, tokenizer, pairs: list[dict], corpus) -> float:
     model.eval()
     total = count = 0.0
     for start in range(0, len(pairs), EVAL_BATCH):
-        batch = collate(tokenizer, pairs[start:start + EVAL_BATCH], corpus.MAX_LENGTH, corpus.SYSTEM)
+        batch = collate(tokenizer, pairs[start : start + EVAL_BATCH], corpus.MAX_LENGTH, corpus.SYSTEM)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         labels = batch["labels"][:, 1:]
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
-                                                 ignore_index=-100, reduction="sum")
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum"
+        )
         total += float(loss)
         count += int((labels != -100).sum())
     model.train(was_training)
@@ -124,8 +125,10 @@ def train(method: str, lr: float, *, corpus_name: str, seed: int, steps: int, ev
     model, tokenizer = load_base()
     train_pairs = corpus.load_pairs("train")
     order = random.Random(seed).sample(range(len(train_pairs)), steps * BATCH)
-    evaluation = {split: random.Random(EVAL_SEED).sample(corpus.load_pairs(split), eval_pairs)
-                  for split in ("validation", "test")}
+    evaluation = {
+        split: random.Random(EVAL_SEED).sample(corpus.load_pairs(split), eval_pairs)
+        for split in ("validation", "test")
+    }
     model, optimizer, info = build_method(model, method, lr=lr, total_steps=steps, seed=seed)
     model.train()
     before = {split: answer_loss(model, tokenizer, pairs, corpus) for split, pairs in evaluation.items()}
@@ -134,7 +137,7 @@ def train(method: str, lr: float, *, corpus_name: str, seed: int, steps: int, ev
     losses = []
     train_started = time.perf_counter()
     for step in range(steps):
-        pairs = [train_pairs[i] for i in order[step * BATCH:(step + 1) * BATCH]]
+        pairs = [train_pairs[i] for i in order[step * BATCH : (step + 1) * BATCH]]
         loss = model(**collate(tokenizer, pairs, corpus.MAX_LENGTH, corpus.SYSTEM)).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -209,11 +212,27 @@ def markdown(env: dict, runs: list[dict], note: str) -> str:
                 if other_lr in by_lr:
                     transfer = f"{other_lr:g}: {_mean_sd(by_lr[other_lr]['test'])[0]:.4f}"
             tried = "; ".join(f"{x:g}: {_mean_sd(c['validation'])[0]:.4f}" for x, c in sorted(by_lr.items()))
-            rows.append([method, f"{lr:g}", f"{mean:.4f} ± {sd:.4f}", str(len(by_lr[lr]["test"])),
-                         f"{mean - lora_test:+.4f}" if lora_test is not None else "–", transfer, tried])
+            rows.append(
+                [
+                    method,
+                    f"{lr:g}",
+                    f"{mean:.4f} ± {sd:.4f}",
+                    str(len(by_lr[lr]["test"])),
+                    f"{mean - lora_test:+.4f}" if lora_test is not None else "–",
+                    transfer,
+                    tried,
+                ]
+            )
         rows.sort(key=lambda row: float(row[2].split()[0]))
-        headers = ["method", "lr (validation)", "test loss, mean ± sd", "seeds", "− LoRA r16",
-                   "test at the other corpus's lr", "validation mean per lr"]
+        headers = [
+            "method",
+            "lr (validation)",
+            "test loss, mean ± sd",
+            "seeds",
+            "− LoRA r16",
+            "test at the other corpus's lr",
+            "validation mean per lr",
+        ]
         sections += ["", f"**{corpus}**", "", markdown_table(headers, rows)]
     errors = [f"- `{r['method']}` on {r.get('corpus')} lr {r.get('lr')}: {r['error']}" for r in runs if "error" in r]
     return "\n".join(sections + ([""] + errors if errors else []))
@@ -243,12 +262,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="with --method: its seed")
     parser.add_argument("--lr", type=float, help="with --method: its learning rate (default: the grid's middle)")
     parser.add_argument("--steps", type=int, default=60, help="optimizer steps per run (default %(default)s)")
-    parser.add_argument("--eval-pairs", type=int, default=128, help="validation and test pairs each (default %(default)s)")
+    parser.add_argument(
+        "--eval-pairs", type=int, default=128, help="validation and test pairs each (default %(default)s)"
+    )
     parser.add_argument("--schedule", choices=("linear", "constant"), default="linear")
     parser.add_argument("--sweep", action="store_true", help="run every rate of each method's grid")
-    parser.add_argument("--lrs", action="append", default=[], help="METHOD=lr,lr,...: rates to run for METHOD (repeatable)")
-    parser.add_argument("--jobs", type=int, default=1, help="runs at once (losses do not depend on it; use with --threads 1)")
-    parser.add_argument("--merge", action="append", default=[], help="JSON-lines file of earlier runs to include in the table")
+    parser.add_argument(
+        "--lrs", action="append", default=[], help="METHOD=lr,lr,...: rates to run for METHOD (repeatable)"
+    )
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="runs at once (losses do not depend on it; use with --threads 1)"
+    )
+    parser.add_argument(
+        "--merge", action="append", default=[], help="JSON-lines file of earlier runs to include in the table"
+    )
     parser.add_argument("--quick", action="store_true", help="6 steps and 32 evaluation pairs: a smoke run")
     parser.add_argument("--threads", type=int, help="torch threads in each run (default: torch's, one per core)")
     parser.add_argument("--json", action="store_true", help="print one JSON object per run before the table")
@@ -261,8 +288,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.method:
         if args.method not in GRIDS:
             parser.error(f"--method must be one of {', '.join(GRIDS)}")
-        row = train(args.method, args.lr if args.lr is not None else DEFAULT_LR[args.method], corpus_name=args.corpus,
-                    seed=args.seed, steps=args.steps, eval_pairs=args.eval_pairs, shape=args.schedule)
+        row = train(
+            args.method,
+            args.lr if args.lr is not None else DEFAULT_LR[args.method],
+            corpus_name=args.corpus,
+            seed=args.seed,
+            steps=args.steps,
+            eval_pairs=args.eval_pairs,
+            shape=args.schedule,
+        )
         print(json.dumps(row) if args.json else json.dumps(row, indent=1))
         return 0
 
@@ -273,20 +307,34 @@ def main(argv: list[str] | None = None) -> int:
     explicit = parse_lrs(args.lrs)
     env = environment()
     started = time.perf_counter()
-    tasks = [(corpus, method, lr, seed) for corpus in corpora for method in methods
-             for lr in explicit.get(method) or (GRIDS[method] if args.sweep else (DEFAULT_LR[method],)) for seed in seeds]
+    tasks = [
+        (corpus, method, lr, seed)
+        for corpus in corpora
+        for method in methods
+        for lr in explicit.get(method) or (GRIDS[method] if args.sweep else (DEFAULT_LR[method],))
+        for seed in seeds
+    ]
     extra = ["--steps", str(args.steps), "--eval-pairs", str(args.eval_pairs), "--schedule", args.schedule]
     extra += ["--threads", str(args.threads)] if args.threads else []
 
     def run(task):
         corpus, method, lr, seed = task
-        rows, _ = run_child(Path(__file__), method, ["--lr", repr(lr), "--corpus", corpus, "--seed", str(seed), *extra])
+        rows, _ = run_child(
+            Path(__file__), method, ["--lr", repr(lr), "--corpus", corpus, "--seed", str(seed), *extra]
+        )
         for row in rows:
             row.update({"lr": lr, "corpus": corpus, "seed": seed} if "error" in row else {})
         last = rows[-1]
-        print(f"[{time.perf_counter() - started:6.0f}s] {corpus} {method} lr {lr:g} seed {seed}: "
-              + (last.get("error") or f"validation {last['validation_before']:.4f} -> {last['validation_after']:.4f}, "
-                 f"test -> {last['test_after']:.4f} ({last['train_seconds']:.0f} s training)"), file=sys.stderr, flush=True)
+        print(
+            f"[{time.perf_counter() - started:6.0f}s] {corpus} {method} lr {lr:g} seed {seed}: "
+            + (
+                last.get("error")
+                or f"validation {last['validation_before']:.4f} -> {last['validation_after']:.4f}, "
+                f"test -> {last['test_after']:.4f} ({last['train_seconds']:.0f} s training)"
+            ),
+            file=sys.stderr,
+            flush=True,
+        )
         return rows
 
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
@@ -296,9 +344,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         for row in runs:
             print(json.dumps({"env": env, **row}))
-    note = (f"{args.steps} steps × batch {BATCH}, {args.schedule} schedule, clip 1.0; lr chosen by mean validation "
-            f"loss over {args.eval_pairs} pairs, test loss over {args.eval_pairs} others; total "
-            f"{time.perf_counter() - started:.0f} s")
+    note = (
+        f"{args.steps} steps × batch {BATCH}, {args.schedule} schedule, clip 1.0; lr chosen by mean validation "
+        f"loss over {args.eval_pairs} pairs, test loss over {args.eval_pairs} others; total "
+        f"{time.perf_counter() - started:.0f} s"
+    )
     print(markdown(env, runs, note))
     return 0
 

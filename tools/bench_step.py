@@ -81,12 +81,29 @@ from bench_common import (
 BATCH, SEQ = 4, 128
 # Overrides that put each method's steady state in the measured window: AG both gathers and not; SMT and SIFT
 # finish choosing on the first warm-up step (their selection steps cost a dense per-layer gradient each).
-STEP_OVERRIDES = {"spiel-ag": {"reselection_steps": 4, "selection_accumulation_steps": 2},
-                  "smt": {"warmup_steps": 1}, "sift": {"selection_steps": 1}}
-DEFAULT_PAIRS = ["spiel-ma:lora-r16", "spiel-ma:full", "spiel-ag:lora-r16", "spiel-ma-1pct:lora-1pct", "sift:lora-r16",
-                 "spiel-ma:shira", "spiel-ma:supertuning"]
+STEP_OVERRIDES = {
+    "spiel-ag": {"reselection_steps": 4, "selection_accumulation_steps": 2},
+    "smt": {"warmup_steps": 1},
+    "sift": {"selection_steps": 1},
+}
+DEFAULT_PAIRS = [
+    "spiel-ma:lora-r16",
+    "spiel-ma:full",
+    "spiel-ag:lora-r16",
+    "spiel-ma-1pct:lora-1pct",
+    "sift:lora-r16",
+    "spiel-ma:shira",
+    "spiel-ma:supertuning",
+]
 TOTAL_STEPS = 1000  # the schedule's horizon: long, so the reselection rate stays near its initial 0.2
-STEP_LR = {"spiel-ma": 1e-3, "spiel-ma-1pct": 1e-3, "spiel-ag": 1e-3, "smt": 1e-3, "sift": 1e-3, "full": 1e-5}  # others 1e-4
+STEP_LR = {
+    "spiel-ma": 1e-3,
+    "spiel-ma-1pct": 1e-3,
+    "spiel-ag": 1e-3,
+    "smt": 1e-3,
+    "sift": 1e-3,
+    "full": 1e-5,
+}  # others 1e-4
 
 
 def _sparse_layers(model):
@@ -103,8 +120,13 @@ def setup(method: str):
     rss_load = rss_mb()
     peak_reset = reset_peak()
     ids = torch.randint(model.config.vocab_size, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
-    model, optimizer, info = build_method(model, method, lr=STEP_LR.get(method, 1e-4), total_steps=TOTAL_STEPS,
-                                          sparse_overrides=STEP_OVERRIDES.get(method))
+    model, optimizer, info = build_method(
+        model,
+        method,
+        lr=STEP_LR.get(method, 1e-4),
+        total_steps=TOTAL_STEPS,
+        sparse_overrides=STEP_OVERRIDES.get(method),
+    )
     model.train()
     info.update(rss_after_load_mb=rss_load, peak_reset=peak_reset)
     if method == "floor":
@@ -160,8 +182,9 @@ class Runner:
             self.selector.reselect = timed
         self.ag = self.selector is not None and self.selector.config.regrow == "ag"
         self.layers = _sparse_layers(self.model) if self.selector is not None else []
-        self.samples: dict[str, list[float]] = {k: [] for k in ("step", "fwd", "bwd", "opt", "reselect", "gather",
-                                                                 "gather_first", "nongather")}
+        self.samples: dict[str, list[float]] = {
+            k: [] for k in ("step", "fwd", "bwd", "opt", "reselect", "gather", "gather_first", "nongather")
+        }
         self.kinds: list[str | None] = []
         self.step_ex_round: list[float] = []
         self.taken = 0
@@ -226,12 +249,17 @@ def measure(method: str, warmup: int, steps: int) -> dict:
         "setup_mem_mb": round(info.pop("rss_after_setup_mb") - info["rss_after_load_mb"], 1),
         "optimizer_state_bytes": optimizer_state_bytes(optimizer),
         "optimizer": BENCH_METHODS[method][1],
-        "batch": BATCH, "seq": SEQ, "steps": steps, "warmup": warmup,
+        "batch": BATCH,
+        "seq": SEQ,
+        "steps": steps,
+        "warmup": warmup,
         "threads": torch.get_num_threads(),
         "info": info,
         "samples": {k: [round(v, 5) for v in vals] for k, vals in samples.items() if vals},
     }
-    row["state_vs_adamw"] = (row["optimizer_state_bytes"] / (8 * row["trainable_params"])) if row["trainable_params"] else None
+    row["state_vs_adamw"] = (
+        (row["optimizer_state_bytes"] / (8 * row["trainable_params"])) if row["trainable_params"] else None
+    )
     return row
 
 
@@ -243,16 +271,25 @@ def paired(a: str, b: str, warmup: int, steps: int) -> dict:
         ra.step(False)
         rb.step(False)
     for i in range(steps):
-        for runner in ((ra, rb) if i % 2 == 0 else (rb, ra)):
+        for runner in (ra, rb) if i % 2 == 0 else (rb, ra):
             runner.step()
     ratios = [x / y for x, y in zip(ra.samples["step"], rb.samples["step"])]
-    row = {"pair": f"{a} / {b}", "a": a, "b": b, "steps": steps, "warmup": warmup, "threads": torch.get_num_threads(),
-           "a_step_s": round(statistics.median(ra.samples["step"]), 5),
-           "b_step_s": round(statistics.median(rb.samples["step"]), 5),
-           "ratio": round(statistics.median(ratios), 4), "ratio_p10": round(percentile(ratios, 10), 4),
-           "ratio_p90": round(percentile(ratios, 90), 4), "ratios": [round(r, 4) for r in ratios],
-           # prune/regrow rounds inside the window: each costs a spike in its step, so say whether one is there
-           "rounds_in_window": len(ra.samples["reselect"]) + len(rb.samples["reselect"])}
+    row = {
+        "pair": f"{a} / {b}",
+        "a": a,
+        "b": b,
+        "steps": steps,
+        "warmup": warmup,
+        "threads": torch.get_num_threads(),
+        "a_step_s": round(statistics.median(ra.samples["step"]), 5),
+        "b_step_s": round(statistics.median(rb.samples["step"]), 5),
+        "ratio": round(statistics.median(ratios), 4),
+        "ratio_p10": round(percentile(ratios, 10), 4),
+        "ratio_p90": round(percentile(ratios, 90), 4),
+        "ratios": [round(r, 4) for r in ratios],
+        # prune/regrow rounds inside the window: each costs a spike in its step, so say whether one is there
+        "rounds_in_window": len(ra.samples["reselect"]) + len(rb.samples["reselect"]),
+    }
     for kind in ("gather", "nongather"):
         sel = [x / y for x, y, k in zip(ra.step_ex_round, rb.samples["step"], ra.kinds) if k == kind]
         if sel:
@@ -337,14 +374,25 @@ def profile(method: str, warmup: int, steps: int, rows: int) -> str:
                 one_step(model, optimizer, inputs, times)
     events = prof.key_averages()
     ours = [e for e in events if e.key.startswith(("sp::", "bench::"))]
-    total = sum(e.cpu_time_total for e in events if e.key == "bench::forward") + \
-        sum(e.cpu_time_total for e in events if e.key in ("bench::backward", "bench::optimizer"))
-    lines = [f"## profile of `{method}`: {steps} steps after {warmup} warm-up, per-step times", "",
-             "Labelled regions (inclusive wall time of the region, per step):", ""]
+    total = sum(e.cpu_time_total for e in events if e.key == "bench::forward") + sum(
+        e.cpu_time_total for e in events if e.key in ("bench::backward", "bench::optimizer")
+    )
+    lines = [
+        f"## profile of `{method}`: {steps} steps after {warmup} warm-up, per-step times",
+        "",
+        "Labelled regions (inclusive wall time of the region, per step):",
+        "",
+    ]
     table = []
     for e in sorted(ours, key=lambda e: -e.cpu_time_total):
-        table.append([e.key, e.count // steps, f"{e.cpu_time_total / steps / 1e3:.1f}",
-                      f"{100 * e.cpu_time_total / total:.1f}%" if total else "–"])
+        table.append(
+            [
+                e.key,
+                e.count // steps,
+                f"{e.cpu_time_total / steps / 1e3:.1f}",
+                f"{100 * e.cpu_time_total / total:.1f}%" if total else "–",
+            ]
+        )
     lines.append(markdown_table(["region", "calls/step", "ms/step", "share of step"], table))
     lines += ["", "Inside each sp:: region: self time of the ops it ran (per step, top 6):", ""]
     inside: dict[str, dict[str, float]] = {}
@@ -370,8 +418,14 @@ def profile(method: str, warmup: int, steps: int, rows: int) -> str:
     table = []
     aten = [e for e in events if not e.key.startswith(("sp::", "bench::", "ProfilerStep"))]
     for e in sorted(aten, key=lambda e: -e.self_cpu_time_total)[:rows]:
-        table.append([e.key, e.count // steps, f"{e.self_cpu_time_total / steps / 1e3:.1f}",
-                      f"{100 * e.self_cpu_time_total / total:.1f}%" if total else "–"])
+        table.append(
+            [
+                e.key,
+                e.count // steps,
+                f"{e.self_cpu_time_total / steps / 1e3:.1f}",
+                f"{100 * e.self_cpu_time_total / total:.1f}%" if total else "–",
+            ]
+        )
     lines.append(markdown_table(["op", "calls/step", "self ms/step", "share of step"], table))
     return "\n".join(lines)
 
@@ -407,8 +461,16 @@ def expand(rows: list[dict]) -> list[dict]:
         out.append(row)
         if row.get("gather_s") is not None:
             for key, label in (("gather", "gathering"), ("nongather", "non-gathering")):
-                out.append({**row, "method": f"{row['method']} ({label})", "step_time_s": row[f"{key}_s"],
-                            "step_p10_s": row[f"{key}_p10_s"], "step_p90_s": row[f"{key}_p90_s"], "derived": True})
+                out.append(
+                    {
+                        **row,
+                        "method": f"{row['method']} ({label})",
+                        "step_time_s": row[f"{key}_s"],
+                        "step_p10_s": row[f"{key}_p10_s"],
+                        "step_p90_s": row[f"{key}_p90_s"],
+                        "derived": True,
+                    }
+                )
     return out
 
 
@@ -425,39 +487,76 @@ def markdown(env: dict, rows: list[dict], note: str) -> str:
             continue
         m, t = r["method"], r["step_time_s"]
         matched = MATCHED_LORA.get(m.split(" ")[0])
-        ms = lambda v: f"{1e3 * v:.0f}" if v is not None else "–"
-        table.append([
-            m, f"{r['trainable_params']:,}",
-            f"{ms(t)} ({ms(r['step_p10_s'])}–{ms(r['step_p90_s'])})",
-            ms(r.get("fwd_s")) if not r.get("derived") else "", ms(r.get("bwd_s")) if not r.get("derived") else "",
-            ms(r.get("opt_s")) if not r.get("derived") else "",
-            ratio(t, get("lora-r16", "step_time_s")), ratio(t, get("full", "step_time_s")),
-            ratio(t, get("floor", "step_time_s")),
-            f"{ratio(t, get(matched, 'step_time_s'))} ({matched})" if matched and matched in by else "–",
-        ] + (["", "", "", "", ""] if r.get("derived") else [
-            f"{r['peak_mem_mb']:.0f}", ratio(r["peak_mem_mb"], get("lora-r16", "peak_mem_mb")),
-            ratio(r["peak_mem_mb"], get("full", "peak_mem_mb")), f"{r['peak_abs_mb']:.0f}",
-            f"{r['optimizer_state_bytes'] / 2**20:.2f}"
-            + (f" ({100 * r['state_vs_adamw']:.1f}%)" if r.get("state_vs_adamw") is not None else ""),
-        ]))
-    headers = ["method", "trainable", "step ms (p10–p90)", "fwd ms", "bwd ms", "opt ms", "×LoRA-r16", "×full",
-               "×floor", "×matched LoRA", "peak Δ MB", "mem ×LoRA-r16", "mem ×full", "peak abs MB",
-               "opt state MiB (% of AdamW 8 B/param)"]
+
+        def ms(v):
+            return f"{1e3 * v:.0f}" if v is not None else "–"
+
+        table.append(
+            [
+                m,
+                f"{r['trainable_params']:,}",
+                f"{ms(t)} ({ms(r['step_p10_s'])}–{ms(r['step_p90_s'])})",
+                ms(r.get("fwd_s")) if not r.get("derived") else "",
+                ms(r.get("bwd_s")) if not r.get("derived") else "",
+                ms(r.get("opt_s")) if not r.get("derived") else "",
+                ratio(t, get("lora-r16", "step_time_s")),
+                ratio(t, get("full", "step_time_s")),
+                ratio(t, get("floor", "step_time_s")),
+                f"{ratio(t, get(matched, 'step_time_s'))} ({matched})" if matched and matched in by else "–",
+            ]
+            + (
+                ["", "", "", "", ""]
+                if r.get("derived")
+                else [
+                    f"{r['peak_mem_mb']:.0f}",
+                    ratio(r["peak_mem_mb"], get("lora-r16", "peak_mem_mb")),
+                    ratio(r["peak_mem_mb"], get("full", "peak_mem_mb")),
+                    f"{r['peak_abs_mb']:.0f}",
+                    f"{r['optimizer_state_bytes'] / 2**20:.2f}"
+                    + (f" ({100 * r['state_vs_adamw']:.1f}%)" if r.get("state_vs_adamw") is not None else ""),
+                ]
+            )
+        )
+    headers = [
+        "method",
+        "trainable",
+        "step ms (p10–p90)",
+        "fwd ms",
+        "bwd ms",
+        "opt ms",
+        "×LoRA-r16",
+        "×full",
+        "×floor",
+        "×matched LoRA",
+        "peak Δ MB",
+        "mem ×LoRA-r16",
+        "mem ×full",
+        "peak abs MB",
+        "opt state MiB (% of AdamW 8 B/param)",
+    ]
     extra = []
     for r in rows:
         if r.get("derived") or "error" in r:
             continue
         if r.get("reselect_s") is not None:
             where = "timed once after the window" if r["info"].get("reselect_outside_window") else "in the window"
-            extra.append(f"- `{r['method']}` prune/regrow round: median {1e3 * r['reselect_s']:.0f} ms "
-                         f"({len(r['samples']['reselect'])} rounds, {where})")
+            extra.append(
+                f"- `{r['method']}` prune/regrow round: median {1e3 * r['reselect_s']:.0f} ms "
+                f"({len(r['samples']['reselect'])} rounds, {where})"
+            )
         if r.get("gather_first_s") is not None:
-            extra.append(f"- `{r['method']}` first gathering step of a period (top-k candidates): median "
-                         f"{1e3 * r['gather_first_s']:.0f} ms")
+            extra.append(
+                f"- `{r['method']}` first gathering step of a period (top-k candidates): median "
+                f"{1e3 * r['gather_first_s']:.0f} ms"
+            )
         if r.get("info", {}).get("strategies"):
-            extra.append(f"- `{r['method']}` forward {r['info']['strategies']}, values-grad path {r['info']['grad_paths']}")
+            extra.append(
+                f"- `{r['method']}` forward {r['info']['strategies']}, values-grad path {r['info']['grad_paths']}"
+            )
         if r.get("other_load") is not None and r["other_load"] > 0.1:
-            extra.append(f"- `{r['method']}`: other processes used {100 * r['other_load']:.0f}% of the machine meanwhile")
+            extra.append(
+                f"- `{r['method']}`: other processes used {100 * r['other_load']:.0f}% of the machine meanwhile"
+            )
     return "\n".join([header_lines(env, note), "", markdown_table(headers, table), ""] + extra)
 
 
@@ -467,17 +566,48 @@ def pairs_markdown(env: dict, rows: list[dict], args) -> str:
         if "error" in r:
             table.append([r["pair"], "error: " + r["error"], "", "", "", "", "", ""])
             continue
-        cell = lambda k, r=r: (f"{r[k]:.2f}× ({r[k + '_p10']:.2f}–{r[k + '_p90']:.2f})" if k in r else "–")
-        table.append([r["pair"], f"{1e3 * r['a_step_s']:.0f}", f"{1e3 * r['b_step_s']:.0f}", cell("ratio"),
-                      cell("ratio_gather"), cell("ratio_nongather"), str(r.get("rounds_in_window", "–")),
-                      f"{100 * r['other_load']:.0f}%" if r.get("other_load") is not None else "–"])
-    note = (f"Paired runs: A and B in one process on two model copies, {args.warmup} warm-up + {args.steps} steps "
-            "each, alternating A B B A ...; ratio = median of per-step A/B (p10–p90). Gathering / non-gathering: "
-            "A's SpIEL-AG steps of that kind, without the prune/regrow round. Rounds in window: prune/regrow rounds "
-            f"inside the measured steps (torch threads: {torch.get_num_threads() if args.threads is None else args.threads}).")
-    return "\n".join(["", note, "", markdown_table(["A / B", "A ms", "B ms", "A/B step", "A/B gathering steps",
-                                                    "A/B non-gathering steps", "rounds in window", "other load"],
-                                                   table)])
+
+        def cell(k, r=r):
+            return f"{r[k]:.2f}× ({r[k + '_p10']:.2f}–{r[k + '_p90']:.2f})" if k in r else "–"
+
+        table.append(
+            [
+                r["pair"],
+                f"{1e3 * r['a_step_s']:.0f}",
+                f"{1e3 * r['b_step_s']:.0f}",
+                cell("ratio"),
+                cell("ratio_gather"),
+                cell("ratio_nongather"),
+                str(r.get("rounds_in_window", "–")),
+                f"{100 * r['other_load']:.0f}%" if r.get("other_load") is not None else "–",
+            ]
+        )
+    note = (
+        f"Paired runs: A and B in one process on two model copies, {args.warmup} warm-up + {args.steps} steps "
+        "each, alternating A B B A ...; ratio = median of per-step A/B (p10–p90). Gathering / non-gathering: "
+        "A's SpIEL-AG steps of that kind, without the prune/regrow round. Rounds in window: prune/regrow rounds "
+        f"inside the measured steps (torch threads: {torch.get_num_threads() if args.threads is None else args.threads})."
+    )
+    return "\n".join(
+        [
+            "",
+            note,
+            "",
+            markdown_table(
+                [
+                    "A / B",
+                    "A ms",
+                    "B ms",
+                    "A/B step",
+                    "A/B gathering steps",
+                    "A/B non-gathering steps",
+                    "rounds in window",
+                    "other load",
+                ],
+                table,
+            ),
+        ]
+    )
 
 
 def wait_quiet(max_share: float, limit_s: float, sample_s: float = 5.0) -> bool:
@@ -494,22 +624,40 @@ def wait_quiet(max_share: float, limit_s: float, sample_s: float = 5.0) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--methods", default=",".join(BENCH_METHODS), help="comma-separated (default: all, %(default)s)")
+    parser.add_argument(
+        "--methods", default=",".join(BENCH_METHODS), help="comma-separated (default: all, %(default)s)"
+    )
     parser.add_argument("--method", help="run one method in this process (what the driver calls)")
     parser.add_argument("--steps", type=int, default=20, help="measured steps per method (default %(default)s)")
     parser.add_argument("--warmup", type=int, default=3, help="warm-up steps (default %(default)s)")
     parser.add_argument("--quick", action="store_true", help="1 warm-up + 6 measured steps: a smoke run")
-    parser.add_argument("--rounds", type=int, default=1, help="passes over the methods, alternating order; samples pooled")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="passes over the methods, alternating order; samples pooled"
+    )
     parser.add_argument("--threads", type=int, help="torch threads in each run (default: torch's, one per core)")
     parser.add_argument("--json", action="store_true", help="print one JSON object per method before the table")
-    parser.add_argument("--max-other-load", type=float, help="rerun a method whose run saw other processes use more "
-                        "than this share of the machine (e.g. 0.1), after waiting for a quiet machine")
-    parser.add_argument("--retries", type=int, default=2, help="reruns per method under --max-other-load (default %(default)s)")
+    parser.add_argument(
+        "--max-other-load",
+        type=float,
+        help="rerun a method whose run saw other processes use more "
+        "than this share of the machine (e.g. 0.1), after waiting for a quiet machine",
+    )
+    parser.add_argument(
+        "--retries", type=int, default=2, help="reruns per method under --max-other-load (default %(default)s)"
+    )
     parser.add_argument("--wait-quiet-s", type=float, default=300, help="longest wait for a quiet machine per retry")
-    parser.add_argument("--merge", action="append", default=[], help="JSON-lines file of an earlier --json run whose "
-                        "samples are pooled with this run's (e.g. to add rounds for some methods)")
-    parser.add_argument("--pairs", help="also run these A:B pairs, each in one process stepping alternately "
-                        f"(robust ratios on a noisy machine); 'default' = {','.join(DEFAULT_PAIRS)}")
+    parser.add_argument(
+        "--merge",
+        action="append",
+        default=[],
+        help="JSON-lines file of an earlier --json run whose "
+        "samples are pooled with this run's (e.g. to add rounds for some methods)",
+    )
+    parser.add_argument(
+        "--pairs",
+        help="also run these A:B pairs, each in one process stepping alternately "
+        f"(robust ratios on a noisy machine); 'default' = {','.join(DEFAULT_PAIRS)}",
+    )
     parser.add_argument("--pair", help="A,B: run one pair in this process (what the driver calls)")
     parser.add_argument("--profile", action="store_true", help="with --method: torch.profiler table of a few steps")
     parser.add_argument("--profile-rows", type=int, default=25)
@@ -544,22 +692,34 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     results: dict[str, list[dict]] = {m: [] for m in methods}
     for r in range(args.rounds):
-        for method in (methods if r % 2 == 0 else methods[::-1]):
+        for method in methods if r % 2 == 0 else methods[::-1]:
             child_args = ["--steps", str(args.steps), "--warmup", str(args.warmup)] + (
-                ["--threads", str(args.threads)] if args.threads else [])
+                ["--threads", str(args.threads)] if args.threads else []
+            )
             for attempt in range(1 + args.retries):
                 rows, load = run_child(Path(__file__), method, child_args)
                 if args.max_other_load is None or load is None or load <= args.max_other_load or "error" in rows[-1]:
                     break
-                print(f"[{time.perf_counter() - started:6.0f}s] {method}: other processes used {100 * load:.0f}% of the "
-                      f"machine; rerunning once it is quiet (try {attempt + 2} of {1 + args.retries})", file=sys.stderr, flush=True)
+                print(
+                    f"[{time.perf_counter() - started:6.0f}s] {method}: other processes used {100 * load:.0f}% of the "
+                    f"machine; rerunning once it is quiet (try {attempt + 2} of {1 + args.retries})",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 wait_quiet(args.max_other_load, args.wait_quiet_s)
             for row in rows:
                 row["other_load"] = round(load, 2) if load is not None else None
             results[method].extend(rows)
-            print(f"[{time.perf_counter() - started:6.0f}s] {method}: "
-                  + (rows[-1].get("error") or f"{1e3 * rows[-1]['step_time_s']:.0f} ms/step, peak Δ {rows[-1]['peak_mem_mb']:.0f} MB")
-                  + (f", other load {100 * load:.0f}%" if load is not None else ""), file=sys.stderr, flush=True)
+            print(
+                f"[{time.perf_counter() - started:6.0f}s] {method}: "
+                + (
+                    rows[-1].get("error")
+                    or f"{1e3 * rows[-1]['step_time_s']:.0f} ms/step, peak Δ {rows[-1]['peak_mem_mb']:.0f} MB"
+                )
+                + (f", other load {100 * load:.0f}%" if load is not None else ""),
+                file=sys.stderr,
+                flush=True,
+            )
     for path in args.merge:  # earlier runs' JSON lines: their samples are pooled with this run's
         for line in Path(path).read_text().splitlines():
             row = json.loads(line) if line.startswith("{") else None
@@ -575,25 +735,39 @@ def main(argv: list[str] | None = None) -> int:
     pair_rows = []
     for a, b in pairs:
         child_args = ["--steps", str(args.steps), "--warmup", str(args.warmup)] + (
-            ["--threads", str(args.threads)] if args.threads else [])
+            ["--threads", str(args.threads)] if args.threads else []
+        )
         load = OtherLoad()
-        done = subprocess.run([sys.executable, __file__, "--pair", f"{a},{b}", *child_args], capture_output=True,
-                              text=True, check=False, cwd=Path(__file__).resolve().parents[1])
+        done = subprocess.run(
+            [sys.executable, __file__, "--pair", f"{a},{b}", *child_args],
+            capture_output=True,
+            text=True,
+            check=False,
+            cwd=Path(__file__).resolve().parents[1],
+        )
         lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-        row = json.loads(lines[-1]) if done.returncode == 0 and lines else {
-            "pair": f"{a} / {b}", "error": " | ".join(done.stderr.strip().splitlines()[-2:])[-300:]}
+        row = (
+            json.loads(lines[-1])
+            if done.returncode == 0 and lines
+            else {"pair": f"{a} / {b}", "error": " | ".join(done.stderr.strip().splitlines()[-2:])[-300:]}
+        )
         share = load.share()
         row["other_load"] = round(share, 2) if share is not None else None
         pair_rows.append(row)
-        print(f"[{time.perf_counter() - started:6.0f}s] pair {a} / {b}: "
-              + (row.get("error") or f"ratio {row['ratio']:.2f} ({row['ratio_p10']:.2f}-{row['ratio_p90']:.2f})"),
-              file=sys.stderr, flush=True)
+        print(
+            f"[{time.perf_counter() - started:6.0f}s] pair {a} / {b}: "
+            + (row.get("error") or f"ratio {row['ratio']:.2f} ({row['ratio_p10']:.2f}-{row['ratio_p90']:.2f})"),
+            file=sys.stderr,
+            flush=True,
+        )
     if args.json:
         for row in final + pair_rows:
             print(json.dumps({**row, "env": env}))
-    note = (f"batch {BATCH} × {SEQ} tokens, {args.warmup} warm-up + {args.steps} measured steps per method"
-            f"{f' × {args.rounds} rounds (pooled)' if args.rounds > 1 else ''}; ratios are of medians in this run; "
-            f"total {time.perf_counter() - started:.0f} s")
+    note = (
+        f"batch {BATCH} × {SEQ} tokens, {args.warmup} warm-up + {args.steps} measured steps per method"
+        f"{f' × {args.rounds} rounds (pooled)' if args.rounds > 1 else ''}; ratios are of medians in this run; "
+        f"total {time.perf_counter() - started:.0f} s"
+    )
     if final:
         print(markdown(env, expand(final), note))
     if pair_rows:

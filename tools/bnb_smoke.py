@@ -32,7 +32,9 @@ def quantised_linear(features: int, device: str) -> torch.nn.Module:
     import bitsandbytes as bnb
 
     dense = torch.nn.Linear(features, features, bias=False)
-    layer = bnb.nn.Linear4bit(features, features, bias=False, compute_dtype=torch.bfloat16, compress_statistics=True, quant_type="nf4")
+    layer = bnb.nn.Linear4bit(
+        features, features, bias=False, compute_dtype=torch.bfloat16, compress_statistics=True, quant_type="nf4"
+    )
     layer.load_state_dict(dense.state_dict())
     return layer.to(device).requires_grad_(False)  # quantises on the move to the device
 
@@ -81,12 +83,24 @@ def main() -> int:
         "strategy_additive": layer.strategy() == "additive",
     }
     sparse_ms, base_ms = step_ms(layer, x), step_ms(base, x)
-    print(json.dumps({
-        "kind": "bnb_smoke", "device": torch.cuda.get_device_name() if x.is_cuda else "cpu", "bitsandbytes": bnb.__version__,
-        "features": args.features, "tokens": args.tokens, "density": args.density, "k": count,
-        "values_grad_rel_error": error, "step_ms": sparse_ms, "base_only_step_ms": base_ms,
-        "step_vs_base_only": sparse_ms / base_ms, "checks": checks,
-    }))
+    print(
+        json.dumps(
+            {
+                "kind": "bnb_smoke",
+                "device": torch.cuda.get_device_name() if x.is_cuda else "cpu",
+                "bitsandbytes": bnb.__version__,
+                "features": args.features,
+                "tokens": args.tokens,
+                "density": args.density,
+                "k": count,
+                "values_grad_rel_error": error,
+                "step_ms": sparse_ms,
+                "base_only_step_ms": base_ms,
+                "step_vs_base_only": sparse_ms / base_ms,
+                "checks": checks,
+            }
+        )
+    )
     return 0 if all(checks.values()) else 1
 
 

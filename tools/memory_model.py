@@ -130,8 +130,14 @@ NF4_BYTES_PER_PARAM = (4 + 8 / 64 + 32 / (64 * 256)) / 8
 
 MODELLED_METHODS = ("spiel-ma", "spiel-ag", "smt", "sift", "lora", "full")
 SPARSE = ("spiel-ma", "spiel-ag", "smt", "sift")
-LABELS = {"spiel-ma": "SpIEL-MA", "spiel-ag": "SpIEL-AG", "smt": "SMT", "sift": "SIFT", "lora": "LoRA r16",
-          "full": "full FT"}
+LABELS = {
+    "spiel-ma": "SpIEL-MA",
+    "spiel-ag": "SpIEL-AG",
+    "smt": "SMT",
+    "sift": "SIFT",
+    "lora": "LoRA r16",
+    "full": "full FT",
+}
 COMPONENTS = ("weights", "trained", "indices", "grads", "optimizer", "selection", "activations", "transient")
 
 
@@ -323,8 +329,11 @@ def per_step_activation_bytes(arch: Arch, setting: Setting, method: str) -> int:
 def activation_bytes(arch: Arch, setting: Setting, method: str) -> int:
     """All saved activations of a step without checkpointing."""
     t = setting.tokens
-    return (arch.layers * layer_activation_bytes(arch, setting, method) * t
-            + outside_activation_bytes(arch, setting, method) * t + per_step_activation_bytes(arch, setting, method))
+    return (
+        arch.layers * layer_activation_bytes(arch, setting, method) * t
+        + outside_activation_bytes(arch, setting, method) * t
+        + per_step_activation_bytes(arch, setting, method)
+    )
 
 
 def fsdp_gathered_bytes(arch: Arch, setting: Setting, method: str) -> int:
@@ -356,8 +365,9 @@ def loss_backward_transient(arch: Arch, setting: Setting) -> int:
     return 8 * arch.vocab * setting.tokens
 
 
-def sparse_layer_transient(arch: Arch, setting: Setting, method: str, counts: list[int],
-                           regime: str) -> tuple[int, str]:
+def sparse_layer_transient(
+    arch: Arch, setting: Setting, method: str, counts: list[int], regime: str
+) -> tuple[int, str]:
     """Largest buffer of one sparse matrix's forward/backward (matrices run one at a time; in a backward the
     input gradient and the values' gradient come one after the other, so the larger counts)."""
     t, a = setting.tokens, DTYPE_BYTES[setting.dtype]
@@ -417,8 +427,10 @@ def estimate(arch: Arch | str, method: str, setting: Setting | None = None) -> E
     if method == "full" and setting.base_dtype == "nf4":
         raise ValueError("full fine-tuning of a 4-bit base is not a thing; use --base bf16")
     if setting.base_dtype == "fp32" and setting.dtype != "fp32":
-        raise ValueError("an fp32 base under bf16/fp16 autocast is not modelled (autocast re-casts frozen weights and "
-                         "fp32 inputs per call, and saves the casts); use --base bf16 or --dtype fp32")
+        raise ValueError(
+            "an fp32 base under bf16/fp16 autocast is not modelled (autocast re-casts frozen weights and "
+            "fp32 inputs per call, and saves the casts); use --base bf16 or --dtype fp32"
+        )
     a = DTYPE_BYTES[setting.dtype]
     t = setting.tokens
     L = arch.layers
@@ -481,14 +493,20 @@ def estimate(arch: Arch | str, method: str, setting: Setting | None = None) -> E
         regimes["gather"] = {"selection": 8 * trainable, "opt": opt, "grads": True}
     if method == "sift":
         pool = sum(min(o * i, POOL_FACTOR * k) * 12 for (o, i), k in zip(shapes, counts))
-        regimes["selection"] = {"selection": pool if setting.sift_selection_steps > 1 else 0, "opt": opt, "grads": False}
+        regimes["selection"] = {
+            "selection": pool if setting.sift_selection_steps > 1 else 0,
+            "opt": opt,
+            "grads": False,
+        }
     if method == "smt":
         b = setting.block_size
         cells = sum(math.ceil(o / min(b, o)) * math.ceil(i / min(b, i)) for o, i in shapes)
         regimes["selection"] = {"selection": 4 * cells, "opt": opt, "grads": False}
 
     layer_act = layer_activation_bytes(arch, setting, method) * t
-    outside_act = outside_activation_bytes(arch, setting, method) * t + per_step_activation_bytes(arch, setting, method)
+    outside_act = outside_activation_bytes(arch, setting, method) * t + per_step_activation_bytes(
+        arch, setting, method
+    )
     if setting.checkpointing:
         saved_layers = L * a * arch.hidden * t  # each checkpointed layer keeps its input
         rebuilt = layer_act  # one layer's activations during its recomputed backward
@@ -499,15 +517,24 @@ def estimate(arch: Arch | str, method: str, setting: Setting | None = None) -> E
 
     moments: dict[str, dict[str, int]] = {}
     for regime, spec in regimes.items():
-        base = {"weights": weights, "trained": trained, "indices": indices, "optimizer": spec["opt"],
-                "selection": spec["selection"]}
+        base = {
+            "weights": weights,
+            "trained": trained,
+            "indices": indices,
+            "optimizer": spec["opt"],
+            "selection": spec["selection"],
+        }
         if method == "smt" and regime == "selection":
             # random initial indices, plain pattern
             base["indices"] = pattern_bytes(shapes, trainable, base_entry=merged_base_entry_bytes(setting))
         suffix = "" if regime == "steady" else f" ({regime})"
         # Start of the backward: every activation saved, the loss's gradients of the logits.
-        moments["loss backward" + suffix] = {**base, "grads": 0, "activations": saved_layers + outside_act,
-                                             "transient": loss_backward_transient(arch, setting) + gathered}
+        moments["loss backward" + suffix] = {
+            **base,
+            "grads": 0,
+            "activations": saved_layers + outside_act,
+            "transient": loss_backward_transient(arch, setting) + gathered,
+        }
         # Backward of each layer, top down: activations of the layers below, gradients of those above.
         if method in SPARSE:
             extra, _ = sparse_layer_transient(arch, setting, method, counts, regime)
@@ -520,9 +547,12 @@ def estimate(arch: Arch | str, method: str, setting: Setting | None = None) -> E
             below = (layer + 1) * (layer_act if not setting.checkpointing else a * arch.hidden * t) + rebuilt
             above = (L - 1 - layer) * grads_per_layer if grads_on else 0
             total_grads = int(above + (head_grad if grads_on else 0))
-            moment = {**base, "grads": total_grads,
-                      "activations": int(below + outside_act - 4 * arch.vocab * t),
-                      "transient": generic + extra + gathered}
+            moment = {
+                **base,
+                "grads": total_grads,
+                "activations": int(below + outside_act - 4 * arch.vocab * t),
+                "transient": generic + extra + gathered,
+            }
             if worst is None or sum(moment.values()) > sum(worst.values()):
                 worst = moment
         moments["layer backward" + suffix] = worst
@@ -534,8 +564,10 @@ def estimate(arch: Arch | str, method: str, setting: Setting | None = None) -> E
     peak_at = max(totals, key=totals.get)
     components = {key: int(moments[peak_at].get(key, 0)) for key in COMPONENTS}
     if setting.base_dtype == "nf4":
-        notes.append("NF4 base: linear weights at 0.516 B/param (double quantization); embeddings/head/norms in "
-                     f"{setting.dtype}")
+        notes.append(
+            "NF4 base: linear weights at 0.516 B/param (double quantization); embeddings/head/norms in "
+            f"{setting.dtype}"
+        )
     if method == "full" and a != 4:
         notes.append("mixed precision: bf16 weights + bf16 grads + fp32 master + 2 fp32 moments = 16 B/param")
     if n > 1:
@@ -558,8 +590,20 @@ def gib(value: int) -> str:
 
 
 def markdown(rows: list[tuple[Estimate, Setting]]) -> str:
-    headers = ["model", "method", "weights", "trained", "indices", "grads", "optimizer", "selection",
-               "activations", "transient", "**total GiB**", "peak at"]
+    headers = [
+        "model",
+        "method",
+        "weights",
+        "trained",
+        "indices",
+        "grads",
+        "optimizer",
+        "selection",
+        "activations",
+        "transient",
+        "**total GiB**",
+        "peak at",
+    ]
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * 9 + ["---"]) + "|"]
     for est, setting in rows:
         cells = [est.model, method_label(est.method, setting)] + [gib(est.components[c]) for c in COMPONENTS]
@@ -583,8 +627,14 @@ def totals_markdown(rows: list[tuple[Estimate, Setting]]) -> str:
 
 # ---------------------------------------------------------------- validation against bench_step.py (CPU)
 
-BENCH_TO_MODEL = {"spiel-ma": "spiel-ma", "spiel-ag": "spiel-ag", "smt": "smt", "sift": "sift", "lora-r16": "lora",
-                 "full": "full"}
+BENCH_TO_MODEL = {
+    "spiel-ma": "spiel-ma",
+    "spiel-ag": "spiel-ag",
+    "smt": "smt",
+    "sift": "sift",
+    "lora-r16": "lora",
+    "full": "full",
+}
 # bench_step.py's overrides: SMT and SIFT choose on their first step.
 BENCH_SETTING = Setting(batch=4, seq=128, dtype="fp32", device="cpu", sift_selection_steps=1)
 RUNTIME_SCRIPT = r"""
@@ -625,8 +675,14 @@ def measure_runtime(family: str) -> float:
     """RSS growth from importing a method's library and running two steps of a tiny Llama with it, after
     loading the bundled model as bench_step.py does: code pages, imports, thread pools (no model-sized data)."""
     root = Path(__file__).resolve().parents[1]
-    done = subprocess.run([sys.executable, "-c", RUNTIME_SCRIPT, family], capture_output=True, text=True, cwd=root,
-                          check=False, env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})
+    done = subprocess.run(
+        [sys.executable, "-c", RUNTIME_SCRIPT, family],
+        capture_output=True,
+        text=True,
+        cwd=root,
+        check=False,
+        env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"},
+    )
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode or not lines:
         raise RuntimeError(f"runtime probe ({family}) failed: {done.stderr.strip()[-400:]}")
@@ -670,11 +726,20 @@ def compare(paths: str | list[str], runtime: dict[str, float] | None) -> tuple[s
                 continue
             measured = row["peak_mem_mb"]
             error = (predicted - measured) / measured
-            out.append({"method": bench_method, "run": name, "predicted_model_mb": round(model_mb, 1),
-                        "runtime_mb": round(extra, 1), "predicted_mb": round(predicted, 1), "measured_mb": measured,
-                        "error": round(error, 4), "error_without_runtime": round((model_mb - measured) / measured, 4),
-                        "peak_at": est.peak_at,
-                        "components_mb": {k: round(v / MIB, 1) for k, v in est.components.items()}})
+            out.append(
+                {
+                    "method": bench_method,
+                    "run": name,
+                    "predicted_model_mb": round(model_mb, 1),
+                    "runtime_mb": round(extra, 1),
+                    "predicted_mb": round(predicted, 1),
+                    "measured_mb": measured,
+                    "error": round(error, 4),
+                    "error_without_runtime": round((model_mb - measured) / measured, 4),
+                    "peak_at": est.peak_at,
+                    "components_mb": {k: round(v / MIB, 1) for k, v in est.components.items()},
+                }
+            )
             cells += [f"{measured:.0f}", f"{100 * error:+.1f}%"]
         table.append("| " + " | ".join(cells) + f" | {est.peak_at} |")
     return "\n".join(table), out
@@ -685,32 +750,52 @@ def compare(paths: str | list[str], runtime: dict[str, float] | None) -> tuple[s
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=",".join(TABLE_MODELS),
-                        help=f"comma-separated, of {', '.join(ARCHS)} (default: %(default)s)")
+    parser.add_argument(
+        "--model",
+        default=",".join(TABLE_MODELS),
+        help=f"comma-separated, of {', '.join(ARCHS)} (default: %(default)s)",
+    )
     parser.add_argument("--methods", default=",".join(MODELLED_METHODS), help="comma-separated (default: %(default)s)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default="bf16", help="activation / compute dtype")
     parser.add_argument("--base", choices=["fp32", "bf16", "fp16", "nf4"], help="frozen weights (default: --dtype)")
     parser.add_argument("--values-dtype", choices=sorted(DTYPE_BYTES), default="fp32")
-    parser.add_argument("--adapter-dtype", choices=sorted(DTYPE_BYTES), default="fp32",
-                        help="LoRA A/B dtype (PEFT's default autocast_adapter_dtype=True: fp32)")
-    parser.add_argument("--device", choices=["cuda", "cpu"], default=None,
-                        help="code paths (default: cpu for fp32, cuda otherwise)")
+    parser.add_argument(
+        "--adapter-dtype",
+        choices=sorted(DTYPE_BYTES),
+        default="fp32",
+        help="LoRA A/B dtype (PEFT's default autocast_adapter_dtype=True: fp32)",
+    )
+    parser.add_argument(
+        "--device", choices=["cuda", "cpu"], default=None, help="code paths (default: cpu for fp32, cuda otherwise)"
+    )
     parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing of every layer")
     parser.add_argument("--rank", type=int, default=16, help="LoRA rank and the sparse budget's LoRA equivalent")
     parser.add_argument("--sift-selection-steps", type=int, default=4)
     parser.add_argument("--sm3-momentum", action="store_true")
-    parser.add_argument("--shards", type=int, default=1,
-                        help="FSDP world size: per-rank memory with the base sharded over this many GPUs")
-    parser.add_argument("--no-nf4-rows", action="store_true",
-                        help="omit the QSpIEL-MA / QLoRA rows of the default table")
+    parser.add_argument(
+        "--shards",
+        type=int,
+        default=1,
+        help="FSDP world size: per-rank memory with the base sharded over this many GPUs",
+    )
+    parser.add_argument(
+        "--no-nf4-rows", action="store_true", help="omit the QSpIEL-MA / QLoRA rows of the default table"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object per row before the table")
     parser.add_argument("--totals", action="store_true", help="compact table: total GiB, models × methods")
-    parser.add_argument("--compare", metavar="JSONL", nargs="+",
-                        help="bench_step.py --json outputs (one measured column each): predicted vs measured, CPU")
-    parser.add_argument("--measure-runtime", action="store_true",
-                        help="with --compare: measure the library/runtime RSS term (3 small subprocesses)")
+    parser.add_argument(
+        "--compare",
+        metavar="JSONL",
+        nargs="+",
+        help="bench_step.py --json outputs (one measured column each): predicted vs measured, CPU",
+    )
+    parser.add_argument(
+        "--measure-runtime",
+        action="store_true",
+        help="with --compare: measure the library/runtime RSS term (3 small subprocesses)",
+    )
     args = parser.parse_args(argv)
     if args.shards < 1:
         parser.error(f"--shards must be at least 1 (the number of GPUs FSDP shards over), got {args.shards}")
@@ -734,10 +819,20 @@ def main(argv: list[str] | None = None) -> int:
         if name not in ARCHS:
             parser.error(f"unknown model {name!r}; choose from {', '.join(ARCHS)}")
     device = args.device or ("cpu" if args.dtype == "fp32" else "cuda")
-    setting = Setting(batch=args.batch, seq=args.seq, dtype=args.dtype, base=args.base, values_dtype=args.values_dtype,
-                      adapter_dtype=args.adapter_dtype, checkpointing=args.checkpointing, device=device,
-                      lora_rank=args.rank, sift_selection_steps=args.sift_selection_steps,
-                      sm3_momentum=args.sm3_momentum, shards=args.shards)
+    setting = Setting(
+        batch=args.batch,
+        seq=args.seq,
+        dtype=args.dtype,
+        base=args.base,
+        values_dtype=args.values_dtype,
+        adapter_dtype=args.adapter_dtype,
+        checkpointing=args.checkpointing,
+        device=device,
+        lora_rank=args.rank,
+        sift_selection_steps=args.sift_selection_steps,
+        sm3_momentum=args.sm3_momentum,
+        shards=args.shards,
+    )
     plan = [(setting, m) for m in methods]
     if args.base is None and args.dtype != "fp32" and not args.no_nf4_rows:
         nf4 = Setting(**{**asdict(setting), "base": "nf4"})
@@ -748,13 +843,22 @@ def main(argv: list[str] | None = None) -> int:
             est = estimate(name, method, s)
             rows.append((est, s))
             if args.json:
-                print(json.dumps({**asdict(est), "label": method_label(method, s),
-                                  "peak_gib": round(est.peak_bytes / GIB, 3),
-                                  "components_gib": {k: round(v / GIB, 3) for k, v in est.components.items()}}))
+                print(
+                    json.dumps(
+                        {
+                            **asdict(est),
+                            "label": method_label(method, s),
+                            "peak_gib": round(est.peak_bytes / GIB, 3),
+                            "components_gib": {k: round(v / GIB, 3) for k, v in est.components.items()},
+                        }
+                    )
+                )
     ckpt = "with" if setting.checkpointing else "without"
     where = f"per GPU with FSDP over {setting.shards} GPUs" if setting.shards > 1 else "one process"
-    print(f"batch {setting.batch} × seq {setting.seq}, {setting.dtype} activations, {ckpt} gradient checkpointing, "
-          f"sparse budget = LoRA r{setting.lora_rank} on all linear layers; GiB at the peak moment, {where}")
+    print(
+        f"batch {setting.batch} × seq {setting.seq}, {setting.dtype} activations, {ckpt} gradient checkpointing, "
+        f"sparse budget = LoRA r{setting.lora_rank} on all linear layers; GiB at the peak moment, {where}"
+    )
     print()
     print(totals_markdown(rows) if args.totals else markdown(rows))
     return 0

@@ -35,7 +35,12 @@ from ..model import iter_sparse_layers
 # selection statistics describing another run than the one its adapter would claim.
 RESUMABLE_CHANGES = ("forward_strategy", "store_base_values")
 # What a checkpoint holding the model's own weights contains (transformers' file names, FSDP's folder prefix).
-_MODEL_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+_MODEL_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 _FSDP_MODEL_PREFIX = "pytorch_model_fsdp"
 TRAINING_ARGS_NAME = "training_args.bin"
 
@@ -57,8 +62,11 @@ def save_adapter_instead_of_model(model) -> None:
 def config_differences(saved: SparseConfig, running: SparseConfig) -> list[str]:
     """`field` saved-value vs running-value for every field that may not change on resume."""
     theirs, ours = saved.to_dict(), running.to_dict()
-    return [f"`{name}` {quote(theirs[name])} in the checkpoint, {quote(ours[name])} now"
-            for name in ours if name not in RESUMABLE_CHANGES and theirs.get(name) != ours[name]]
+    return [
+        f"`{name}` {quote(theirs[name])} in the checkpoint, {quote(ours[name])} now"
+        for name in ours
+        if name not in RESUMABLE_CHANGES and theirs.get(name) != ours[name]
+    ]
 
 
 def check_resume_config(checkpoint: str | os.PathLike, running: SparseConfig) -> None:

@@ -68,7 +68,9 @@ class SparseCallback(TrainerCallback):
 
     def on_save(self, args, state, control, model=None, **kwargs):
         if self.save_full_checkpoints:  # else the checkpoint's model save was the adapter
-            save_from_rank_zero(model, Path(args.output_dir) / f"checkpoint-{state.global_step}", state.is_world_process_zero)
+            save_from_rank_zero(
+                model, Path(args.output_dir) / f"checkpoint-{state.global_step}", state.is_world_process_zero
+            )
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         save_from_rank_zero(model, args.output_dir, state.is_world_process_zero)

@@ -30,7 +30,9 @@ def _parse_optim_args(cls, optim_args: dict[str, str]) -> dict:
     parsed = {}
     for key, text in optim_args.items():
         if key not in allowed:
-            raise ValueError(f"`optim_args` key {key!r} is not understood by {cls.__name__}; allowed: {sorted(allowed)}.")
+            raise ValueError(
+                f"`optim_args` key {key!r} is not understood by {cls.__name__}; allowed: {sorted(allowed)}."
+            )
         try:
             parsed[key] = allowed[key](text)
         except ValueError:
@@ -52,7 +54,9 @@ def _handler(cls):
                 "values with flat fp32 partitions, while prune/regrow and SM3 need each layer's whole values vector; "
                 "train with FSDP (fsdp=True, with SparseCallback) or DDP."
             )
-        if fsdp_plugin() is not None and not averages_delta_gradients([layer.delta for _, layer in iter_sparse_layers(model)]):
+        if fsdp_plugin() is not None and not averages_delta_gradients(
+            [layer.delta for _, layer in iter_sparse_layers(model)]
+        ):
             raise ValueError(
                 f"optim={ctx.args.optim.value!r} under FSDP needs the sparse deltas kept out of FSDP's shards: pass "
                 "callbacks=[SparseCallback()] to the Trainer (it sets this up before the model is wrapped)."

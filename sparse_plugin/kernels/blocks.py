@@ -90,7 +90,9 @@ class BlockPattern(SparsePattern):
     def __init__(self, indices: torch.Tensor, shape: tuple[int, int], block: tuple[int, int]):
         super().__init__(indices, shape)
         if not tiles_whole_blocks(indices, shape, block):
-            raise ValueError(f"The indices do not tile whole {block[0]}×{block[1]} blocks of a {shape[0]}×{shape[1]} matrix.")
+            raise ValueError(
+                f"The indices do not tile whole {block[0]}×{block[1]} blocks of a {shape[0]}×{shape[1]} matrix."
+            )
         self.block = block
         height, width = block
         ids = _block_ids(indices, shape, block)

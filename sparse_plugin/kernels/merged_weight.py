@@ -25,8 +25,15 @@ if triton is not None:
 
     @triton.jit
     def _merged_weight_kernel(
-        base_ptr, out_ptr, crow_ptr, cols_ptr, values_ptr, in_features,
-        BF16: tl.constexpr, BLOCK: tl.constexpr, BLOCK_P: tl.constexpr,
+        base_ptr,
+        out_ptr,
+        crow_ptr,
+        cols_ptr,
+        values_ptr,
+        in_features,
+        BF16: tl.constexpr,
+        BLOCK: tl.constexpr,
+        BLOCK_P: tl.constexpr,
     ):
         """Row `program_id` of `out` = round(base row), then `out[row, cols[p]] = round(out[...] + values[p])`.
 
@@ -62,7 +69,9 @@ if triton is not None:
             tl.store(out_row + cols, round_for_store(current + values, out_ptr, BF16), mask=mask)
 
 
-def merged_weight_reference(base_weight: torch.Tensor, values: torch.Tensor, pattern: SparsePattern, dtype: torch.dtype) -> torch.Tensor:
+def merged_weight_reference(
+    base_weight: torch.Tensor, values: torch.Tensor, pattern: SparsePattern, dtype: torch.dtype
+) -> torch.Tensor:
     """Torch reference and CPU path: a copy of W0 in `dtype`, then the torch scatter."""
     weight = base_weight.to(dtype=dtype, copy=True)
     return scatter_add_(weight, pattern.indices, values, backend="torch")
@@ -94,7 +103,14 @@ def merged_weight(
     out = torch.empty(pattern.shape, dtype=dtype, device=base_weight.device)
     if out.numel():
         _merged_weight_kernel[(out_features,)](
-            base_weight.contiguous(), out, pattern.crow, pattern.cols, values, in_features,
-            BF16=dtype == torch.bfloat16, BLOCK=_BLOCK, BLOCK_P=_BLOCK_P,
+            base_weight.contiguous(),
+            out,
+            pattern.crow,
+            pattern.cols,
+            values,
+            in_features,
+            BF16=dtype == torch.bfloat16,
+            BLOCK=_BLOCK,
+            BLOCK_P=_BLOCK_P,
         )
     return out

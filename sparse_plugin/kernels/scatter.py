@@ -17,7 +17,9 @@ import torch
 from .backend import pick_backend
 
 
-def scatter_add_reference(weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, alpha: float = 1.0) -> None:
+def scatter_add_reference(
+    weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, alpha: float = 1.0
+) -> None:
     """Torch reference and CPU path of the merge: one fp32 add, one rounding to `weight.dtype`."""
     flat = weight.view(-1)
     current = flat.index_select(0, indices).float()
@@ -37,7 +39,9 @@ def _check(weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) ->
             f"indices and values must be 1-D and of equal length, got {tuple(indices.shape)} and {tuple(values.shape)}."
         )
     if indices.device != weight.device or values.device != weight.device:
-        raise ValueError(f"weight, indices and values must share a device, got {weight.device}, {indices.device}, {values.device}.")
+        raise ValueError(
+            f"weight, indices and values must share a device, got {weight.device}, {indices.device}, {values.device}."
+        )
 
 
 def scatter_add_(
@@ -73,7 +77,9 @@ def scatter_add_(
     return weight
 
 
-def scatter_set_(weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+def scatter_set_(
+    weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, backend: str = "auto"
+) -> torch.Tensor:
     """Overwrite `weight` at the flat `indices` with `values`, in place (the bit-exact unmerge).
 
     `indices` are unique and in [0, `weight.numel()`), validated by the caller as for `scatter_add_`.

@@ -33,7 +33,9 @@ _BLOCK_T = 128
 if triton is not None:
 
     @triton.jit
-    def _sddmm_kernel(dyt_ptr, xt_ptr, rows_ptr, cols_ptr, out_ptr, n, tokens, BLOCK_P: tl.constexpr, BLOCK_T: tl.constexpr):
+    def _sddmm_kernel(
+        dyt_ptr, xt_ptr, rows_ptr, cols_ptr, out_ptr, n, tokens, BLOCK_P: tl.constexpr, BLOCK_T: tl.constexpr
+    ):
         """`out[p] += Σ_t dyt[rows[p], t] · xt[cols[p], t]` for the BLOCK_P positions of one program, in fp32.
 
         Activations come transposed (feature-major), so each position reads contiguous runs of tokens
@@ -87,7 +89,9 @@ def _token_chunk(x: torch.Tensor) -> int:
     return max(_BLOCK_T, rows // _BLOCK_T * _BLOCK_T)
 
 
-def values_grad_triton(dy: torch.Tensor, x: torch.Tensor, pattern: SparsePattern, token_chunk: int | None = None) -> torch.Tensor:
+def values_grad_triton(
+    dy: torch.Tensor, x: torch.Tensor, pattern: SparsePattern, token_chunk: int | None = None
+) -> torch.Tensor:
     """The entries of dyᵀx at the pattern's positions (fp32) by `_sddmm_kernel`, never the dense matrix.
 
     Args:

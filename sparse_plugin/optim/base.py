@@ -81,7 +81,8 @@ class SparseOptimizer(torch.optim.Optimizer):
                 index = slot[id(layers[key].values)]
                 # a copy: torch's state dict shares the per-parameter dicts with `self.state`
                 state["state"][index] = dict(state["state"].get(index, {})) | {
-                    f"{_SELECTION}{name}": value for name, value in saved.items()}
+                    f"{_SELECTION}{name}": value for name, value in saved.items()
+                }
         return state
 
     def load_state_dict(self, state_dict):
@@ -109,8 +110,12 @@ class SparseOptimizer(torch.optim.Optimizer):
         if not self._grads_finite():
             # Like a GradScaler skip: nothing moves (values, moments, accumulators, indices); the step still
             # counts so the schedule stays aligned with the Trainer's, and a decision due now waits.
-            warnings.warn(f"{type(self).__name__}: non-finite gradient at step {self.completed_steps + 1}; "
-                          "this update and any selection due now are skipped.", RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"{type(self).__name__}: non-finite gradient at step {self.completed_steps + 1}; "
+                "this update and any selection due now are skipped.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
             for group in self.param_groups:
                 group["sparse_step"] += 1
             if self.selector is not None:
@@ -127,7 +132,9 @@ class SparseOptimizer(torch.optim.Optimizer):
         return loss
 
     def _grads_finite(self) -> bool:
-        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None and p.grad.numel()]
+        grads = [
+            p.grad for group in self.param_groups for p in group["params"] if p.grad is not None and p.grad.numel()
+        ]
         return not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
 
     @torch.no_grad()

@@ -56,8 +56,13 @@ class SM3(SparseOptimizer):
         model: nn.Module | None = None,
         total_steps: int | None = None,
     ):
-        for name, value, low, high in (("lr", lr, 0, None), ("momentum", momentum, 0, 1), ("beta", beta, 0, 1),
-                                       ("eps", eps, 0, None), ("weight_decay", weight_decay, 0, None)):
+        for name, value, low, high in (
+            ("lr", lr, 0, None),
+            ("momentum", momentum, 0, 1),
+            ("beta", beta, 0, 1),
+            ("eps", eps, 0, None),
+            ("weight_decay", weight_decay, 0, None),
+        ):
             if not (value >= low and (high is None or value < high)):
                 bound = f"[{low}, {high})" if high is not None else f">= {low}"
                 raise ValueError(f"SM3 `{name}` must be {bound}, got {value!r}.")

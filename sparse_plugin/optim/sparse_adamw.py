@@ -95,6 +95,7 @@ class SparseAdamW(SparseOptimizer):
         else:
             flat[positions] = updated.to(param.dtype)
 
+
 def _flat_positions(mask: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     """Flat int64 positions from a bool mask of `param`'s shape or from indices; clear errors otherwise."""
     mask = torch.as_tensor(mask, device=param.device)

@@ -114,4 +114,6 @@ class SmtSelector(OneShotSelector):
             layer.set_indices(block_positions(blocks, layer.shape, s.block))
             self.optimizer.reset_state(layer.values)
             trained += layer.indices.numel()
-        self.mark_selected({"sparse/selected_blocks": sum(b.numel() for b in chosen), "sparse/trained_values": trained})
+        self.mark_selected(
+            {"sparse/selected_blocks": sum(b.numel() for b in chosen), "sparse/trained_values": trained}
+        )

@@ -69,7 +69,9 @@ def prune_regrow(indices: torch.Tensor, values: torch.Tensor, count: int, candid
     return Regrowth(merged[order], source[order], int(new_positions.numel()))
 
 
-def top_outer_scores(row: torch.Tensor, col: torch.Tensor, exclude: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+def top_outer_scores(
+    row: torch.Tensor, col: torch.Tensor, exclude: torch.Tensor, count: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The `count` largest r_i·c_j over flat positions not in the sorted `exclude`, in row chunks."""
     out_features, in_features = row.numel(), col.numel()
     rows_per_chunk = max(1, SCORE_CHUNK // in_features)
@@ -78,7 +80,10 @@ def top_outer_scores(row: torch.Tensor, col: torch.Tensor, exclude: torch.Tensor
     for start in range(0, out_features, rows_per_chunk):
         stop = min(out_features, start + rows_per_chunk)
         scores = (row[start:stop, None].float() * col[None, :].float()).view(-1)
-        lo, hi = torch.searchsorted(exclude, torch.tensor([start * in_features, stop * in_features], dtype=exclude.dtype, device=exclude.device)).tolist()
+        lo, hi = torch.searchsorted(
+            exclude,
+            torch.tensor([start * in_features, stop * in_features], dtype=exclude.dtype, device=exclude.device),
+        ).tolist()
         scores[exclude[lo:hi] - start * in_features] = -torch.inf
         top = torch.topk(scores, min(count, scores.numel()))
         best_pos = torch.cat([best_pos, top.indices + start * in_features])

@@ -127,4 +127,3 @@ def test_trainer_under_fsdp_resumes_bit_exact_from_an_adapter_only_checkpoint(tm
     resumed = _result(tmp_path / "rank0.pt")["layers"]
     for key, (indices, values) in rank0["layers"].items():
         assert torch.equal(resumed[key][0], indices) and torch.equal(resumed[key][1], values), key
-

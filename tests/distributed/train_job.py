@@ -35,11 +35,26 @@ from sparse_plugin.distributed import keep_deltas_replicated
 from sparse_plugin.fsdp import gathered_base_values, is_fsdp_wrapped
 
 METHODS = {
-    "ma": ({"method": "spiel", "regrow": "ma", "density": 0.05, "reselection_steps": 2, "initial_reselection_rate": 0.5}, SM3),
-    "ag": ({"method": "spiel", "regrow": "ag", "density": 0.05, "reselection_steps": 2, "selection_accumulation_steps": 1,
-            "initial_reselection_rate": 0.5}, SparseAdamW),
+    "ma": (
+        {"method": "spiel", "regrow": "ma", "density": 0.05, "reselection_steps": 2, "initial_reselection_rate": 0.5},
+        SM3,
+    ),
+    "ag": (
+        {
+            "method": "spiel",
+            "regrow": "ag",
+            "density": 0.05,
+            "reselection_steps": 2,
+            "selection_accumulation_steps": 1,
+            "initial_reselection_rate": 0.5,
+        },
+        SparseAdamW,
+    ),
     "sift": ({"method": "sift", "density": 0.05, "selection_steps": 2}, SparseAdamW),
-    "smt": ({"method": "smt", "density": 0.2, "block_size": 16, "warmup_steps": 2, "target_modules": "all-linear"}, SparseAdamW),
+    "smt": (
+        {"method": "smt", "density": 0.2, "block_size": 16, "warmup_steps": 2, "target_modules": "all-linear"},
+        SparseAdamW,
+    ),
 }
 STEPS, GLOBAL_BATCH, CLIP, RESTART_AT = int(os.environ.get("DDP_JOB_STEPS", "8")), 4, 0.05, 1
 
@@ -56,8 +71,13 @@ def wrap(model, how):
         from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
         wrapped = FullyShardedDataParallel(
-            model, sharding_strategy=ShardingStrategy.FULL_SHARD, auto_wrap_policy=ModuleWrapPolicy({LlamaDecoderLayer}),
-            use_orig_params=True, ignored_modules=deltas, device_id=torch.device("cpu"))
+            model,
+            sharding_strategy=ShardingStrategy.FULL_SHARD,
+            auto_wrap_policy=ModuleWrapPolicy({LlamaDecoderLayer}),
+            use_orig_params=True,
+            ignored_modules=deltas,
+            device_id=torch.device("cpu"),
+        )
         return wrapped, lambda: wrapped.clip_grad_norm_(CLIP)
     from torch.distributed.fsdp import fully_shard
 
@@ -116,7 +136,9 @@ def plain_loop(method, rank, world, how):
     for step in range(STEPS):
         if step == RESTART_AT and how.startswith("fsdp") and world > 1:
             state = optimizer_state(optimizer, forward, how)
-            deltas = {key: (layer.indices.clone(), layer.values.detach().clone()) for key, layer in iter_sparse_layers(model)}
+            deltas = {
+                key: (layer.indices.clone(), layer.values.detach().clone()) for key, layer in iter_sparse_layers(model)
+            }
             model, optimizer, forward, clip = start(method, world, how, deltas)
             load_optimizer_state(optimizer, forward, how, state)
         batch = torch.randint(3, 97, (GLOBAL_BATCH, 12), generator=gen)
@@ -159,16 +181,39 @@ def trainer_run(model, method, out, how, resume=None):
     if how.startswith("fsdp"):
         let_accelerate_shard_on_cpu()
         # sync_module_states would look for an accelerator device; every rank builds the same model anyway.
-        config = {"version": int(how[-1]), "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"], "sync_module_states": False}
+        config = {
+            "version": int(how[-1]),
+            "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"],
+            "sync_module_states": False,
+        }
         fsdp = {"fsdp": True, "fsdp_config": config}
     # A checkpoint halfway: adapter-only, so FSDP saves no model (accelerate could not gather an FSDP model's full
     # state dict on CPU) and the stored base entries are gathered from the shards as for the final adapter.
-    args = TrainingArguments(output_dir=str(out), optim=optim, learning_rate=1e-2, max_steps=STEPS, max_grad_norm=CLIP,
-                             per_device_train_batch_size=1, gradient_accumulation_steps=2, gradient_checkpointing=True,
-                             save_strategy="steps", save_steps=STEPS // 2, report_to=[], use_cpu=True,
-                             ddp_backend="gloo", seed=0, data_seed=0, disable_tqdm=True, **fsdp)
-    Trainer(model=model, args=args, train_dataset=Dataset.from_dict({"input_ids": ids, "labels": ids}),
-            callbacks=[SparseCallback()]).train(resume_from_checkpoint=resume)
+    args = TrainingArguments(
+        output_dir=str(out),
+        optim=optim,
+        learning_rate=1e-2,
+        max_steps=STEPS,
+        max_grad_norm=CLIP,
+        per_device_train_batch_size=1,
+        gradient_accumulation_steps=2,
+        gradient_checkpointing=True,
+        save_strategy="steps",
+        save_steps=STEPS // 2,
+        report_to=[],
+        use_cpu=True,
+        ddp_backend="gloo",
+        seed=0,
+        data_seed=0,
+        disable_tqdm=True,
+        **fsdp,
+    )
+    Trainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_dict({"input_ids": ids, "labels": ids}),
+        callbacks=[SparseCallback()],
+    ).train(resume_from_checkpoint=resume)
     return []
 
 
@@ -211,7 +256,9 @@ def main() -> None:
         base_values = gathered_base_values(model)  # every rank takes part
         if rank == 0:
             save_adapter(model, args.out / "adapter", base_values=base_values)
-    torch.save({"losses": losses, "layers": layers, "fsdp": sharded, "base_bytes": base_bytes}, args.out / f"rank{rank}.pt")
+    torch.save(
+        {"losses": losses, "layers": layers, "fsdp": sharded, "base_bytes": base_bytes}, args.out / f"rank{rank}.pt"
+    )
     if dist.is_initialized():
         dist.destroy_process_group()
 

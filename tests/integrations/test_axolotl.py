@@ -37,10 +37,20 @@ CONFIGS = sorted((REPO / "axolotl_configs").glob("*.yml"))
 def _yaml(base, **overrides) -> dict:
     """A minimal valid sparse config for the tiny Llama; None in `overrides` removes a key."""
     cfg = {
-        "base_model": str(base), "plugins": ["sparse_plugin.SparsePlugin"], "sparse_method": "spiel",
-        "sparse_regrow": "ma", "sparse_density": 0.05, "optimizer": "spiel_sm3", "learning_rate": 0.01,
-        "micro_batch_size": 4, "gradient_accumulation_steps": 1, "max_steps": 6, "sequence_len": 32,
-        "datasets": [{"path": "data.jsonl", "ds_type": "json", "type": "completion"}], "bf16": False, "fp16": False,
+        "base_model": str(base),
+        "plugins": ["sparse_plugin.SparsePlugin"],
+        "sparse_method": "spiel",
+        "sparse_regrow": "ma",
+        "sparse_density": 0.05,
+        "optimizer": "spiel_sm3",
+        "learning_rate": 0.01,
+        "micro_batch_size": 4,
+        "gradient_accumulation_steps": 1,
+        "max_steps": 6,
+        "sequence_len": 32,
+        "datasets": [{"path": "data.jsonl", "ds_type": "json", "type": "completion"}],
+        "bf16": False,
+        "fp16": False,
     }
     cfg.update(overrides)
     return {k: v for k, v in cfg.items() if v is not None}
@@ -53,10 +63,17 @@ def _validate(cfg: dict) -> DictDefault:
 
 
 def test_import_sparse_plugin_leaves_axolotl_alone_until_the_plugin_is_asked_for():
-    code = ("import sys, sparse_plugin; assert 'axolotl' not in sys.modules; "
-            "from axolotl.integrations.base import BasePlugin; assert issubclass(sparse_plugin.SparsePlugin, BasePlugin)")
-    run = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True,
-                         env=os.environ | {"AXOLOTL_DO_NOT_TRACK": "1"})
+    code = (
+        "import sys, sparse_plugin; assert 'axolotl' not in sys.modules; "
+        "from axolotl.integrations.base import BasePlugin; assert issubclass(sparse_plugin.SparsePlugin, BasePlugin)"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=os.environ | {"AXOLOTL_DO_NOT_TRACK": "1"},
+    )
     assert run.returncode == 0, run.stderr[-2000:]
 
 
@@ -70,29 +87,55 @@ def test_args_are_derived_from_sparse_config_fields():
     for field in dataclasses.fields(SparseConfig):  # the field's own help, word for word
         description = SparseArgs.model_fields[f"sparse_{field.name}"].json_schema_extra["description"]
         assert description == field.metadata["help"], field.name
-    assert "share of each targeted weight matrix" in SparseArgs.model_fields["sparse_density"].json_schema_extra["description"]
+    assert (
+        "share of each targeted weight matrix"
+        in SparseArgs.model_fields["sparse_density"].json_schema_extra["description"]
+    )
 
 
 def test_good_yaml_validates_and_gives_the_sparse_config(tiny_checkpoint):
     base, _ = tiny_checkpoint
-    cfg = _validate(_yaml(base, sparse_target_modules=["q_proj", "v_proj"], sparse_reselection_steps=10,
-                          optim_args={"momentum": 0.9}))
+    cfg = _validate(
+        _yaml(
+            base, sparse_target_modules=["q_proj", "v_proj"], sparse_reselection_steps=10, optim_args={"momentum": 0.9}
+        )
+    )
     assert cfg.optimizer == "spiel_sm3" and cfg.sparse_reselection_steps == 10
-    assert sparse_config_from(cfg) == SparseConfig(method="spiel", regrow="ma", density=0.05, target_modules=["q_proj", "v_proj"], reselection_steps=10)
+    assert sparse_config_from(cfg) == SparseConfig(
+        method="spiel", regrow="ma", density=0.05, target_modules=["q_proj", "v_proj"], reselection_steps=10
+    )
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ({"sparse_densty": 0.1}, "Unknown key `sparse_densty` for sparse_plugin.SparsePlugin; did you mean `sparse_density`?"),
-    ({"sparse_density": 1.5}, r"`sparse_density` must be a number in \(0, 1\], got 1.5"),
-    ({"sparse_density": "lots"}, "sparse_density"),
-    ({"sparse_density": None}, "Give exactly one of `sparse_density`, `sparse_num_params`, `sparse_lora_rank_equivalent`"),
-    ({"sparse_method": "lora"}, "`sparse_method` must be one of 'spiel', 'smt', 'sift'; got 'lora'"),
-    ({"adapter": "lora"}, "`adapter: lora` cannot be combined with sparse_plugin.SparsePlugin"),
-    ({"optimizer": "adamw_torch"}, "`optimizer: adamw_torch` does not run sparse selection; set `optimizer: spiel_sm3`"),
-    ({"optimizer": "spiel_adamw"}, "`sparse_regrow: ma` scores positions by SM3's accumulators, which `optimizer: spiel_adamw`"),
-    ({"sparse_target_modules": ["q_proj", "qkv_proj"]}, "`sparse_target_modules` entry 'qkv_proj' matches no Linear layer of LlamaForCausalLM"),
-    ({"sparse_density": None, "sparse_num_params": 10**9}, "The budget of 1000000000 values exceeds"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            {"sparse_densty": 0.1},
+            "Unknown key `sparse_densty` for sparse_plugin.SparsePlugin; did you mean `sparse_density`?",
+        ),
+        ({"sparse_density": 1.5}, r"`sparse_density` must be a number in \(0, 1\], got 1.5"),
+        ({"sparse_density": "lots"}, "sparse_density"),
+        (
+            {"sparse_density": None},
+            "Give exactly one of `sparse_density`, `sparse_num_params`, `sparse_lora_rank_equivalent`",
+        ),
+        ({"sparse_method": "lora"}, "`sparse_method` must be one of 'spiel', 'smt', 'sift'; got 'lora'"),
+        ({"adapter": "lora"}, "`adapter: lora` cannot be combined with sparse_plugin.SparsePlugin"),
+        (
+            {"optimizer": "adamw_torch"},
+            "`optimizer: adamw_torch` does not run sparse selection; set `optimizer: spiel_sm3`",
+        ),
+        (
+            {"optimizer": "spiel_adamw"},
+            "`sparse_regrow: ma` scores positions by SM3's accumulators, which `optimizer: spiel_adamw`",
+        ),
+        (
+            {"sparse_target_modules": ["q_proj", "qkv_proj"]},
+            "`sparse_target_modules` entry 'qkv_proj' matches no Linear layer of LlamaForCausalLM",
+        ),
+        ({"sparse_density": None, "sparse_num_params": 10**9}, "The budget of 1000000000 values exceeds"),
+    ],
+)
 def test_bad_yaml_fails_validation_naming_the_key(tiny_checkpoint, overrides, message):
     base, _ = tiny_checkpoint
     with pytest.raises(ValueError, match=message):
@@ -109,12 +152,19 @@ def test_load_in_4bit_or_8bit_gets_a_bitsandbytes_config(tiny_checkpoint):
     base, _ = tiny_checkpoint
     cfg = _validate(_yaml(base, adapter="sparse", load_in_4bit=True, bf16=True))
     assert cfg.overrides_of_model_kwargs["quantization_config"] == {
-        "quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
-        "bnb_4bit_use_double_quant": True, "bnb_4bit_compute_dtype": "bfloat16"}
+        "quant_method": "bitsandbytes",
+        "load_in_4bit": True,
+        "bnb_4bit_quant_type": "nf4",
+        "bnb_4bit_use_double_quant": True,
+        "bnb_4bit_compute_dtype": "bfloat16",
+    }
     eight = _validate(_yaml(base, adapter="sparse", load_in_8bit=True)).overrides_of_model_kwargs
     assert eight == {"quantization_config": {"quant_method": "bitsandbytes", "load_in_8bit": True}}
     given = {"quantization_config": {"quant_method": "bitsandbytes", "load_in_4bit": True}}
-    assert _validate(_yaml(base, adapter="sparse", load_in_4bit=True, model_kwargs=given)).overrides_of_model_kwargs == given
+    assert (
+        _validate(_yaml(base, adapter="sparse", load_in_4bit=True, model_kwargs=given)).overrides_of_model_kwargs
+        == given
+    )
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
@@ -131,7 +181,9 @@ def test_shipped_configs_validate(path, monkeypatch):
 def test_post_model_load_prepares_the_model_and_names_the_key_on_error():
     plugin, model = SparsePlugin(), tiny_llama()
     plugin.post_model_load(DictDefault(sparse_density=0.05, sparse_target_modules=["q_proj"]), model)
-    assert [key for key, _ in iter_sparse_layers(model)] == [f"model.layers.{i}.self_attn.q_proj.weight" for i in range(2)]
+    assert [key for key, _ in iter_sparse_layers(model)] == [
+        f"model.layers.{i}.self_attn.q_proj.weight" for i in range(2)
+    ]
     assert model.sparse_config.density == 0.05
     with pytest.raises(ValueError, match="`sparse_target_modules` entry 'nope'"):
         plugin.post_model_load(DictDefault(sparse_density=0.05, sparse_target_modules=["nope"]), tiny_llama())
@@ -192,15 +244,33 @@ def _tiny_base_and_data(tmp_path, tokenizer) -> tuple[Path, Path]:
 def _axolotl_train(tmp_path, name: str, base: Path, data: Path, **overrides) -> Path:
     """`axolotl train` on the tiny base (6 steps, SpIEL-MA regrowing every 2, a checkpoint every 3); its output_dir."""
     out = tmp_path / name
-    cfg = _yaml(base, datasets=[{"path": str(data), "ds_type": "json", "type": "completion"}], output_dir=str(out),
-                dataset_prepared_path=str(tmp_path / "prepared"), save_steps=3, logging_steps=1,
-                sparse_reselection_steps=2, sparse_selection_accumulation_steps=1, **overrides)
+    cfg = _yaml(
+        base,
+        datasets=[{"path": str(data), "ds_type": "json", "type": "completion"}],
+        output_dir=str(out),
+        dataset_prepared_path=str(tmp_path / "prepared"),
+        save_steps=3,
+        logging_steps=1,
+        sparse_reselection_steps=2,
+        sparse_selection_accumulation_steps=1,
+        **overrides,
+    )
     (tmp_path / f"{name}.yml").write_text(yaml.safe_dump(cfg))
     bin_dir = str(Path(sys.executable).parent)  # `axolotl train` launches `accelerate` from PATH
-    env = os.environ | {"PATH": bin_dir + os.pathsep + os.environ["PATH"], "AXOLOTL_DO_NOT_TRACK": "1",
-                        "PYTHONPATH": str(REPO)}  # the checkout under test, not another installed copy
-    run = subprocess.run([str(Path(bin_dir) / "axolotl"), "train", str(tmp_path / f"{name}.yml")], cwd=tmp_path,
-                         env=env, check=False, capture_output=True, text=True, timeout=600)
+    env = os.environ | {
+        "PATH": bin_dir + os.pathsep + os.environ["PATH"],
+        "AXOLOTL_DO_NOT_TRACK": "1",
+        "PYTHONPATH": str(REPO),
+    }  # the checkout under test, not another installed copy
+    run = subprocess.run(
+        [str(Path(bin_dir) / "axolotl"), "train", str(tmp_path / f"{name}.yml")],
+        cwd=tmp_path,
+        env=env,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
     return out
 
@@ -209,8 +279,14 @@ def _axolotl_train(tmp_path, name: str, base: Path, data: Path, **overrides) -> 
 @pytest.mark.parametrize("quantized", [False, True], ids=["fp32", "nf4"])
 def test_axolotl_train_then_sparse_merge_then_transformers(tmp_path, tiny_tokenizer, quantized):
     base, data = _tiny_base_and_data(tmp_path, tiny_tokenizer)
-    out = _axolotl_train(tmp_path, "out", base, data, sparse_merge_on_finish=True,
-                         **({"adapter": "sparse", "load_in_4bit": True} if quantized else {}))
+    out = _axolotl_train(
+        tmp_path,
+        "out",
+        base,
+        data,
+        sparse_merge_on_finish=True,
+        **({"adapter": "sparse", "load_in_4bit": True} if quantized else {}),
+    )
     bin_dir = str(Path(sys.executable).parent)
 
     assert {CONFIG_NAME, WEIGHTS_NAME} <= {p.name for p in out.iterdir()}
@@ -220,13 +296,28 @@ def test_axolotl_train_then_sparse_merge_then_transformers(tmp_path, tiny_tokeni
         assert not list((out / f"checkpoint-{step}").glob("model*.safetensors"))  # nor in the checkpoints
     history = json.loads((out / "checkpoint-6" / "trainer_state.json").read_text())["log_history"]
     assert [row["step"] for row in history if "sparse/regrown" in row] == [2, 4]  # spiel_sm3 ran SpIEL-MA
-    trained_on = json.loads((out / CONFIG_NAME).read_text())["targets"]["model.layers.0.self_attn.q_proj.weight"]["dtype"]
+    trained_on = json.loads((out / CONFIG_NAME).read_text())["targets"]["model.layers.0.self_attn.q_proj.weight"][
+        "dtype"
+    ]
     assert trained_on == ("NF4" if quantized else "F32")  # trained over the 4-bit copy, merged into the fp32 base
 
     merged = tmp_path / "merged"
-    merge = subprocess.run([str(Path(bin_dir) / "sparse-merge"), "merge", "--base", str(base), "--adapter", str(out),
-                            "--output", str(merged), "--quiet"],
-                           check=False, capture_output=True, text=True)
+    merge = subprocess.run(
+        [
+            str(Path(bin_dir) / "sparse-merge"),
+            "merge",
+            "--base",
+            str(base),
+            "--adapter",
+            str(out),
+            "--output",
+            str(merged),
+            "--quiet",
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+    )
     assert merge.returncode == 0, merge.stderr
     reloaded = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
     adapter_model = load_adapter(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), out).eval()
@@ -254,19 +345,25 @@ def test_axolotl_resumes_bit_exact_from_an_adapter_only_checkpoint(tmp_path, tin
     state["log_history"][0]["resumed_from_copy"] = True
     (copy / "trainer_state.json").write_text(json.dumps(state))
     resumed = _axolotl_train(tmp_path, "resumed", base, data, resume_from_checkpoint=str(copy))
-    history = [json.loads((out / "checkpoint-6" / "trainer_state.json").read_text())["log_history"] for out in (full, resumed)]
+    history = [
+        json.loads((out / "checkpoint-6" / "trainer_state.json").read_text())["log_history"] for out in (full, resumed)
+    ]
     assert history[1][0].get("resumed_from_copy")
     losses = [{row["step"]: row["loss"] for row in rows if "loss" in row and row["step"] > 3} for rows in history]
     assert len(losses[0]) == 3 and losses[1] == losses[0]  # bit for bit on CPU fp32
     expected, got = read_adapter(full), read_adapter(resumed)
     for key, target in expected.targets.items():
-        assert torch.equal(got.targets[key].indices, target.indices) and torch.equal(got.targets[key].values, target.values), key
+        assert torch.equal(got.targets[key].indices, target.indices) and torch.equal(
+            got.targets[key].values, target.values
+        ), key
 
 
 def test_full_checkpoints_switch_reaches_the_callback():
     plugin = SparsePlugin()
     assert not plugin.add_callbacks_pre_trainer(DictDefault(), tiny_llama())[0].save_full_checkpoints
-    assert plugin.add_callbacks_pre_trainer(DictDefault(sparse_save_full_checkpoints=True), tiny_llama())[0].save_full_checkpoints
+    assert plugin.add_callbacks_pre_trainer(DictDefault(sparse_save_full_checkpoints=True), tiny_llama())[
+        0
+    ].save_full_checkpoints
 
 
 def test_ctrl_c_saves_the_adapter_not_the_model(tmp_path):

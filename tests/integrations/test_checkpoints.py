@@ -20,11 +20,28 @@ def _trainer(directory, config=None, callback=None, model=None, **overrides):
     model = model if model is not None else prepare_model(tiny_llama(), SparseConfig(**(config or BASE)))
     ids = torch.randint(3, 97, (24, 12), generator=torch.Generator().manual_seed(0)).tolist()
     data = Dataset.from_dict({"input_ids": ids, "labels": ids})
-    args = {"output_dir": str(directory), "per_device_train_batch_size": 4, "max_steps": 4, "learning_rate": 1e-2,
-            "logging_steps": 1, "save_strategy": "steps", "save_steps": 2, "report_to": [], "use_cpu": True, "seed": 0,
-            "data_seed": 0, "disable_tqdm": True, "optim": "spiel_sm3"}
-    return Trainer(model=model, args=TrainingArguments(**(args | overrides)), train_dataset=data, eval_dataset=data,
-                   callbacks=[callback or SparseCallback()])
+    args = {
+        "output_dir": str(directory),
+        "per_device_train_batch_size": 4,
+        "max_steps": 4,
+        "learning_rate": 1e-2,
+        "logging_steps": 1,
+        "save_strategy": "steps",
+        "save_steps": 2,
+        "report_to": [],
+        "use_cpu": True,
+        "seed": 0,
+        "data_seed": 0,
+        "disable_tqdm": True,
+        "optim": "spiel_sm3",
+    }
+    return Trainer(
+        model=model,
+        args=TrainingArguments(**(args | overrides)),
+        train_dataset=data,
+        eval_dataset=data,
+        callbacks=[callback or SparseCallback()],
+    )
 
 
 def _losses(trainer):
@@ -50,9 +67,16 @@ def test_checkpoints_and_save_model_hold_the_adapter_and_trainer_state_only(tmp_
     trainer = _trainer(tmp_path, max_steps=1, save_strategy="no")
     trainer.train()
     trainer.save_model(tmp_path / "saved")
-    assert {p.name for p in (tmp_path / "saved").iterdir()} == {CONFIG_NAME, WEIGHTS_NAME, CARD_NAME, "training_args.bin"}
-    assert all(torch.equal(read_adapter(tmp_path / "saved").targets[key].values, values)
-               for key, (_, values) in _layers(trainer.model).items())
+    assert {p.name for p in (tmp_path / "saved").iterdir()} == {
+        CONFIG_NAME,
+        WEIGHTS_NAME,
+        CARD_NAME,
+        "training_args.bin",
+    }
+    assert all(
+        torch.equal(read_adapter(tmp_path / "saved").targets[key].values, values)
+        for key, (_, values) in _layers(trainer.model).items()
+    )
 
 
 def test_full_checkpoints_on_request_keep_the_model_beside_the_adapter_and_resume_exactly(tmp_path):
@@ -75,9 +99,18 @@ def test_save_full_checkpoints_must_be_a_bool():
 # that differs, with both values.
 CHANGES = [
     ({"density": 0.1}, ["`density` 0.05 in the checkpoint, 0.1 now"]),
-    ({"target_modules": ["q_proj", "v_proj"]}, ["`target_modules` 'all-linear' in the checkpoint, ['q_proj', 'v_proj'] now"]),
-    ({"density": None, "num_params": 2000}, ["`density` 0.05 in the checkpoint, None now", "`num_params` None in the checkpoint, 2000 now"]),
-    ({"method": "smt", "block_size": 16, "target_modules": "all-linear"}, ["`method` 'spiel' in the checkpoint, 'smt' now", "`block_size` 256 in the checkpoint, 16 now"]),
+    (
+        {"target_modules": ["q_proj", "v_proj"]},
+        ["`target_modules` 'all-linear' in the checkpoint, ['q_proj', 'v_proj'] now"],
+    ),
+    (
+        {"density": None, "num_params": 2000},
+        ["`density` 0.05 in the checkpoint, None now", "`num_params` None in the checkpoint, 2000 now"],
+    ),
+    (
+        {"method": "smt", "block_size": 16, "target_modules": "all-linear"},
+        ["`method` 'spiel' in the checkpoint, 'smt' now", "`block_size` 256 in the checkpoint, 16 now"],
+    ),
     ({"regrow": "ag"}, ["`regrow` 'ma' in the checkpoint, 'ag' now"]),
     ({"values_dtype": "bfloat16"}, ["`values_dtype` 'float32' in the checkpoint, 'bfloat16' now"]),
     ({"seed": 1}, ["`seed` 0 in the checkpoint, 1 now"]),
@@ -124,8 +157,15 @@ def test_resume_onto_another_base_is_refused(tmp_path, checkpoint):
 def test_load_best_model_at_end_loads_the_best_checkpoints_adapter(tmp_path):
     # greater_is_better=True on the eval loss picks the worst checkpoint, the first: not what the model holds
     # after the last step, so the test sees whether it was loaded.
-    trainer = _trainer(tmp_path, max_steps=6, eval_strategy="steps", eval_steps=2, load_best_model_at_end=True,
-                       metric_for_best_model="loss", greater_is_better=True)
+    trainer = _trainer(
+        tmp_path,
+        max_steps=6,
+        eval_strategy="steps",
+        eval_steps=2,
+        load_best_model_at_end=True,
+        metric_for_best_model="loss",
+        greater_is_better=True,
+    )
     trainer.train()
     assert trainer.state.best_model_checkpoint == str(tmp_path / "checkpoint-2")
     best = load_adapter(prepare_model(tiny_llama(), SparseConfig(**BASE)), tmp_path / "checkpoint-2")

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_llama
 from datasets import Dataset
 from transformers import LlamaForCausalLM, Trainer, TrainingArguments
 
@@ -11,8 +12,6 @@ import sparse_plugin
 from sparse_plugin import SM3, SparseAdamW, SparseCallback, SparseConfig, iter_sparse_layers, prepare_model
 from sparse_plugin.cli import main
 from sparse_plugin.io import CONFIG_NAME, WEIGHTS_NAME
-
-from conftest import tiny_llama
 
 
 def _dataset(rows=24, length=12, seed=0):
@@ -22,21 +21,40 @@ def _dataset(rows=24, length=12, seed=0):
 
 
 def _args(tmp_path, **overrides):
-    base = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, max_steps=6, learning_rate=1e-2,
-                logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=0, data_seed=0,
-                disable_tqdm=True, optim="spiel_sm3")
+    base = {
+        "output_dir": str(tmp_path / "out"),
+        "per_device_train_batch_size": 4,
+        "max_steps": 6,
+        "learning_rate": 1e-2,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": [],
+        "use_cpu": True,
+        "seed": 0,
+        "data_seed": 0,
+        "disable_tqdm": True,
+        "optim": "spiel_sm3",
+    }
     return TrainingArguments(**(base | overrides))
 
 
 def _prepared(**config):
-    return prepare_model(tiny_llama(), SparseConfig(**({"density": 0.05, "reselection_steps": 2, "selection_accumulation_steps": 1} | config)))
+    return prepare_model(
+        tiny_llama(),
+        SparseConfig(**({"density": 0.05, "reselection_steps": 2, "selection_accumulation_steps": 1} | config)),
+    )
 
 
 @pytest.mark.parametrize("name, cls", [("spiel_sm3", SM3), ("spiel_adamw", SparseAdamW)])
 def test_trainer_builds_our_optimizer_from_the_name(tmp_path, name, cls):
     model = _prepared(regrow="ma" if cls is SM3 else "ag")
-    args = _args(tmp_path, optim=name, adam_beta1=0.8, weight_decay=0.01,
-                 optim_args="momentum=0.9,beta=0.5" if cls is SM3 else "eps=1e-7")
+    args = _args(
+        tmp_path,
+        optim=name,
+        adam_beta1=0.8,
+        weight_decay=0.01,
+        optim_args="momentum=0.9,beta=0.5" if cls is SM3 else "eps=1e-7",
+    )
     trainer = Trainer(model=model, args=args, train_dataset=_dataset())
     optimizer = trainer.create_optimizer()
     assert type(optimizer) is cls and optimizer.selector is not None and optimizer.selector.total_steps == 6
@@ -50,7 +68,9 @@ def test_trainer_builds_our_optimizer_from_the_name(tmp_path, name, cls):
 
 def test_unknown_optim_arg_is_refused(tmp_path):
     trainer = Trainer(model=_prepared(), args=_args(tmp_path, optim_args="rank=4"), train_dataset=_dataset())
-    with pytest.raises(ValueError, match="`optim_args` key 'rank' is not understood by SM3; allowed: \\['beta', 'eps', 'momentum'\\]"):
+    with pytest.raises(
+        ValueError, match="`optim_args` key 'rank' is not understood by SM3; allowed: \\['beta', 'eps', 'momentum'\\]"
+    ):
         trainer.create_optimizer()
 
 
@@ -59,7 +79,9 @@ def test_deepspeed_is_refused_with_the_supported_alternatives(tmp_path):
     args.deepspeed = {"zero_optimization": {"stage": 2}}  # set after construction: building it needs deepspeed
     trainer = Trainer(model=_prepared(), args=_args(tmp_path), train_dataset=_dataset())
     trainer.args = args
-    with pytest.raises(ValueError, match="cannot run under DeepSpeed.*train with FSDP \\(fsdp=True, with SparseCallback\\) or DDP"):
+    with pytest.raises(
+        ValueError, match="cannot run under DeepSpeed.*train with FSDP \\(fsdp=True, with SparseCallback\\) or DDP"
+    ):
         trainer.create_optimizer()
 
 
@@ -78,7 +100,10 @@ def _with_fsdp_plugin(monkeypatch):
 def test_fsdp_without_the_callback_is_refused(tmp_path, monkeypatch):
     trainer = Trainer(model=_prepared(), args=_args(tmp_path), train_dataset=_dataset())
     _with_fsdp_plugin(monkeypatch)
-    with pytest.raises(ValueError, match="under FSDP needs the sparse deltas kept out of FSDP's shards: pass callbacks=\\[SparseCallback\\(\\)\\]"):
+    with pytest.raises(
+        ValueError,
+        match="under FSDP needs the sparse deltas kept out of FSDP's shards: pass callbacks=\\[SparseCallback\\(\\)\\]",
+    ):
         trainer.create_optimizer()
 
 
@@ -97,7 +122,9 @@ def test_callback_keeps_the_deltas_out_of_fsdp_and_keeps_the_users_ignored_modul
 
 def test_model_without_sparse_layers_gets_a_clear_error(tmp_path):
     trainer = Trainer(model=tiny_llama(), args=_args(tmp_path), train_dataset=_dataset())
-    with pytest.raises(ValueError, match="call `model = sparse_plugin.prepare_model\\(model, SparseConfig\\(...\\)\\)`"):
+    with pytest.raises(
+        ValueError, match="call `model = sparse_plugin.prepare_model\\(model, SparseConfig\\(...\\)\\)`"
+    ):
         trainer.create_optimizer()
 
 
@@ -139,14 +166,19 @@ def test_smt_and_sift_train_save_merge_and_reload(tmp_path, config):
     out = tmp_path / "out"
     ids = torch.randint(3, 97, (2, 9))
     expected = model.eval()(ids).logits
-    torch.testing.assert_close(sparse_plugin.load_adapter(tiny_llama(), out)(ids).logits, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        sparse_plugin.load_adapter(tiny_llama(), out)(ids).logits, expected, atol=1e-5, rtol=1e-5
+    )
     assert main(["merge", "--base", str(base_dir), "--adapter", str(out), "--output", str(tmp_path / "merged")]) == 0
     merged = LlamaForCausalLM.from_pretrained(tmp_path / "merged")
     torch.testing.assert_close(merged(ids).logits, expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("optim, config", [("spiel_sm3", {"regrow": "ma"}), ("spiel_adamw", {"regrow": "ag"}),
-                                           ("spiel_adamw", SMT), ("spiel_sm3", SIFT)], ids=["ma", "ag", "smt", "sift"])
+@pytest.mark.parametrize(
+    "optim, config",
+    [("spiel_sm3", {"regrow": "ma"}), ("spiel_adamw", {"regrow": "ag"}), ("spiel_adamw", SMT), ("spiel_sm3", SIFT)],
+    ids=["ma", "ag", "smt", "sift"],
+)
 def test_resume_from_checkpoint_continues_like_an_uninterrupted_run(tmp_path, optim, config):
     def run(directory, resume=None, max_steps=6):
         model = _prepared(**config)
@@ -157,7 +189,10 @@ def test_resume_from_checkpoint_continues_like_an_uninterrupted_run(tmp_path, op
 
     full, full_model = run(tmp_path / "a")
     resumed, resumed_model = run(tmp_path / "b", resume=str(tmp_path / "a" / "out" / "checkpoint-3"))
-    losses = lambda t: {row["step"]: row["loss"] for row in t.state.log_history if "loss" in row}
+
+    def losses(t):
+        return {row["step"]: row["loss"] for row in t.state.log_history if "loss" in row}
+
     assert losses(resumed)[4] == losses(full)[4]  # the next step after the checkpoint, bit for bit on CPU
     for (_, a), (_, b) in zip(iter_sparse_layers(full_model), iter_sparse_layers(resumed_model)):
         assert torch.equal(a.indices, b.indices) and torch.equal(a.values, b.values)
@@ -166,7 +201,9 @@ def test_resume_from_checkpoint_continues_like_an_uninterrupted_run(tmp_path, op
 @pytest.mark.parametrize("extra", [{"gradient_checkpointing": True}, {"bf16": True}])
 def test_works_with_gradient_checkpointing_and_bf16_autocast(tmp_path, extra):
     model = _prepared()
-    trainer = Trainer(model=model, args=_args(tmp_path, max_steps=4, **extra), train_dataset=_dataset(), callbacks=[SparseCallback()])
+    trainer = Trainer(
+        model=model, args=_args(tmp_path, max_steps=4, **extra), train_dataset=_dataset(), callbacks=[SparseCallback()]
+    )
     result = trainer.train()
     assert torch.isfinite(torch.tensor(result.training_loss))
     assert any(layer.values.abs().sum() > 0 for _, layer in iter_sparse_layers(model))
@@ -175,7 +212,13 @@ def test_works_with_gradient_checkpointing_and_bf16_autocast(tmp_path, extra):
 def test_evaluation_during_training(tmp_path):
     model = _prepared()
     args = _args(tmp_path, eval_strategy="steps", eval_steps=3, per_device_eval_batch_size=4)
-    trainer = Trainer(model=model, args=args, train_dataset=_dataset(), eval_dataset=_dataset(8, seed=1), callbacks=[SparseCallback()])
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=_dataset(),
+        eval_dataset=_dataset(8, seed=1),
+        callbacks=[SparseCallback()],
+    )
     trainer.train()
     assert [row["step"] for row in trainer.state.log_history if "eval_loss" in row] == [3, 6]
 
@@ -184,11 +227,22 @@ def test_trl_sft_trainer(tmp_path, tiny_tokenizer):
     trl = pytest.importorskip("trl")
     model = _prepared(regrow="ag")
     text = Dataset.from_dict({"text": [" ".join(f"w{i % 90}" for i in range(s, s + 10)) for s in range(16)]})
-    config = trl.SFTConfig(output_dir=str(tmp_path / "sft"), max_steps=4, per_device_train_batch_size=4, learning_rate=1e-2,
-                           optim="spiel_adamw", report_to=[], use_cpu=True, save_strategy="no", logging_steps=1,
-                           max_length=16, disable_tqdm=True)
-    trainer = trl.SFTTrainer(model=model, args=config, train_dataset=text, processing_class=tiny_tokenizer,
-                             callbacks=[SparseCallback()])
+    config = trl.SFTConfig(
+        output_dir=str(tmp_path / "sft"),
+        max_steps=4,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        optim="spiel_adamw",
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        logging_steps=1,
+        max_length=16,
+        disable_tqdm=True,
+    )
+    trainer = trl.SFTTrainer(
+        model=model, args=config, train_dataset=text, processing_class=tiny_tokenizer, callbacks=[SparseCallback()]
+    )
     assert isinstance(trainer.create_optimizer(), SparseAdamW)
     trainer.train()
     assert (tmp_path / "sft" / WEIGHTS_NAME).is_file()
@@ -200,8 +254,12 @@ def test_torch_compile_matches_eager(tmp_path):
     losses = []
     for compile_ in (False, True):
         model = _prepared()
-        trainer = Trainer(model=model, args=_args(tmp_path / str(compile_), max_steps=3, torch_compile=compile_),
-                          train_dataset=_dataset(), callbacks=[SparseCallback()])
+        trainer = Trainer(
+            model=model,
+            args=_args(tmp_path / str(compile_), max_steps=3, torch_compile=compile_),
+            train_dataset=_dataset(),
+            callbacks=[SparseCallback()],
+        )
         trainer.train()
         losses.append([row["loss"] for row in trainer.state.log_history if "loss" in row])
     # Inductor fuses and reorders fp32 reductions: agreement to ~1e-4 relative, not bit for bit.
@@ -219,6 +277,8 @@ def test_trains_over_a_bitsandbytes_4bit_base_and_still_refuses_a_purely_quantiz
         Trainer(model=load(), args=_args(tmp_path), train_dataset=_dataset())
     model = prepare_model(load(), SparseConfig(density=0.05, reselection_steps=2, selection_accumulation_steps=1))
     assert type(model.model.layers[0].self_attn.q_proj.base_layer).__name__ == "Linear4bit"
-    trainer = Trainer(model=model, args=_args(tmp_path, max_steps=3), train_dataset=_dataset(), callbacks=[SparseCallback()])
+    trainer = Trainer(
+        model=model, args=_args(tmp_path, max_steps=3), train_dataset=_dataset(), callbacks=[SparseCallback()]
+    )
     trainer.train()
     assert all(layer.values.abs().sum() > 0 for _, layer in iter_sparse_layers(model))

@@ -20,8 +20,19 @@ from sparse_plugin.kernels import merged_weight, scatter_triton, sddmm  # noqa: 
 
 
 def _sddmm(activations: str, index: str) -> tuple:
-    pointers = {"dyt_ptr": activations, "xt_ptr": activations, "rows_ptr": index, "cols_ptr": index, "out_ptr": "*fp32"}
-    return "sddmm", "_sddmm_kernel", pointers | {"n": "i32", "tokens": "i32"}, {"BLOCK_P": sddmm._BLOCK_P, "BLOCK_T": sddmm._BLOCK_T}
+    pointers = {
+        "dyt_ptr": activations,
+        "xt_ptr": activations,
+        "rows_ptr": index,
+        "cols_ptr": index,
+        "out_ptr": "*fp32",
+    }
+    return (
+        "sddmm",
+        "_sddmm_kernel",
+        pointers | {"n": "i32", "tokens": "i32"},
+        {"BLOCK_P": sddmm._BLOCK_P, "BLOCK_T": sddmm._BLOCK_T},
+    )
 
 
 def _merged(out: str, index: str) -> tuple:
@@ -37,8 +48,12 @@ VARIANTS = [
     _sddmm("*fp32", "*i32"),
     _merged("*fp32", "*i64"),
     _merged("*bf16", "*i32"),
-    ("scatter_triton", "_scatter_kernel", {"weight_ptr": "*bf16", "indices_ptr": "*i32", "values_ptr": "*fp32", "n": "i32", "alpha": "fp32"},
-     {"ADD": True, "BF16": True, "BLOCK": scatter_triton._BLOCK}),
+    (
+        "scatter_triton",
+        "_scatter_kernel",
+        {"weight_ptr": "*bf16", "indices_ptr": "*i32", "values_ptr": "*fp32", "n": "i32", "alpha": "fp32"},
+        {"ADD": True, "BF16": True, "BLOCK": scatter_triton._BLOCK},
+    ),
 ]
 
 _COMPILE = r"""

@@ -10,8 +10,8 @@ import functools
 import pytest
 import torch
 import torch.nn.functional as F
-
 from kernel_utils import compiled_cuda, random_pattern
+
 from sparse_plugin.kernels.merged_weight import merged_weight, merged_weight_reference
 from sparse_plugin.kernels.scatter import scatter_add_, scatter_add_reference, scatter_set_
 from sparse_plugin.kernels.sddmm import pick_grad_path, values_grad_dense, values_grad_triton
@@ -22,10 +22,21 @@ pytestmark = compiled_cuda
 random_pattern = functools.cache(random_pattern)
 
 # (out, in, tokens, density): SmolLM2's k/v and down projections, Llama's 4096² and 4096×11008, primes.
-CASES = [(192, 576, 512, 0.05), (576, 1536, 1000, 0.02), (4096, 4096, 2048, 0.01), (4096, 11008, 1024, 0.005), (97, 211, 77, 0.3)]
+CASES = [
+    (192, 576, 512, 0.05),
+    (576, 1536, 1000, 0.02),
+    (4096, 4096, 2048, 0.01),
+    (4096, 11008, 1024, 0.005),
+    (97, 211, 77, 0.3),
+]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # (W0 dtype, merged weight dtype)
-DTYPE_PAIRS = [(torch.float32, torch.float32), (torch.float32, torch.bfloat16), (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16)]
+DTYPE_PAIRS = [
+    (torch.float32, torch.float32),
+    (torch.float32, torch.bfloat16),
+    (torch.bfloat16, torch.bfloat16),
+    (torch.float16, torch.float16),
+]
 
 
 @pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
@@ -51,7 +62,9 @@ def test_sddmm_token_chunks_agree_with_one_launch():
 @pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
 @pytest.mark.parametrize("base_dtype, dtype", DTYPE_PAIRS)
 @pytest.mark.parametrize("out_f, in_f, tokens, density", CASES)
-def test_fused_merged_weight_matches_reference_bit_for_bit(out_f, in_f, tokens, density, base_dtype, dtype, index_dtype):
+def test_fused_merged_weight_matches_reference_bit_for_bit(
+    out_f, in_f, tokens, density, base_dtype, dtype, index_dtype
+):
     pattern = random_pattern((out_f, in_f), density, index_dtype, device="cuda")
     base = torch.randn(out_f, in_f, device="cuda").to(base_dtype)
     values = torch.randn(pattern.indices.numel(), device="cuda") * 1e-2

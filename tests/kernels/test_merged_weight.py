@@ -3,8 +3,8 @@ CPU tensors against the torch reference (bit for bit), and the reference against
 
 import pytest
 import torch
-
 from kernel_utils import interpreter, random_pattern
+
 from sparse_plugin.kernels.merged_weight import _BLOCK, _BLOCK_P, merged_weight, merged_weight_reference
 from sparse_plugin.kernels.pattern import SparsePattern
 

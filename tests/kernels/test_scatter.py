@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from kernel_utils import interpreter
+
 from sparse_plugin.kernels.scatter import (
     scatter_add_,
     scatter_add_reference,

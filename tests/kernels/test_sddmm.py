@@ -3,14 +3,14 @@ torch reference, the three paths against each other, and the rule that picks one
 
 import pytest
 import torch
-
 from kernel_utils import interpreter, random_pattern
+
 from sparse_plugin.kernels.pattern import SparsePattern
 from sparse_plugin.kernels.sddmm import (
-    SAMPLED_MAX_DENSITY,
-    TRITON_MAX_DENSITY,
     _BLOCK_P,
     _BLOCK_T,
+    SAMPLED_MAX_DENSITY,
+    TRITON_MAX_DENSITY,
     grad_path_rule,
     values_grad,
     values_grad_dense,
@@ -81,7 +81,9 @@ def test_no_positions_or_no_tokens_give_zeros():
 def test_every_path_gives_the_same_gradient(path):
     pattern = random_pattern((24, 40), 0.05)
     dy, x = _activations(33, pattern.shape, torch.float32)
-    torch.testing.assert_close(values_grad(dy, x, pattern, path).double(), _reference(dy, x, pattern), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        values_grad(dy, x, pattern, path).double(), _reference(dy, x, pattern), atol=1e-5, rtol=1e-5
+    )
 
 
 @interpreter

@@ -2,11 +2,10 @@
 no zero-gradient step that would advance the schedule, and the selection statistics kept per parameter."""
 
 import torch
+from conftest import tiny_llama
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
 from sparse_plugin import SparseAdamW, SparseConfig, iter_sparse_layers, prepare_model
-
-from conftest import tiny_llama
 
 SMT = SparseConfig(method="smt", density=0.2, block_size=16, warmup_steps=3, target_modules="all-linear")
 

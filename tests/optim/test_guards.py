@@ -4,14 +4,13 @@ import copy
 
 import pytest
 import torch
+from conftest import tiny_llama
 from torch import nn
 
 from sparse_plugin import SM3, SparseConfig, iter_sparse_layers, prepare_model
 from sparse_plugin.layer import SparseDeltaLinear
 from sparse_plugin.selection.sift import PoolGatherer
 from sparse_plugin.selection.spiel import GradientGatherer
-
-from conftest import tiny_llama
 
 
 def _backward(model, ids):
@@ -33,7 +32,9 @@ def test_non_finite_gradient_skips_the_update_and_the_round_due():
     before = _snapshot(model, opt)
     _backward(model, ids)
     next(iter_sparse_layers(model))[1].values.grad[0] = float("nan")
-    with pytest.warns(RuntimeWarning, match="non-finite gradient at step 2; this update and any selection due now are skipped"):
+    with pytest.warns(
+        RuntimeWarning, match="non-finite gradient at step 2; this update and any selection due now are skipped"
+    ):
         opt.step()  # step 2 is a reselection step
     opt.zero_grad()
     after = _snapshot(model, opt)
@@ -51,7 +52,9 @@ def test_non_finite_gradient_skips_the_update_and_the_round_due():
     assert all(bool(torch.isfinite(layer.values).all()) for _, layer in iter_sparse_layers(model))
 
 
-@pytest.mark.parametrize("make", [GradientGatherer, lambda layer: PoolGatherer(layer, selection_steps=1)], ids=["ag", "sift"])
+@pytest.mark.parametrize(
+    "make", [GradientGatherer, lambda layer: PoolGatherer(layer, selection_steps=1)], ids=["ag", "sift"]
+)
 def test_non_finite_dense_gradient_stays_out_of_the_statistics(make):
     layer = SparseDeltaLinear(nn.Linear(6, 4).requires_grad_(False), torch.tensor([1, 7, 20]))
     collector = make(layer)

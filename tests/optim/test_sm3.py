@@ -30,7 +30,7 @@ def _reference_sm3(values, grads, positions, shape, lr, momentum=0.0, beta=0.0, 
             i, j = divmod(pos, in_f)
             base = min(r[i], c[j])
             nu.append(beta * base + (1 - beta) * g[p] ** 2 if beta > 0 else base + g[p] ** 2)
-        for p, pos in enumerate(positions):  # rows/columns with trained positions take the max of their ν
+        for pos in positions:  # rows/columns with trained positions take the max of their ν
             i, j = divmod(pos, in_f)
             r[i] = max(nu[q] for q, other in enumerate(positions) if other // in_f == i)
             c[j] = max(nu[q] for q, other in enumerate(positions) if other % in_f == j)
@@ -45,7 +45,14 @@ def _reference_sm3(values, grads, positions, shape, lr, momentum=0.0, beta=0.0, 
 
 
 @pytest.mark.parametrize(
-    "kwargs", [{}, {"momentum": 0.9}, {"beta": 0.9}, {"weight_decay": 0.1}, {"momentum": 0.5, "beta": 0.5, "weight_decay": 0.01}]
+    "kwargs",
+    [
+        {},
+        {"momentum": 0.9},
+        {"beta": 0.9},
+        {"weight_decay": 0.1},
+        {"momentum": 0.5, "beta": 0.5, "weight_decay": 0.01},
+    ],
 )
 def test_sm3_matches_position_by_position_reference(kwargs):
     layer = _layer()
@@ -60,7 +67,9 @@ def test_sm3_matches_position_by_position_reference(kwargs):
         layer.values.grad = g.clone()
         opt.step()
     history, r, c = _reference_sm3(start, [g.double().tolist() for g in grads], positions, (6, 5), lr=0.1, **kwargs)
-    torch.testing.assert_close(layer.values.detach().double(), torch.tensor(history[-1], dtype=torch.float64), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(
+        layer.values.detach().double(), torch.tensor(history[-1], dtype=torch.float64), atol=1e-6, rtol=1e-5
+    )
     row, col = opt.row_col_accumulators(layer.values)
     torch.testing.assert_close(row.double(), torch.tensor(r, dtype=torch.float64), atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(col.double(), torch.tensor(c, dtype=torch.float64), atol=1e-6, rtol=1e-5)
@@ -77,7 +86,9 @@ def test_state_is_o_of_rows_plus_columns():
 
 
 def test_bf16_values_are_updated_in_fp32_and_copied_back():
-    layer = SparseDeltaLinear(nn.Linear(5, 6).requires_grad_(False), torch.tensor([1, 2, 3]), values_dtype=torch.bfloat16)
+    layer = SparseDeltaLinear(
+        nn.Linear(5, 6).requires_grad_(False), torch.tensor([1, 2, 3]), values_dtype=torch.bfloat16
+    )
     opt = SM3(layer, lr=0.1)
     layer.values.grad = torch.tensor([1.0, -2.0, 0.5], dtype=torch.bfloat16)
     opt.step()
@@ -112,7 +123,11 @@ def test_state_dict_round_trip_continues_identically(tiny_model):
 
 @pytest.mark.parametrize(
     "kwargs, match",
-    [({"lr": -1}, "`lr` must be >= 0"), ({"momentum": 1.0}, "`momentum` must be \\[0, 1\\)"), ({"beta": -0.1}, "`beta`")],
+    [
+        ({"lr": -1}, "`lr` must be >= 0"),
+        ({"momentum": 1.0}, "`momentum` must be \\[0, 1\\)"),
+        ({"beta": -0.1}, "`beta`"),
+    ],
 )
 def test_invalid_hyperparameters(kwargs, match):
     with pytest.raises(ValueError, match=match):

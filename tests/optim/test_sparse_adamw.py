@@ -39,7 +39,9 @@ def test_masked_dense_parameter_moves_only_masked_entries(as_indices):
     mask[0, 1] = mask[2, 5] = mask[3, 0] = True
     before = weight.detach().clone()
     sub = nn.Parameter(before[mask].clone())
-    opt = SparseAdamW([{"params": [weight], "mask": mask.view(-1).nonzero().squeeze(1) if as_indices else mask}], lr=0.1)
+    opt = SparseAdamW(
+        [{"params": [weight], "mask": mask.view(-1).nonzero().squeeze(1) if as_indices else mask}], lr=0.1
+    )
     torch_opt = torch.optim.AdamW([sub], lr=0.1, weight_decay=0.0)
     for g in _grads(24, 3):
         weight.grad = g.view(4, 6).clone()
@@ -54,7 +56,11 @@ def test_masked_dense_parameter_moves_only_masked_entries(as_indices):
 
 @pytest.mark.parametrize(
     "mask, match",
-    [(torch.zeros(3, 3, dtype=torch.bool), "shape"), (torch.tensor([0, 99]), "indices must lie"), (torch.tensor([0.5]), "must be a bool")],
+    [
+        (torch.zeros(3, 3, dtype=torch.bool), "shape"),
+        (torch.tensor([0, 99]), "indices must lie"),
+        (torch.tensor([0.5]), "must be a bool"),
+    ],
 )
 def test_bad_masks_are_refused(mask, match):
     with pytest.raises(ValueError, match=match):
@@ -109,6 +115,8 @@ def test_state_dict_round_trip_through_a_regrow(tiny_model):
     assert fresh.completed_steps == 4
     train(model, opt, 3)
     train(twin, fresh, 3)
-    for (name, a), (_, b) in zip(list(model.named_parameters()) + list(model.named_buffers()),
-                                 list(twin.named_parameters()) + list(twin.named_buffers())):
+    for (name, a), (_, b) in zip(
+        list(model.named_parameters()) + list(model.named_buffers()),
+        list(twin.named_parameters()) + list(twin.named_buffers()),
+    ):
         assert torch.equal(a, b), name

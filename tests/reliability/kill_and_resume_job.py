@@ -25,8 +25,20 @@ from sparse_plugin import SparseCallback, SparseConfig, iter_sparse_layers, prep
 # (step 3 of 2 micro-batches each). Killing after step 3 (AG) or 2 (SMT, SIFT) lands between gathering and deciding.
 METHODS = {
     "ma": ({"method": "spiel", "regrow": "ma", "density": 0.05, "reselection_steps": 4}, "spiel_sm3"),
-    "ag": ({"method": "spiel", "regrow": "ag", "density": 0.05, "reselection_steps": 4, "selection_accumulation_steps": 2}, "spiel_adamw"),
-    "smt": ({"method": "smt", "density": 0.2, "block_size": 16, "warmup_steps": 3, "target_modules": "all-linear"}, "spiel_adamw"),
+    "ag": (
+        {
+            "method": "spiel",
+            "regrow": "ag",
+            "density": 0.05,
+            "reselection_steps": 4,
+            "selection_accumulation_steps": 2,
+        },
+        "spiel_adamw",
+    ),
+    "smt": (
+        {"method": "smt", "density": 0.2, "block_size": 16, "warmup_steps": 3, "target_modules": "all-linear"},
+        "spiel_adamw",
+    ),
     "sift": ({"method": "sift", "density": 0.05, "selection_steps": 5}, "spiel_adamw"),
 }
 
@@ -51,13 +63,28 @@ def main() -> None:
     model = prepare_model(tiny_llama(), SparseConfig(**fields))
     ids = torch.randint(3, 97, (24, 12), generator=torch.Generator().manual_seed(0)).tolist()
     training = TrainingArguments(
-        output_dir=str(args.out), optim=optim, learning_rate=1e-2, max_steps=8, per_device_train_batch_size=2,
-        gradient_accumulation_steps=2, save_strategy="steps", save_steps=1, logging_steps=1, report_to=[],
-        use_cpu=True, seed=0, data_seed=0, disable_tqdm=True,
+        output_dir=str(args.out),
+        optim=optim,
+        learning_rate=1e-2,
+        max_steps=8,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        save_strategy="steps",
+        save_steps=1,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        data_seed=0,
+        disable_tqdm=True,
     )
     callbacks = [SparseCallback()] + ([KillAfter(args.kill_after)] if args.kill_after else [])
-    trainer = Trainer(model=model, args=training, train_dataset=Dataset.from_dict({"input_ids": ids, "labels": ids}),
-                      callbacks=callbacks)
+    trainer = Trainer(
+        model=model,
+        args=training,
+        train_dataset=Dataset.from_dict({"input_ids": ids, "labels": ids}),
+        callbacks=callbacks,
+    )
     trainer.train(resume_from_checkpoint=args.resume)
     losses = {row["step"]: row["loss"] for row in trainer.state.log_history if "loss" in row}
     layers = {key: (layer.indices.clone(), layer.values.detach().clone()) for key, layer in iter_sparse_layers(model)}

@@ -13,14 +13,28 @@ import torch
 JOB = Path(__file__).with_name("kill_and_resume_job.py")
 REPO = Path(__file__).resolve().parents[2]
 # What a checkpoint holds: the adapter (with its model card) and the Trainer's state, no copy of the model.
-CHECKPOINT_FILES = {"sparse_config.json", "sparse_adapter.safetensors", "README.md", "optimizer.pt", "scheduler.pt", "rng_state.pth",
-                    "trainer_state.json", "training_args.bin"}
+CHECKPOINT_FILES = {
+    "sparse_config.json",
+    "sparse_adapter.safetensors",
+    "README.md",
+    "optimizer.pt",
+    "scheduler.pt",
+    "rng_state.pth",
+    "trainer_state.json",
+    "training_args.bin",
+}
 
 
 def _run(out: Path, method: str, *extra: str) -> subprocess.CompletedProcess:
     env = os.environ | {"PYTHONPATH": str(REPO)}  # the checkout under test, not another installed copy
-    return subprocess.run([sys.executable, str(JOB), str(out), method, *extra], check=False, capture_output=True,
-                          text=True, timeout=600, env=env)
+    return subprocess.run(
+        [sys.executable, str(JOB), str(out), method, *extra],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
 
 
 @pytest.mark.parametrize("method, kill_after", [("ma", 3), ("ag", 3), ("smt", 2), ("sift", 2)])

@@ -3,14 +3,13 @@
 import copy
 
 import torch
+from conftest import tiny_llama
 from torch import nn
+from training_utils import train
 
 from sparse_plugin import SparseAdamW, SparseConfig, iter_sparse_layers, prepare_model
 from sparse_plugin.layer import SparseDeltaLinear
 from sparse_plugin.selection.sift import POOL_FACTOR, PoolGatherer
-from training_utils import train
-
-from conftest import tiny_llama
 
 
 def _dense_grad_sums(base, micro_batches, scale=1.0):
@@ -63,7 +62,9 @@ def test_same_total_batch_with_and_without_accumulation_gives_the_same_choice_an
         _, model = _sift_model(1 / POOL_FACTOR, selection_steps)
         opt = SparseAdamW(model, lr=1e-3)
         train(model, opt, [torch.cat(micro)], accumulation=accumulation)
-        results.append([(layer.indices.clone(), layer.values.detach().clone()) for _, layer in iter_sparse_layers(model)])
+        results.append(
+            [(layer.indices.clone(), layer.values.detach().clone()) for _, layer in iter_sparse_layers(model)]
+        )
     for (idx_a, val_a), (idx_b, val_b) in zip(*results):
         assert torch.equal(idx_a, idx_b)
         torch.testing.assert_close(val_a, val_b, rtol=1e-4, atol=1e-6)
@@ -87,7 +88,7 @@ def test_pool_is_the_first_micro_batch_top_candidates():
     gatherer = PoolGatherer(layer, selection_steps=2)
     first = torch.arange(20, dtype=torch.float32).view(4, 5) * torch.tensor([1.0, -1.0] * 10).view(4, 5)
     assert gatherer(first) is None
-    assert gatherer.pool.tolist() == [12, 13, 14, 15, 16, 17, 18, 19][-POOL_FACTOR * 2:]
+    assert gatherer.pool.tolist() == [12, 13, 14, 15, 16, 17, 18, 19][-POOL_FACTOR * 2 :]
     second = torch.zeros(4, 5)
     second.view(-1)[12] = 100.0
     grad = gatherer(second)

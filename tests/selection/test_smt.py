@@ -4,15 +4,14 @@ import copy
 
 import pytest
 import torch
+from conftest import tiny_llama
 from torch import nn
+from training_utils import train
 
 from sparse_plugin import SM3, SparseAdamW, SparseConfig, iter_sparse_layers, prepare_model
 from sparse_plugin.kernels.blocks import BlockPattern, block_grid, block_positions
 from sparse_plugin.layer import SparseDeltaLinear
 from sparse_plugin.selection.smt import BlockStats, choose_blocks, warmup_length
-from training_utils import train
-
-from conftest import tiny_llama
 
 
 def test_block_stats_by_hand():
@@ -22,8 +21,12 @@ def test_block_stats_by_hand():
     grad = -torch.arange(35, dtype=torch.float32).view(5, 7)
     stats(grad)
     stats(grad)
-    expected = torch.tensor([[sum(abs(grad[r, c]) for r in rows for c in cols) * 2 for cols in ([0, 1, 2], [3, 4, 5], [6])]
-                             for rows in ([0, 1, 2], [3, 4])])
+    expected = torch.tensor(
+        [
+            [sum(abs(grad[r, c]) for r in rows for c in cols) * 2 for cols in ([0, 1, 2], [3, 4, 5], [6])]
+            for rows in ([0, 1, 2], [3, 4])
+        ]
+    )
     torch.testing.assert_close(stats.sums, expected)
     assert stats.block_areas().tolist() == [[9, 9, 3], [6, 6, 2]]
 
@@ -41,7 +44,9 @@ def test_global_choice_by_hand():
 
 def test_warmup_defaults_to_a_tenth_of_the_run_capped_at_the_papers_100():
     config = SparseConfig(method="smt", density=0.1)
-    assert warmup_length(config, 30) == 3 and warmup_length(config, 5000) == 100 and warmup_length(config, None) is None
+    assert (
+        warmup_length(config, 30) == 3 and warmup_length(config, 5000) == 100 and warmup_length(config, None) is None
+    )
     assert warmup_length(SparseConfig(method="smt", density=0.1, warmup_steps=7), None) == 7
 
 
@@ -63,7 +68,7 @@ def _reference_block_means(base, batches, block_size, accumulation=1, scale=True
                 table = torch.zeros(gr, gc)
                 for i in range(gr):
                     for j in range(gc):
-                        block = g[i * bh:(i + 1) * bh, j * bw:(j + 1) * bw]
+                        block = g[i * bh : (i + 1) * bh, j * bw : (j + 1) * bw]
                         table[i, j] = block.sum() / block.numel()
                 sums[key] = sums.get(key, 0) + table
                 m.weight.grad = None
@@ -72,7 +77,13 @@ def _reference_block_means(base, batches, block_size, accumulation=1, scale=True
 
 def _smt_model(**overrides):
     base = tiny_llama()
-    options = dict(method="smt", density=0.3, block_size=32, warmup_steps=2, target_modules="all-linear") | overrides
+    options = {
+        "method": "smt",
+        "density": 0.3,
+        "block_size": 32,
+        "warmup_steps": 2,
+        "target_modules": "all-linear",
+    } | overrides
     config = SparseConfig(**options)
     return base, prepare_model(copy.deepcopy(base), config)
 
@@ -88,13 +99,17 @@ def test_selection_equals_reference_and_warmup_updates_nothing():
     layers = list(iter_sparse_layers(model))
     reference = _reference_block_means(base, batches[:2], 32)
     keys = [key for key, _ in layers]
-    expected = choose_blocks([reference[k] for k in keys],
-                             [BlockStats(layer, 32).block_areas() for _, layer in layers], budget)
+    expected = choose_blocks(
+        [reference[k] for k in keys], [BlockStats(layer, 32).block_areas() for _, layer in layers], budget
+    )
     for (key, layer), blocks in zip(layers, expected):
         assert torch.equal(layer.indices, block_positions(blocks, layer.shape, block_grid(layer.shape, 32))), key
     trained = sum(layer.indices.numel() for _, layer in layers)
     assert 0 < trained <= budget
-    assert opt.selector.last_round == {"sparse/selected_blocks": sum(b.numel() for b in expected), "sparse/trained_values": trained}
+    assert opt.selector.last_round == {
+        "sparse/selected_blocks": sum(b.numel() for b in expected),
+        "sparse/trained_values": trained,
+    }
     # The chosen layers now train whole blocks with block GEMMs; the step after the warm-up updates them.
     train(model, opt, batches[2:])
     for _, layer in layers:
@@ -114,7 +129,7 @@ def test_statistics_sum_over_micro_batches_whatever_the_step_split():
     for accumulation in (1, 2):
         _, model = _smt_model(warmup_steps=4 // accumulation)
         opt = SM3(model, lr=1e-2)
-        steps = [torch.cat(micro[i:i + accumulation]) for i in range(0, 4, accumulation)]
+        steps = [torch.cat(micro[i : i + accumulation]) for i in range(0, 4, accumulation)]
         train(model, opt, steps, accumulation=accumulation, scale=False)
         picks.append([layer.indices.clone() for _, layer in iter_sparse_layers(model)])
     assert all(torch.equal(a, b) for a, b in zip(*picks))

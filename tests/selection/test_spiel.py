@@ -3,13 +3,13 @@
 import pytest
 import torch
 from torch import nn
+from training_utils import train
 
 import sparse_plugin.selection.spiel as spiel
 from sparse_plugin import SM3, SparseAdamW, SparseConfig, iter_sparse_layers, prepare_model
 from sparse_plugin.layer import SparseDeltaLinear
 from sparse_plugin.selection.schedule import is_gathering_step, is_reselection_step, reselection_rate
 from sparse_plugin.selection.spiel import GradientGatherer, prune_regrow, top_outer_scores
-from training_utils import train
 
 
 def _fixed_candidates(positions, scores):
@@ -40,10 +40,15 @@ def test_invariants_on_random_rounds(seed):
     indices = torch.randperm(numel, generator=gen)[:k].sort().values
     values = torch.randn(k, generator=gen)
     scores = torch.rand(numel, generator=gen)
-    result = prune_regrow(indices, values, n, lambda remaining, count: (
-        torch.arange(numel)[~torch.isin(torch.arange(numel), remaining)],
-        scores[~torch.isin(torch.arange(numel), remaining)],
-    ))
+    result = prune_regrow(
+        indices,
+        values,
+        n,
+        lambda remaining, count: (
+            torch.arange(numel)[~torch.isin(torch.arange(numel), remaining)],
+            scores[~torch.isin(torch.arange(numel), remaining)],
+        ),
+    )
     new = result.indices
     assert new.numel() == k and bool((new[1:] > new[:-1]).all())
     kept = result.source >= 0
@@ -78,7 +83,9 @@ def test_top_outer_scores_matches_dense_outer_product(monkeypatch):
 
 
 def test_schedule_counts_optimizer_steps():
-    config = SparseConfig(density=0.1, reselection_steps=20, selection_accumulation_steps=5, initial_reselection_rate=0.2)
+    config = SparseConfig(
+        density=0.1, reselection_steps=20, selection_accumulation_steps=5, initial_reselection_rate=0.2
+    )
     assert [s for s in range(1, 46) if is_gathering_step(s, config)] == [16, 17, 18, 19, 20, 36, 37, 38, 39, 40]
     assert [s for s in range(1, 101) if is_reselection_step(s, config, 100)] == [20, 40, 60, 80]
     assert reselection_rate(25, config, 100) == pytest.approx(0.15)
@@ -104,7 +111,11 @@ def _record_gathering_steps(monkeypatch, opt) -> list[int]:
     """The optimizer step (1-based) of every GradientGatherer call, one entry per layer and micro-batch."""
     seen = []
     original = GradientGatherer.__call__
-    monkeypatch.setattr(GradientGatherer, "__call__", lambda self, grad: (seen.append(opt.completed_steps + 1), original(self, grad))[1])
+    monkeypatch.setattr(
+        GradientGatherer,
+        "__call__",
+        lambda self, grad: (seen.append(opt.completed_steps + 1), original(self, grad))[1],
+    )
     return seen
 
 
@@ -150,7 +161,10 @@ def test_round_keeps_survivors_values_and_moments(tiny_model):
     opt = SM3(model, lr=1e-2, momentum=0.9, total_steps=1000)
     train(model, opt, [torch.randint(0, 97, (2, 8))] * 2)
     layers = dict(iter_sparse_layers(model))
-    before = {k: (l.indices.clone(), l.values.detach().clone(), opt.state[l.values]["momentum_buffer"].clone()) for k, l in layers.items()}
+    before = {
+        k: (lay.indices.clone(), lay.values.detach().clone(), opt.state[lay.values]["momentum_buffer"].clone())
+        for k, lay in layers.items()
+    }
     metrics = opt.selector.reselect(0.3)
     regrown = 0
     for key, layer in layers.items():

@@ -13,8 +13,10 @@ def test_writes_seeded_chat_splits_and_links_the_model(tmp_path, monkeypatch):
     out = tmp_path / "local"
     assert axolotl_setup.main(["--train-rows", "50", "--heldout-rows", "7", "--out", str(out)]) == 0
 
-    rows = {split: [json.loads(line) for line in (out / f"wordnet_{split}.jsonl").read_text().splitlines()]
-            for split in ("train", "heldout")}
+    rows = {
+        split: [json.loads(line) for line in (out / f"wordnet_{split}.jsonl").read_text().splitlines()]
+        for split in ("train", "heldout")
+    }
     assert len(rows["train"]) == 50 and len(rows["heldout"]) == 7
     for row in rows["train"] + rows["heldout"]:
         assert [m["role"] for m in row["messages"]] == ["system", "user", "assistant"]

@@ -9,10 +9,9 @@ import logging
 import time
 import warnings
 
+import bundled_model
 import pytest
 import torch
-
-import bundled_model
 
 
 def fake_save(dest):
@@ -93,7 +92,9 @@ def test_cache_is_a_plain_checkpoint(converted):
     path = converted["path"]
     print(f"model cache created in {converted['seconds']:.1f} s")
     assert path.name == bundled_model.CACHE_NAME
-    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= {p.name for p in path.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= {
+        p.name for p in path.iterdir()
+    }
     config = json.loads((path / "config.json").read_text())
     assert "quantization_config" not in config
     assert config["dtype"] == "float32"
@@ -127,5 +128,7 @@ def test_tokenizer_special_tokens_and_chat_template(converted):
     _, tokenizer = bundled_model.load_model()
     assert tokenizer.eos_token == tokenizer.pad_token == "<|im_end|>"
     assert tokenizer.model_max_length == 8192
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
     assert prompt.endswith("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")

@@ -86,10 +86,12 @@ def test_parses_objects_with_their_module_class_and_prose(source_dir):
     rows = {r["name"]: r for r in pydocs.read_rows_from_source(source_dir)}
     assert sorted(rows) == ["abs", "os.path.join", "shutil.Archiver", "shutil.Archiver.register", "shutil.copyfile"]
     assert rows["shutil.copyfile"] == {
-        "module": "shutil", "kind": "function", "name": "shutil.copyfile",
+        "module": "shutil",
+        "kind": "function",
+        "name": "shutil.copyfile",
         "signature": "shutil.copyfile(src, dst, *, follow_symlinks=True)",
         "description": "Copy the contents of the file named *src* to a file named *dst*, see copy and the notes. "
-                       "dst must be writable.",
+        "dst must be writable.",
     }
     assert rows["shutil.Archiver"]["description"] == "An archive format registered by name, used as follows:"
     assert rows["shutil.Archiver.register"]["kind"] == "method"
@@ -113,13 +115,18 @@ def test_prompts_name_the_kind_and_signature(source_dir, tmp_path):
     out = tmp_path / "pydocs.jsonl.gz"
     pydocs.build(source_dir, out)
     pairs = [p for split in ("train", "validation", "test") for p in pydocs.load_pairs(split, out)]
-    assert {"prompt": "Describe the Python method `shutil.Archiver.register(extra)`.",
-            "answer": "Register the format; a second call with the same name replaces the first one."} in pairs
+    assert {
+        "prompt": "Describe the Python method `shutil.Archiver.register(extra)`.",
+        "answer": "Register the format; a second call with the same name replaces the first one.",
+    } in pairs
 
 
 def test_shipped_splits_are_disjoint_by_module():
     rows = pydocs.read_rows_from_source.__globals__["read_jsonl_gz"](pydocs.DATA_FILE, pydocs.BUILD_COMMAND)
-    modules = {split: {r["module"] for r in rows if split_of(r["module"]) == split} for split in ("train", "validation", "test")}
+    modules = {
+        split: {r["module"] for r in rows if split_of(r["module"]) == split}
+        for split in ("train", "validation", "test")
+    }
     assert not modules["train"] & modules["test"] and not modules["validation"] & modules["test"]
     counts = {split: len(pydocs.load_pairs(split)) for split in modules}
     assert counts["train"] > 5000 and counts["validation"] > 500 and counts["test"] > 500
@@ -136,4 +143,6 @@ def test_shipped_file_matches_a_fresh_build(tmp_path):
 def test_missing_source_is_one_line(tmp_path, capsys):
     assert pydocs.main(["build", "--source-dir", str(tmp_path), "--out", str(tmp_path / "x.jsonl.gz")]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "apt-get install python3.11-doc" in err and not Path(tmp_path / "x.jsonl.gz").exists()
+    assert (
+        err.count("\n") == 1 and "apt-get install python3.11-doc" in err and not Path(tmp_path / "x.jsonl.gz").exists()
+    )

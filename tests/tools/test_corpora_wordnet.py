@@ -18,7 +18,8 @@ FAKE_WORDNET = {
     + '00001750 17 n 01 bank 1 000 | sloping land (especially the slope beside a body of water); "they pulled the canoe up on the bank"  \n'
     + "00001760 13 n 01 abalone 0 000 | edible flesh of any of various abalones  \n"
     + '00001770 04 n 01 mobilization 0 000 | act of assembling and putting into readiness for war: "mobilization of the troops"  \n',
-    "data.verb": HEADER + "00002000 40 v 01 bank 0 000 01 + 02 00 | do business with a bank or keep an account at a bank  \n",
+    "data.verb": HEADER
+    + "00002000 40 v 01 bank 0 000 01 + 02 00 | do business with a bank or keep an account at a bank  \n",
     "data.adj": HEADER
     + '00003000 00 a 01 able(a) 0 000 | having the necessary means or skill; "able to swim"  \n'
     + '00003100 00 s 02 galore(ip) 0 abounding 0 001 & 00013887 a 0000 | existing in abundance; "whiskey galore"  \n',

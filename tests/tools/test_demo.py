@@ -14,8 +14,21 @@ DEMO = Path(__file__).resolve().parents[2] / "tools" / "demo.py"
 @pytest.mark.parametrize("method", ["spiel-ma", "smt"])
 def test_demo_trains_saves_merges_and_reloads(tmp_path, method):
     run = subprocess.run(
-        [sys.executable, str(DEMO), "--method", method, "--steps", "3", "--heldout", "16", "--output-dir", str(tmp_path)],
-        capture_output=True, text=True, timeout=900,
+        [
+            sys.executable,
+            str(DEMO),
+            "--method",
+            method,
+            "--steps",
+            "3",
+            "--heldout",
+            "16",
+            "--output-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert run.returncode == 0, run.stderr[-3000:]
     out = run.stdout

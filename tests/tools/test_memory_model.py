@@ -6,9 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import memory_model as mm
 import pytest
 
-import memory_model as mm
 from sparse_plugin import SparseConfig
 from sparse_plugin.sizing import allocate_budget, share_budget
 
@@ -189,8 +189,17 @@ def _saved_bytes(model, ids, autocast=None) -> int:
     return sum(seen.values())
 
 
-@pytest.mark.parametrize("method,dtype", [("spiel-ma", "fp32"), ("lora", "fp32"), ("full", "fp32"),
-                                          ("spiel-ma", "bf16"), ("lora", "bf16"), ("full", "bf16")])
+@pytest.mark.parametrize(
+    "method,dtype",
+    [
+        ("spiel-ma", "fp32"),
+        ("lora", "fp32"),
+        ("full", "fp32"),
+        ("spiel-ma", "bf16"),
+        ("lora", "bf16"),
+        ("full", "bf16"),
+    ],
+)
 def test_activation_term_matches_autograd(method, dtype):
     """The saved-activation bytes of a tiny Llama (GQA, SDPA) equal the formula, for sparse, LoRA (fp32 adapters,
     bf16 autocast) and full fine-tuning."""
@@ -203,15 +212,23 @@ def test_activation_term_matches_autograd(method, dtype):
     torch_dtype = torch.float32 if dtype == "fp32" else torch.bfloat16
     model = tiny_llama(dtype=torch_dtype).train()
     cfg = model.config
-    arch = mm.Arch("tiny", cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.num_attention_heads,
-                   cfg.num_key_value_heads, cfg.vocab_size)
+    arch = mm.Arch(
+        "tiny",
+        cfg.hidden_size,
+        cfg.intermediate_size,
+        cfg.num_hidden_layers,
+        cfg.num_attention_heads,
+        cfg.num_key_value_heads,
+        cfg.vocab_size,
+    )
     if method == "spiel-ma":
         model = sparse_plugin.prepare_model(model, sparse_plugin.SparseConfig(lora_rank_equivalent=4))
     elif method == "lora":
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear",
-                                                 task_type="CAUSAL_LM"))
+        model = get_peft_model(
+            model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+        )
     else:
         model.requires_grad_(True)
     ids = torch.randint(cfg.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))

@@ -95,8 +95,15 @@ def corpus_module(name: str):
     return importlib.import_module(f"corpora.{name}")
 
 
-def build_main(argv: list[str] | None, description: str, build: Callable[[Path, Path], list[dict]], source_flag: str,
-               default_source: Path, default_out: Path, group_key: str) -> int:
+def build_main(
+    argv: list[str] | None,
+    description: str,
+    build: Callable[[Path, Path], list[dict]],
+    source_flag: str,
+    default_source: Path,
+    default_out: Path,
+    group_key: str,
+) -> int:
     """The `build` command both corpus modules share: build, then one line of counts per split (or of the error)."""
     parser = argparse.ArgumentParser(description=description)
     sub = parser.add_subparsers(dest="command", required=True)

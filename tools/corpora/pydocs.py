@@ -37,9 +37,17 @@ DEFAULT_SOURCE_DIR = Path("/usr/share/doc/python3.11/html/_sources")
 
 # Object directives whose description becomes an answer, and the noun the prompt uses for each.
 KINDS = {
-    "function": "function", "method": "method", "class": "class", "exception": "exception",
-    "attribute": "attribute", "data": "constant", "decorator": "decorator", "classmethod": "class method",
-    "staticmethod": "static method", "coroutinefunction": "coroutine function", "coroutinemethod": "coroutine method",
+    "function": "function",
+    "method": "method",
+    "class": "class",
+    "exception": "exception",
+    "attribute": "attribute",
+    "data": "constant",
+    "decorator": "decorator",
+    "classmethod": "class method",
+    "staticmethod": "static method",
+    "coroutinefunction": "coroutine function",
+    "coroutinemethod": "coroutine method",
     "decoratormethod": "decorator method",
 }
 MAX_ANSWER_CHARS = 1200
@@ -152,8 +160,10 @@ def parse_page(text: str, page: str) -> list[dict]:
             classes.append((indent, qualified))
         answer = description(body)
         if len(answer) >= MIN_ANSWER_CHARS:
-            shown = qualified + signature[len(short):]
-            rows.append({"module": module or page, "kind": kind, "name": qualified, "signature": shown, "description": answer})
+            shown = qualified + signature[len(short) :]
+            rows.append(
+                {"module": module or page, "kind": kind, "name": qualified, "signature": shown, "description": answer}
+            )
     return rows
 
 
@@ -214,7 +224,9 @@ def load_pairs(split: str = "train", path: Path = DATA_FILE) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return build_main(argv, __doc__.split("\n\n")[0], build, "--source-dir", DEFAULT_SOURCE_DIR, DATA_FILE, group_key="module")
+    return build_main(
+        argv, __doc__.split("\n\n")[0], build, "--source-dir", DEFAULT_SOURCE_DIR, DATA_FILE, group_key="module"
+    )
 
 
 if __name__ == "__main__":

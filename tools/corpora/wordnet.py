@@ -71,7 +71,9 @@ def parse_synset_line(line: str) -> dict | None:
     head, sep, gloss = line.partition(" | ")
     fields = head.split()
     if not sep or len(fields) < 5:
-        raise ValueError(f"not a WordNet synset line (expected 'offset lex ss_type w_cnt word ... | gloss'): {line[:80]!r}")
+        raise ValueError(
+            f"not a WordNet synset line (expected 'offset lex ss_type w_cnt word ... | gloss'): {line[:80]!r}"
+        )
     pos = "a" if fields[2] == "s" else fields[2]  # satellite adjectives are adjectives
     if pos not in POS_NAMES:
         raise ValueError(f"unknown synset type {fields[2]!r} in WordNet line: {line[:80]!r}")
@@ -84,7 +86,9 @@ def read_pairs(wordnet_dir: Path) -> list[dict]:
     for name in POS_FILES:
         path = wordnet_dir / f"data.{name}"
         if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: install WordNet (apt-get install wordnet-base) or pass --wordnet-dir")
+            raise FileNotFoundError(
+                f"{path} not found: install WordNet (apt-get install wordnet-base) or pass --wordnet-dir"
+            )
         with path.open(encoding="utf-8") as f:
             for line in f:
                 row = parse_synset_line(line)
@@ -152,7 +156,9 @@ def load_pairs(split: str = "train", path: Path = DATA_FILE) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return build_main(argv, __doc__.split("\n\n")[0], build, "--wordnet-dir", DEFAULT_WORDNET_DIR, DATA_FILE, group_key="word")
+    return build_main(
+        argv, __doc__.split("\n\n")[0], build, "--wordnet-dir", DEFAULT_WORDNET_DIR, DATA_FILE, group_key="word"
+    )
 
 
 if __name__ == "__main__":

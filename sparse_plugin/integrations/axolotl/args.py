@@ -106,9 +106,16 @@ class _SparseChecks(BaseModel):
             if data.get("load_in_8bit"):
                 quantization = {"load_in_8bit": True}
             else:
-                dtype = "bfloat16" if data.get("bf16") in (True, "auto") else "float16" if data.get("fp16") else "float32"
-                quantization = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True,
-                                "bnb_4bit_compute_dtype": dtype, **(data.get("bnb_config_kwargs") or {})}
+                dtype = (
+                    "bfloat16" if data.get("bf16") in (True, "auto") else "float16" if data.get("fp16") else "float32"
+                )
+                quantization = {
+                    "load_in_4bit": True,
+                    "bnb_4bit_quant_type": "nf4",
+                    "bnb_4bit_use_double_quant": True,
+                    "bnb_4bit_compute_dtype": dtype,
+                    **(data.get("bnb_config_kwargs") or {}),
+                }
             model_kwargs["quantization_config"] = {"quant_method": "bitsandbytes", **quantization}
         return {**data, key: model_kwargs}
 

@@ -93,9 +93,21 @@ def _merge_into(cfg, output: Path) -> None:
 
     A hub id base resolves as sparse-merge resolves any: from the cache Axolotl filled when it loaded the model.
     """
-    argv = ["merge", "--base", str(cfg.base_model), "--adapter", str(cfg.output_dir), "--output", str(output), "--overwrite", "--quiet"]
+    argv = [
+        "merge",
+        "--base",
+        str(cfg.base_model),
+        "--adapter",
+        str(cfg.output_dir),
+        "--output",
+        str(output),
+        "--overwrite",
+        "--quiet",
+    ]
     if cfg.revision_of_model:
         argv += ["--base-revision", str(cfg.revision_of_model)]
     LOG.info("sparse_merge_on_finish: sparse-merge " + " ".join(argv))
     if cli.main(argv) != 0:
-        raise RuntimeError(f"sparse_merge_on_finish: `sparse-merge {' '.join(argv)}` failed (its error is printed above)")
+        raise RuntimeError(
+            f"sparse_merge_on_finish: `sparse-merge {' '.join(argv)}` failed (its error is printed above)"
+        )
