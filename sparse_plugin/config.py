@@ -16,6 +16,7 @@ SELECTION_METHODS = ("spiel", "smt", "sift")
 VALUES_DTYPES = ("float32", "bfloat16", "float16")
 FORWARD_STRATEGIES = ("auto", "additive", "merged")
 REGROW_METHODS = ("ma", "ag")
+INITIAL_POSITIONS = ("random", "magnitude")
 RESELECTION_SCHEDULES = ("linear", "cosine")
 ALL_LINEAR = "all-linear"
 SMT_DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj")
@@ -87,6 +88,16 @@ class SparseConfig:
         },
     )
     seed: int = field(default=0, metadata={"help": "seed of the random initial indices."})
+    initial_positions: str = field(
+        default="random",
+        metadata={
+            "help": (
+                'SpIEL\'s first positions: `"random"` (uniform per matrix, as in the SpIEL paper) or `"magnitude"` (the'
+                " largest |W0| entries of each matrix, as PEFT's Super-Tuning). SMT and SIFT choose from gradients"
+                " instead."
+            )
+        },
+    )
     forward_strategy: str = field(
         default="auto",
         metadata={
@@ -173,6 +184,7 @@ class SparseConfig:
         _check_choice("method", self.method, SELECTION_METHODS)
         _check_choice("values_dtype", self.values_dtype, VALUES_DTYPES)
         _check_choice("forward_strategy", self.forward_strategy, FORWARD_STRATEGIES)
+        _check_choice("initial_positions", self.initial_positions, INITIAL_POSITIONS)
         self._check_budget()
         self._check_target_modules()
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):

@@ -78,7 +78,8 @@ def random_indices(numel: int, count: int, generator: torch.Generator) -> torch.
 
 
 def prepare_model(model: nn.Module, config: SparseConfig) -> nn.Module:
-    """Freeze `model` and wrap each target Linear in a `SparseDeltaLinear` with random initial indices.
+    """Freeze `model` and wrap each target Linear in a `SparseDeltaLinear` at its initial indices (random, or
+    the largest-magnitude entries with `initial_positions="magnitude"`).
 
     Args:
         model (`nn.Module`): any torch model, usually a transformers `PreTrainedModel`.
@@ -98,9 +99,25 @@ def prepare_model(model: nn.Module, config: SparseConfig) -> nn.Module:
     names = find_targets(model, config.target_modules)
     modules = dict(model.named_modules())
     counts = allocate_budget([(modules[n].out_features, modules[n].in_features) for n in names], config)
-    generator = torch.Generator().manual_seed(config.seed)
-    indices = {n: random_indices(modules[n].weight.numel(), k, generator) for n, k in zip(names, counts)}
+    if config.initial_positions == "magnitude":
+        indices = {n: magnitude_indices(modules[n], k) for n, k in zip(names, counts)}
+    else:
+        generator = torch.Generator().manual_seed(config.seed)
+        indices = {n: random_indices(modules[n].weight.numel(), k, generator) for n, k in zip(names, counts)}
     return wrap_targets(model, indices, config)
+
+
+@torch.no_grad()
+def magnitude_indices(linear: nn.Module, count: int) -> torch.Tensor:
+    """The sorted flat positions of the `count` largest |W0| entries (ties: the lower position), from the
+    dequantised weight where the base is 4-bit: the entries a pretrained matrix already relies on most."""
+    weight = linear.weight
+    if getattr(weight, "quant_state", None) is not None:
+        import bitsandbytes.functional as bnb_functional
+
+        weight = bnb_functional.dequantize_4bit(weight.data, weight.quant_state)
+    scores = weight.detach().reshape(-1).float().abs()
+    return torch.topk(scores.cpu(), count, sorted=False).indices.sort().values
 
 
 def wrap_targets(model: nn.Module, indices: dict[str, torch.Tensor], config: SparseConfig) -> nn.Module:

@@ -27,6 +27,10 @@ def test_defaults_and_round_trip():
         ({"lora_rank_equivalent": 2.5}, "`lora_rank_equivalent` must be a positive int"),
         ({"density": 0.1, "values_dtype": "int8"}, "`values_dtype` must be one of"),
         ({"density": 0.1, "forward_strategy": "fast"}, "`forward_strategy` must be one of"),
+        (
+            {"density": 0.1, "initial_positions": "gradient"},
+            "`initial_positions` must be one of .random., .magnitude.",
+        ),
         ({"density": 0.1, "target_modules": "q_proj("}, "`target_modules` 'q_proj\\(' is neither"),
         ({"density": 0.1, "target_modules": []}, "`target_modules` must be"),
         ({"density": 0.1, "target_modules": ["q_proj", 3]}, "`target_modules` must be"),

@@ -145,3 +145,15 @@ def test_training_with_merged_weights_matches_the_additive_path(dtype, tol):
         assert all(torch.equal(a, b) for a, b in zip(add_indices, merged_indices))
     else:
         assert abs(merged[-1] - additive[-1]) < 0.02 * additive[-1]
+
+
+def test_magnitude_initial_positions_are_each_matrix_largest_entries(tiny_model):
+    bases = {n: m.weight.detach().clone() for n, m in tiny_model.named_modules() if n.endswith(PROJ)}
+    model = prepare_model(tiny_model, SparseConfig(density=0.05, initial_positions="magnitude"))
+    for name, layer in iter_sparse_layers(model):
+        flat = bases[name.removesuffix(".weight")].reshape(-1).abs()
+        k = layer.indices.numel()
+        chosen = flat[layer.indices.long()]
+        others = flat[~torch.isin(torch.arange(flat.numel()), layer.indices.long())]
+        assert k > 0 and chosen.min() >= others.max()  # reference: no unchosen entry is larger
+        assert torch.equal(layer.indices, layer.indices.sort().values)

@@ -63,6 +63,17 @@ BENCH_METHODS = {
     "spiel-ma-1pct": ("spiel", "SM3"),
     "lora-1pct": ("lora", "AdamW"),
 }
+# SpIEL settings measured against the defaults (tools/bench_quality.py): name -> (base method, SparseConfig fields,
+# optimizer arguments). The base method's row is the paper-faithful setting.
+SPIEL_VARIANTS = {
+    "spiel-ma-mag": ("spiel-ma", {"initial_positions": "magnitude"}, {}),
+    "spiel-ag-mag": ("spiel-ag", {"initial_positions": "magnitude"}, {}),
+    "spiel-ma-static": ("spiel-ma", {"initial_reselection_rate": 0.0}, {}),
+    "spiel-ma-m9": ("spiel-ma", {}, {"momentum": 0.9}),
+    "spiel-ma-b9": ("spiel-ma", {}, {"beta": 0.9}),
+    "spiel-ma-mag-m9": ("spiel-ma", {"initial_positions": "magnitude"}, {"momentum": 0.9}),
+}
+
 # The LoRA row each method's trainable count equals (for the "matched LoRA" ratio).
 MATCHED_LORA = {
     "spiel-ma": "lora-r16",
@@ -211,9 +222,14 @@ def build_method(
     SIFT's selection within its warm-up steps). All sparse methods target every linear layer but the head, at
     LoRA-r16's trainable count (SMT too, though its paper's default is Q/K/V), so rows compare like for like.
     `seed` draws the random initial positions (SpIEL) and SHiRA's mask; LoRA's A comes from torch's global seed.
+    `method` may also name one of `SPIEL_VARIANTS`. The model stays on the device it was given.
     """
+    optimizer_options: dict = {}
+    if method in SPIEL_VARIANTS:
+        method, variant_fields, optimizer_options = SPIEL_VARIANTS[method]
+        sparse_overrides = {**variant_fields, **(sparse_overrides or {})}
     if method not in BENCH_METHODS:
-        raise ValueError(f"unknown method {method!r}; choose from {', '.join(BENCH_METHODS)}")
+        raise ValueError(f"unknown method {method!r}; choose from {', '.join([*BENCH_METHODS, *SPIEL_VARIANTS])}")
     family, _ = BENCH_METHODS[method]
     info: dict = {}
     if family == "floor":
@@ -234,7 +250,8 @@ def build_method(
         )
         model = sparse_plugin.prepare_model(model, config)
         cls = SM3 if BENCH_METHODS[method][1] == "SM3" else SparseAdamW
-        optimizer = cls(model, lr=lr, total_steps=total_steps)
+        optimizer = cls(model, lr=lr, total_steps=total_steps, **optimizer_options)
+        info["optimizer_options"] = optimizer_options
         layers = [layer for _, layer in sparse_plugin.iter_sparse_layers(model)]
         info["strategies"] = sorted({f"{layer.strategy()}" for layer in layers})
         from sparse_plugin.kernels.sddmm import pick_grad_path
@@ -254,6 +271,8 @@ def build_method(
                 "block_size",
                 "warmup_steps",
                 "selection_steps",
+                "initial_positions",
+                "initial_reselection_rate",
             )
         }
         return model, optimizer, info

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One command for whoever has a GPU, under 8 minutes: the CUDA-marked tests with the Triton
+# One command for whoever has a GPU, under 5.5 minutes: the CUDA-marked tests with the Triton
 # kernels compiled for real, the kernel benchmark (Triton SDDMM and fused merged weight vs the torch paths),
 # the merge benchmark (throughput vs the device's memory bandwidth), and a bitsandbytes 4-bit smoke test
 # when bitsandbytes is installed. Each step has its own time limit; a failing or slow step is recorded and
@@ -41,11 +41,11 @@ step() {  # step NAME SECONDS COMMAND...: run under a time limit into OUT/NAME.l
   echo "$line" | tee -a "$OUT/steps.txt"
 }
 
-# Budget (upper limits, ~7.5 min in all): tests 150 s, kernels 180 s, merge 90 s, 4-bit smoke 45 s.
-step pytest 150 "$PY" -m pytest -q -m gpu -p no:cacheprovider -rs --junitxml="$OUT/junit.xml" tests
+# Budget (upper limits, under 5.5 min in all): tests 120 s, kernels 110 s, merge 60 s, 4-bit smoke 45 s.
+step pytest 120 "$PY" -m pytest -q -m gpu -p no:cacheprovider -rs --junitxml="$OUT/junit.xml" tests
 # Few rounds per configuration: the full grid (2 shapes × 2 dtypes × 4 densities × 3 token counts) must fit.
-step kernels 180 "$PY" tools/bench_kernels.py --json --min-repeats 1 --repeats 5 --budget-s 0.5
-step merge 90 "$PY" tools/bench_merge.py --device cuda --repeats 3 --json
+step kernels 110 "$PY" tools/bench_kernels.py --json --min-repeats 1 --repeats 5 --budget-s 0.5
+step merge 60 "$PY" tools/bench_merge.py --device cuda --repeats 3 --json
 if "$PY" -c 'import bitsandbytes' > /dev/null 2>&1; then
   step bnb_smoke 45 "$PY" tools/bnb_smoke.py
 else
