@@ -2,7 +2,8 @@
 
 Moments are stored per trained position (never per dense weight) together with each position's own step
 count, so a position regrown at step t gets the bias correction of a fresh start instead of the global
-one, as in the SpIEL reference (AlanAnsell/peft `SftAdamW`, commit 07df253, "age"). When indices change the
+one, as in the SpIEL reference (AlanAnsell/peft `SftAdamW`, commit 07df253, "age"; int16, saturating where the
+corrections reach exactly 1, see `age_cap`). When indices change the
 moments of surviving positions move with them and new positions start from zero.
 
 It also trains a dense parameter on a subset of its entries: give the group a `mask` (bool tensor of the
@@ -10,6 +11,8 @@ parameter's shape, or flat indices) and only those entries move; state is kept f
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -67,7 +70,12 @@ class SparseAdamW(SparseOptimizer):
 
     def _new_state(self, param: torch.Tensor, group: dict) -> dict:
         count = param.numel() if group["mask"] is None else group["mask"].numel()
-        return {key: torch.zeros(count, dtype=torch.float32, device=param.device) for key in self.per_position_state}
+        state = {
+            key: torch.zeros(count, dtype=torch.float32, device=param.device) for key in ("exp_avg", "exp_avg_sq")
+        }
+        age_dtype = torch.int16 if age_cap(group["betas"]) <= torch.iinfo(torch.int16).max else torch.int32
+        state["age"] = torch.zeros(count, dtype=age_dtype, device=param.device)
+        return state
 
     def _update(self, param: torch.Tensor, group: dict) -> None:
         positions = group["mask"]
@@ -80,7 +88,7 @@ class SparseAdamW(SparseOptimizer):
         if not state:  # a state dict without this parameter's state was loaded
             state.update(self._new_state(param, group))
         beta1, beta2 = group["betas"]
-        state["age"] += 1
+        state["age"].add_(1).clamp_(max=age_cap(group["betas"]))
         state["exp_avg"].lerp_(grad, 1 - beta1)
         state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
         bias1 = 1 - beta1 ** state["age"]
@@ -94,6 +102,13 @@ class SparseAdamW(SparseOptimizer):
             flat.copy_(updated)
         else:
             flat[positions] = updated.to(param.dtype)
+
+
+def age_cap(betas: tuple[float, float]) -> int:
+    """The age after which both bias corrections 1 - β^age are exactly 1 in fp32 (β^age < 2^-26), so a position's
+    age may stop counting there: 18,014 steps for β = 0.999, which lets ages live in int16 (2 B per position)."""
+    beta = max(betas)
+    return 1 if beta == 0 else math.ceil(-26 * math.log(2) / math.log(beta))
 
 
 def _flat_positions(mask: torch.Tensor, param: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,7 @@ from torch import nn
 
 from sparse_plugin import SparseAdamW, SparseConfig, prepare_model
 from sparse_plugin.layer import SparseDeltaLinear
+from sparse_plugin.optim.sparse_adamw import age_cap
 
 
 def _grads(n, steps, seed=0):
@@ -120,3 +121,27 @@ def test_state_dict_round_trip_through_a_regrow(tiny_model):
         list(twin.named_parameters()) + list(twin.named_buffers()),
     ):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("betas, dtype", [((0.9, 0.999), torch.int16), ((0.9, 0.99999), torch.int32)])
+def test_ages_are_narrow_and_stop_where_the_bias_correction_is_exactly_one(betas, dtype):
+    layer = SparseDeltaLinear(nn.Linear(3, 2).requires_grad_(False), torch.tensor([0, 1, 4]))
+    opt = SparseAdamW(layer, lr=1e-3, betas=betas)
+    layer.values.grad = torch.ones(3)
+    opt.step()
+    state = opt.state[layer.values]
+    assert state["age"].dtype == dtype
+    cap = age_cap(betas)
+    assert all(1 - torch.tensor(b) ** torch.tensor(float(cap)) == 1 for b in betas)  # fp32: exactly 1 from here
+    assert 1 - torch.tensor(betas[1]) ** torch.tensor(float(int(0.9 * cap))) < 1  # and not long before
+    # Past the cap the step equals the fp32-aged reference (age cap + 5 counted in float).
+    state["age"].fill_(cap)
+    before = {k: v.clone() for k, v in state.items()}
+    values = layer.values.detach().clone()
+    opt.step()
+    m = before["exp_avg"].lerp(torch.ones(3), 1 - betas[0])
+    v = before["exp_avg_sq"] * betas[1] + (1 - betas[1])
+    age = torch.full((3,), cap + 5.0)
+    expected = values - 1e-3 * (m / (1 - betas[0] ** age)) / ((v / (1 - betas[1] ** age)).sqrt() + 1e-8)
+    assert torch.equal(layer.values.detach(), expected)
+    assert torch.equal(state["age"], torch.full((3,), cap, dtype=dtype))
