@@ -14,6 +14,7 @@ from ..config import SparseConfig
 from ..layer import SparseDeltaLinear
 from ..model import iter_sparse_layers, require_sparse_layers
 from ..selection import make_selector
+from ..selection.protocol import SelectionSchedule
 
 # Prefix of the selection statistics inside a values parameter's state in the optimizer's state dict.
 _SELECTION = "selection."
@@ -57,7 +58,7 @@ class SparseOptimizer(torch.optim.Optimizer):
                 # go through, runs a zero-gradient step() on an optimizer without state (that would advance the
                 # selection schedule) and loads a full state dict only into one that has state tensors.
                 self.state[param] = self._new_state(param, group)
-        self.selector = None
+        self.selector: SelectionSchedule | None = None
         if sparse_config is None:
             sparse_config = getattr(model, "sparse_config", None)
         if sparse_config is not None and self._layers:
