@@ -161,27 +161,45 @@ def _print_summary(summary: dict) -> None:
         )
 
 
-def _warn_rounded_away(result: dict, output: str) -> None:
-    """One stderr line when the base's bf16/fp16 rounding swallowed deltas: the merge succeeds, but lacks them."""
+def rounded_away_warning(result: dict) -> str | None:
+    """What to warn of when the base's bf16/fp16 rounding swallowed deltas (the merge succeeds, but lacks them)."""
     lost = result["rounded_away"]
-    if lost:
-        worst = max(lost, key=lost.get)
-        print(
-            f"sparse-merge: warning: {output}: {sum(lost.values()):,d} of {result['values']:,d} deltas rounded away "
-            f"in the base's 16-bit weights (most in `{worst}`: {lost[worst]:,d}); {_ROUNDING_FIX}",
-            file=sys.stderr,
-        )
+    if not lost:
+        return None
+    worst = max(lost, key=lost.get)
+    return (
+        f"{sum(lost.values()):,d} of {result['values']:,d} deltas rounded away in the base's 16-bit weights "
+        f"(most in `{worst}`: {lost[worst]:,d}); {_ROUNDING_FIX}"
+    )
+
+
+def run_merge(model_dir, adapter_dir, output_dir, **options) -> dict:
+    """`merge.merge_checkpoint` as `sparse-merge` runs it (and Axolotl's `sparse_merge_on_finish`): on one thread,
+    with SIGTERM/SIGINT/SIGHUP raising `Interrupted` so that they unwind through the output's cleanup."""
+    import torch
+
+    from .atomic import signals_as_errors
+    from .merge import merge_checkpoint
+
+    # One thread while merging: the CPU scatter is a few million indexed writes, too little work to share,
+    # and OpenMP's spinning threads lose badly to any other load on the cores (see tools/bench_merge.py).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    # Armed before anything is written, so a signal at any point unwinds through the output's cleanup; once
+    # the output is in place, the defaults are back (a signal then can only cut the summary short).
+    try:
+        with signals_as_errors():
+            return merge_checkpoint(model_dir, adapter_dir, output_dir, **options)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     # Imported once the arguments are parsed: `--help` and usage errors then answer without loading torch.
-    import torch
-
     from .atomic import Interrupted, signals_as_errors
     from .hub import resolve_adapter, resolve_model
     from .io import AdapterError
-    from .merge import merge_checkpoint
     from .peft_interop import export_peft
 
     try:
@@ -205,26 +223,16 @@ def main(argv: list[str] | None = None) -> int:
             args.merged if unmerge else args.base, revision=args.merged_revision if unmerge else args.base_revision
         )
         adapter = resolve_adapter(args.adapter, revision=args.adapter_revision)
-        # One thread while merging: the CPU scatter is a few million indexed writes, too little work to share,
-        # and OpenMP's spinning threads lose badly to any other load on the cores (see tools/bench_merge.py).
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        # Armed before anything is written, so a signal at any point unwinds through the output's cleanup; once
-        # the output is in place, the defaults are back (a signal then can only cut the summary short).
-        try:
-            with signals_as_errors():
-                result = merge_checkpoint(
-                    model,
-                    adapter,
-                    args.output,
-                    unmerge=unmerge,
-                    device=args.device,
-                    force=args.force,
-                    overwrite=args.overwrite,
-                    progress=not args.quiet,
-                )
-        finally:
-            torch.set_num_threads(threads)
+        result = run_merge(
+            model,
+            adapter,
+            args.output,
+            unmerge=unmerge,
+            device=args.device,
+            force=args.force,
+            overwrite=args.overwrite,
+            progress=not args.quiet,
+        )
     except (AdapterError, OSError, Interrupted) as err:
         print(f"sparse-merge: error: {err}", file=sys.stderr)
         return 2
@@ -239,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.command}d {result['values']:,d} values in {result['tensors']} tensors over {result['shards']} shard(s){how} "
         f"on {result['device']} in {result['seconds']:.1f}s -> {args.output}"
     )
-    _warn_rounded_away(result, args.output)
+    if warning := rounded_away_warning(result):
+        print(f"sparse-merge: warning: {args.output}: {warning}", file=sys.stderr)
     for name in result["skipped_files"]:
         print(f"note: {name} (another weight format) was not copied; it would hold unmerged weights")
     return 0

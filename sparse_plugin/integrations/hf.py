@@ -63,8 +63,7 @@ class SparseCallback(TrainerCallback):
         require_sparse_layers(model)
         sparse = _sparse_optimizer(optimizer)
         if sparse is not None and sparse.selector is not None:
-            sparse.selector.total_steps = state.max_steps
-            sparse.selector.prepare_next_step()
+            sparse.selector.set_total_steps(state.max_steps)
 
     def on_save(self, args, state, control, model=None, **kwargs):
         if self.save_full_checkpoints:  # else the checkpoint's model save was the adapter
@@ -80,9 +79,8 @@ class SparseCallback(TrainerCallback):
             return
         metrics = {"sparse/mean_abs_delta": _mean_abs_delta(model)}
         sparse = _sparse_optimizer(optimizer)
-        if sparse is not None and sparse.selector is not None and sparse.selector.last_round:
-            metrics.update(sparse.selector.last_round)
-            sparse.selector.last_round = {}
+        if sparse is not None and sparse.selector is not None:
+            metrics.update(sparse.selector.pop_metrics())
         logs.update(metrics)
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(metrics)

@@ -70,6 +70,7 @@ def _handler(cls):
         # prepared model there and train its sparse values, all of which get weight decay (there is no bias
         # or norm among them).
         kwargs["model"] = model
+        kwargs["sparse_config"] = getattr(model, "sparse_config", None)  # set by prepare_model / load_adapter
         kwargs["total_steps"] = ctx.args.max_steps if ctx.args.max_steps > 0 else None
         return cls, kwargs
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..config import SparseConfig
 from .base import SparseOptimizer
 
 
@@ -34,6 +35,8 @@ class SM3(SparseOptimizer):
             pretrained weight.
         model (`nn.Module`, *optional*): the prepared model, when `params` are parameters.
         total_steps (`int`, *optional*): training length, for the reselection-rate decay.
+        sparse_config (`SparseConfig`, *optional*): the selection method's settings; defaults to the model's
+            (`prepare_model` attaches it).
 
     Example:
         ```python
@@ -55,6 +58,7 @@ class SM3(SparseOptimizer):
         *,
         model: nn.Module | None = None,
         total_steps: int | None = None,
+        sparse_config: SparseConfig | None = None,
     ):
         for name, value, low, high in (
             ("lr", lr, 0, None),
@@ -67,7 +71,7 @@ class SM3(SparseOptimizer):
                 bound = f"[{low}, {high})" if high is not None else f">= {low}"
                 raise ValueError(f"SM3 `{name}` must be {bound}, got {value!r}.")
         defaults = {"lr": lr, "momentum": momentum, "beta": beta, "eps": eps, "weight_decay": weight_decay}
-        super().__init__(params, defaults, model=model, total_steps=total_steps)
+        super().__init__(params, defaults, model=model, total_steps=total_steps, sparse_config=sparse_config)
 
     def _prepare_group(self, group: dict) -> None:
         if any(self.layer_of(param) is None for param in group["params"]):

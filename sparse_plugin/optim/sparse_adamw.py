@@ -17,6 +17,7 @@ import math
 import torch
 from torch import nn
 
+from ..config import SparseConfig
 from .base import SparseOptimizer
 
 
@@ -32,6 +33,8 @@ class SparseAdamW(SparseOptimizer):
             pretrained weight.
         model (`nn.Module`, *optional*): the prepared model, when `params` are parameters.
         total_steps (`int`, *optional*): training length, for the reselection-rate decay.
+        sparse_config (`SparseConfig`, *optional*): the selection method's settings; defaults to the model's
+            (`prepare_model` attaches it).
 
     Example:
         ```python
@@ -52,6 +55,7 @@ class SparseAdamW(SparseOptimizer):
         *,
         model: nn.Module | None = None,
         total_steps: int | None = None,
+        sparse_config: SparseConfig | None = None,
     ):
         if not lr >= 0:
             raise ValueError(f"SparseAdamW `lr` must be >= 0, got {lr!r}.")
@@ -60,7 +64,7 @@ class SparseAdamW(SparseOptimizer):
         if not eps >= 0 or not weight_decay >= 0:
             raise ValueError(f"SparseAdamW `eps` and `weight_decay` must be >= 0, got {eps!r}, {weight_decay!r}.")
         defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay, "mask": None}
-        super().__init__(params, defaults, model=model, total_steps=total_steps)
+        super().__init__(params, defaults, model=model, total_steps=total_steps, sparse_config=sparse_config)
 
     def _prepare_group(self, group: dict) -> None:
         if group["mask"] is not None:

@@ -1,4 +1,7 @@
-"""Selection methods: which positions each sparse layer trains, decided from gradient information."""
+"""Selection methods: which positions each sparse layer trains, decided from gradient information.
+
+`SELECTORS` maps `SparseConfig.method` to its selector class; what a selector and its optimizer may call on each
+other is `protocol` (docs/extending.md: adding a method)."""
 
 from .sift import SiftSelector
 from .smt import SmtSelector
@@ -8,5 +11,5 @@ SELECTORS = {"spiel": SpielSelector, "smt": SmtSelector, "sift": SiftSelector}
 
 
 def make_selector(model, config, optimizer, total_steps=None):
-    """The schedule of `config.method` for `optimizer`."""
+    """The schedule of `config.method` for `optimizer`, its `protocol.SelectionHost`."""
     return SELECTORS[config.method](model, config, optimizer, total_steps)

@@ -1,6 +1,6 @@
 """What every selection schedule shares: the layers it watches, the optimizer that advances it, the run
 length, collectors switched on and off per step (and saved with the optimizer state), and the metrics of its
-last decision."""
+last decision. What a selector and its optimizer may call on each other is written down in `protocol`."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from torch import nn
 
 from ..config import SparseConfig
 from ..model import iter_sparse_layers
+from .protocol import SelectionHost
 
 
 class Collector:
@@ -47,14 +48,17 @@ class Collector:
 
 
 class Selector(ABC):
-    """Base of `SpielSelector`, `SmtSelector` and `SiftSelector`.
+    """Base of `SpielSelector`, `SmtSelector` and `SiftSelector`, implementing `protocol.SelectionSchedule`.
 
     Owned by `SM3`/`SparseAdamW` and advanced by their `step()`: `after_step()` once each optimizer step has
     been applied, then `prepare_next_step()` sets each layer's gradient collector for the coming step's
-    micro-batches. Steps are optimizer steps, whatever the gradient accumulation.
+    micro-batches. Steps are optimizer steps, whatever the gradient accumulation. It calls on `optimizer` only
+    what `protocol.SelectionHost` lists.
     """
 
-    def __init__(self, model: nn.Module, config: SparseConfig, optimizer, total_steps: int | None = None):
+    def __init__(
+        self, model: nn.Module, config: SparseConfig, optimizer: SelectionHost, total_steps: int | None = None
+    ):
         self.layers = list(iter_sparse_layers(model))
         self.config = config
         self.optimizer = optimizer
@@ -73,6 +77,16 @@ class Selector(ABC):
     @abstractmethod
     def after_step(self) -> None:
         """Act on the step just applied (decide, prune/regrow), then prepare the next one."""
+
+    def set_total_steps(self, total_steps: int | None) -> None:
+        """The run length, once known, and the coming step prepared again (whether it gathers may depend on it)."""
+        self.total_steps = total_steps
+        self.prepare_next_step()
+
+    def pop_metrics(self) -> dict[str, float]:
+        """The metrics of the decisions since the last call (empty if none), handed out once."""
+        metrics, self.last_round = self.last_round, {}
+        return metrics
 
     def updates_allowed(self) -> bool:
         """Whether this step may update the values (not while a method is still choosing positions: DDP hands
@@ -108,25 +122,23 @@ class Selector(ABC):
 class OneShotSelector(Selector):
     """A method that gathers statistics from the start, chooses positions once, then keeps them (SMT, SIFT).
 
-    Whether the choice is made lives in the optimizer's param groups (`sparse_selected`), so it is saved
-    with the optimizer state and a resumed run does not choose again.
+    Whether the choice is made is kept by the optimizer (`selection_done`), so it is saved with the optimizer
+    state and a resumed run does not choose again.
     """
 
     def __init__(self, model, config, optimizer, total_steps=None):
         super().__init__(model, config, optimizer, total_steps)
-        for group in optimizer.param_groups:
-            group.setdefault("sparse_selected", False)
+        optimizer.set_selection_done(False)
 
     @property
     def selected(self) -> bool:
-        return bool(self.optimizer.param_groups[0].get("sparse_selected", False))
+        return self.optimizer.selection_done
 
     def updates_allowed(self) -> bool:
         return self.selected
 
     def mark_selected(self, metrics: dict[str, float]) -> None:
-        for group in self.optimizer.param_groups:
-            group["sparse_selected"] = True
+        self.optimizer.set_selection_done(True)
         self.collectors.clear()
         self.set_collectors(None)
         self.last_round = metrics

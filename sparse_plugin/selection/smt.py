@@ -20,19 +20,7 @@ from ..distributed import average_gradients_after_backward, is_distributed, summ
 from ..kernels.blocks import block_areas, block_grid, block_positions
 from ..layer import SparseDeltaLinear
 from .base import Collector, OneShotSelector
-
-# The paper warms up for 100 steps; shorter runs use a tenth of their length.
-MAX_WARMUP_STEPS = 100
-WARMUP_SHARE = 0.1
-
-
-def warmup_length(config, total_steps: int | None) -> int | None:
-    """Configured `warmup_steps`, else 10% of the run capped at 100 (None while the run length is unknown)."""
-    if config.warmup_steps is not None:
-        return config.warmup_steps
-    if total_steps is None:
-        return None
-    return max(1, min(MAX_WARMUP_STEPS, int(WARMUP_SHARE * total_steps)))
+from .schedule import warmup_length
 
 
 class BlockStats(Collector):

@@ -24,7 +24,8 @@ from ..distributed import summed
 from ..layer import SparseDeltaLinear
 from ..sizing import SCORE_CHUNK
 from .base import Collector, Selector
-from .schedule import is_gathering_step, is_reselection_step, reselection_rate
+from .protocol import RowColAccumulators
+from .schedule import gathers_for_a_round, is_reselection_step, reselection_rate
 
 
 @dataclass
@@ -139,7 +140,7 @@ class SpielSelector(Selector):
     """SpIEL's schedule: gathering on AG steps, prune/regrow every `reselection_steps` optimizer steps."""
 
     def __init__(self, model, config, optimizer, total_steps=None):
-        if config.regrow == "ma" and not hasattr(optimizer, "row_col_accumulators"):
+        if config.regrow == "ma" and not isinstance(optimizer, RowColAccumulators):
             raise ValueError(
                 f"`regrow='ma'` scores positions by SM3's accumulators, which {type(optimizer).__name__} does not keep; "
                 "use optim='spiel_sm3' (sparse_plugin.optim.SM3) or set `regrow='ag'`."
@@ -153,13 +154,7 @@ class SpielSelector(Selector):
     def prepare_next_step(self) -> None:
         """Switch AG gathering on for the coming step's micro-batches if it is a gathering step, else off."""
         step = self.optimizer.completed_steps + 1
-        period = self.config.reselection_steps
-        next_round = -(-step // period) * period
-        gather = (
-            self.config.regrow == "ag"
-            and is_gathering_step(step, self.config)
-            and (self.total_steps is None or is_reselection_step(next_round, self.config, self.total_steps))
-        )
+        gather = self.config.regrow == "ag" and gathers_for_a_round(step, self.config, self.total_steps)
         if gather:
             for key, layer in self.layers:
                 if key not in self.collectors:

@@ -232,6 +232,17 @@ def test_merge_on_finish_finds_a_hub_base_in_the_cache(tmp_path, tiny_checkpoint
     assert calls == []
 
 
+def test_merge_on_finish_refusal_is_an_error_naming_it_and_writes_nothing(tmp_path, tiny_checkpoint):
+    base, _ = tiny_checkpoint
+    (tmp_path / "out").mkdir()  # no adapter in output_dir
+    cfg = DictDefault(base_model=str(base), output_dir=str(tmp_path / "out"), sparse_merge_on_finish=True)
+    with pytest.raises(
+        RuntimeError, match="^sparse_merge_on_finish: .*sparse_config.json: missing; an adapter directory holds"
+    ):
+        SparsePlugin().post_train_unload(cfg)
+    assert sorted(p.name for p in tmp_path.joinpath("out").iterdir()) == []
+
+
 def _tiny_base_and_data(tmp_path, tokenizer) -> tuple[Path, Path]:
     base = tmp_path / "base"
     tiny_llama(hidden_size=64, intermediate_size=128).save_pretrained(base)  # bitsandbytes' CPU kernels want 64s

@@ -14,8 +14,8 @@ Hooks, in the order Axolotl calls them, and why each:
   `sparse_save_full_checkpoints: true` keeps the full model copy in checkpoints instead.
 - `post_train`: runs between `trainer.train()` and Axolotl's final `model.save_pretrained(output_dir)`, which
   writes the adapter also where checkpoints hold full copies.
-- `post_train_unload`: with `sparse_merge_on_finish`, run `sparse-merge merge` into `output_dir/merged` once
-  the trained model has been freed.
+- `post_train_unload`: with `sparse_merge_on_finish`, merge the adapter into the base as `sparse-merge merge`
+  does, into `output_dir/merged`, once the trained model has been freed.
 
 The optimizer names `spiel_sm3` / `spiel_adamw` need no hook: Axolotl imports this module (and so
 `sparse_plugin`, which registers them) before it validates the YAML, and hands unknown names to
@@ -30,8 +30,10 @@ from pathlib import Path
 from axolotl.integrations.base import AdapterCapabilities, BasePlugin
 from axolotl.utils.logging import get_logger
 
-from ... import cli
-from ...io import load_adapter
+from ...atomic import Interrupted
+from ...cli import rounded_away_warning, run_merge
+from ...hub import resolve_adapter, resolve_model
+from ...io import AdapterError, load_adapter
 from ...model import prepare_model
 from ..checkpoints import save_adapter_instead_of_model
 from ..hf import SparseCallback
@@ -89,25 +91,23 @@ class SparsePlugin(BasePlugin):
 
 
 def _merge_into(cfg, output: Path) -> None:
-    """`sparse-merge merge --base <base_model> --adapter <output_dir> --output <output>`, replacing `output`.
+    """What `sparse-merge merge --base <base_model> --adapter <output_dir> --output <output> --overwrite --quiet`
+    does, replacing `output`; a refusal is a RuntimeError naming it.
 
     A hub id base resolves as sparse-merge resolves any: from the cache Axolotl filled when it loaded the model.
     """
-    argv = [
-        "merge",
-        "--base",
-        str(cfg.base_model),
-        "--adapter",
-        str(cfg.output_dir),
-        "--output",
-        str(output),
-        "--overwrite",
-        "--quiet",
-    ]
-    if cfg.revision_of_model:
-        argv += ["--base-revision", str(cfg.revision_of_model)]
-    LOG.info("sparse_merge_on_finish: sparse-merge " + " ".join(argv))
-    if cli.main(argv) != 0:
-        raise RuntimeError(
-            f"sparse_merge_on_finish: `sparse-merge {' '.join(argv)}` failed (its error is printed above)"
+    LOG.info(f"sparse_merge_on_finish: merging {cfg.output_dir} into {cfg.base_model} -> {output}")
+    try:
+        base = resolve_model(
+            str(cfg.base_model), revision=str(cfg.revision_of_model) if cfg.revision_of_model else None
+        )
+        result = run_merge(base, resolve_adapter(str(cfg.output_dir)), output, overwrite=True, progress=False)
+    except (AdapterError, OSError, Interrupted) as err:
+        raise RuntimeError(f"sparse_merge_on_finish: {err}") from err
+    LOG.info(f"sparse_merge_on_finish: merged {result['values']:,d} values in {result['tensors']} tensors -> {output}")
+    if warning := rounded_away_warning(result):
+        LOG.warning(f"sparse_merge_on_finish: {warning}")
+    for name in result["skipped_files"]:
+        LOG.info(
+            f"sparse_merge_on_finish: {name} (another weight format) was not copied; it would hold unmerged weights"
         )
