@@ -131,7 +131,7 @@ def test_good_yaml_validates_and_gives_the_sparse_config(tiny_checkpoint):
         ),
         (
             {"sparse_target_modules": ["q_proj", "qkv_proj"]},
-            "`sparse_target_modules` entry 'qkv_proj' matches no Linear layer of LlamaForCausalLM",
+            "`sparse_target_modules` entry 'qkv_proj' matches no module with a weight of LlamaForCausalLM",
         ),
         ({"sparse_density": None, "sparse_num_params": 10**9}, "The budget of 1000000000 values exceeds"),
     ],
