@@ -118,7 +118,8 @@ def _match(model, weights: list[_Weight], targets: str | list[str], name_of, opt
         if not any(_matches_suffix(name, suffix) for name in names):
             available = sorted({name.rsplit(".", 1)[-1] if kind == "module" else _short(name) for name in names})
             raise ValueError(
-                f"`{option}` entry {suffix!r} matches no {kind} with a weight of {type(model).__name__}; "
+                f"`{option}` entry {suffix!r} matches no {'module with a weight' if kind == 'module' else 'weight'} of "
+                f"{type(model).__name__}; "
                 f"available suffixes: {available}."
             )
     return {w.key for w, name in zip(weights, names) if any(_matches_suffix(name, s) for s in targets)}
