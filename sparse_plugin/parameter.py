@@ -96,6 +96,7 @@ class SparseDeltaParameter(SparseDeltaTarget):
         # Plain lists: not registered as submodules (the owners are the model's, not this target's).
         self._owners = list(owners or [owner])
         self._originals: dict[int, nn.Parameter] = {}
+        self._alias: tuple | None = None
         self._pattern_key: tuple | None = None
         self._pattern = None
         # Partials rather than bound methods: the state-dict hooks get attributes set on them.
@@ -138,8 +139,15 @@ class SparseDeltaParameter(SparseDeltaTarget):
     def _substitute(self, module: nn.Module, args) -> None:
         """Forward pre-hook of an owner: the weight holds W0 + Δ; while recording gradients the owner sees it
         through `SparseParameterFunction`, so its backward reaches the values."""
+        from .fsdp import is_whole  # imports the model module, which imports this one
+
         if self.indices.numel() == 0:
             return
+        if not is_whole(self.stored_weight(), self.weight_shape):
+            raise RuntimeError(
+                f"`{self.param_name}` of {type(module).__name__} is sharded (FSDP): a sparse delta on a non-Linear weight "
+                "needs the whole weight on every rank; train it under DDP, or leave it out of the targets."
+            )
         weight = self._hold_delta() if not self.merged else self.dense_weight()
         if self.merged or not torch.is_grad_enabled() or not self.values.requires_grad:
             return
@@ -147,7 +155,12 @@ class SparseDeltaParameter(SparseDeltaTarget):
         if id(module) in self._originals or current is not weight:  # a nested call: already substituted
             return
         self._originals[id(module)] = current
-        module._parameters[self.param_name] = SparseParameterFunction.apply(self.values, weight, self)
+        # One alias per forward pass, made by the first owner: an output head tied to the embeddings reuses it, so
+        # autograd sums both uses' gradients before the collector (SIFT, SMT, AG) sees the weight's gradient once.
+        key = (self.values._version, self._indices_key())
+        if module is self._owners[0] or self._alias is None or self._alias[0] != key:
+            self._alias = (key, SparseParameterFunction.apply(self.values, weight, self))
+        module._parameters[self.param_name] = self._alias[1]
 
     def _restore(self, module: nn.Module, args, output) -> None:
         original = self._originals.pop(id(module), None)

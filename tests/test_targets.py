@@ -367,3 +367,18 @@ def test_trainer_trains_fused_experts(tmp_path, method, optim, config):
     with torch.no_grad():
         model.eval()
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
+
+
+def test_a_tied_weight_reaches_the_collector_once_with_both_uses_summed():
+    base = tiny_llama(vocab_size=61, tie_word_embeddings=True)
+    model = prepare_model(copy.deepcopy(base), SparseConfig(density=0.1, target_parameters=["embed_tokens.weight"]))
+    _randomize(model)
+    reference, params = _dense_reference(base, model)
+    (key, layer), *_ = iter_sparse_layers(model)
+    seen = []
+    layer.grad_collector = lambda dense: seen.append(dense.clone()) or dense.view(-1)[layer.indices.long()]
+    ids = _ids()
+    model(ids, labels=ids).loss.backward()
+    reference(ids, labels=ids).loss.backward()
+    assert len(seen) == 1
+    torch.testing.assert_close(seen[0], params[key].grad, rtol=1e-5, atol=1e-6)
