@@ -382,3 +382,13 @@ def test_a_tied_weight_reaches_the_collector_once_with_both_uses_summed():
     reference(ids, labels=ids).loss.backward()
     assert len(seen) == 1
     torch.testing.assert_close(seen[0], params[key].grad, rtol=1e-5, atol=1e-6)
+
+
+def test_trainable_count_equals_peft_lora_with_target_parameters():
+    from peft import LoraConfig, get_peft_model
+
+    targets = ["experts.gate_up_proj", "experts.down_proj"]
+    lora = get_peft_model(tiny_qwen3_moe(), LoraConfig(r=2, target_modules=[], target_parameters=targets))
+    lora_count = sum(p.numel() for p in lora.parameters() if p.requires_grad)
+    sparse = prepare_model(tiny_qwen3_moe(), SparseConfig(lora_rank_equivalent=2, target_parameters=targets))
+    assert sum(p.numel() for p in sparse.parameters() if p.requires_grad) == lora_count
