@@ -96,15 +96,20 @@ def summarize(adapter_dir: str) -> dict:
     """Per-target and total statistics of an adapter (what `inspect` prints).
 
     `rounded_away` counts the deltas a merge into the base's own (bf16/fp16) weights would lose, from the stored
-    base values; it is None when the adapter has none, as the base's entries are then unknown.
+    base values; it is None when the adapter has none, as the base's entries are then unknown. A target of stacked
+    matrices (fused MoE experts, `[E, out, in]`) also has `per_matrix_counts`: the trained values in each expert.
     """
+    import math
+
+    import torch
+
     from .io import read_adapter
     from .merge import rounded_away
 
     adapter = read_adapter(adapter_dir)
     targets, total_count, total_size, abs_sum, abs_max, total_lost = [], 0, 0, 0.0, 0.0, 0
     for key, target in adapter.targets.items():
-        size = target.shape[0] * target.shape[1]
+        size = math.prod(target.shape)
         magnitude = target.values.float().abs()
         count = target.indices.numel()
         lost = None if target.base_values is None else rounded_away(target.base_values, target.values)
@@ -119,6 +124,10 @@ def summarize(adapter_dir: str) -> dict:
                 "abs_max": float(magnitude.max()) if count else 0.0,
             }
         )
+        if len(target.shape) > 2:
+            matrix = target.shape[-2] * target.shape[-1]
+            per_matrix = torch.bincount(target.indices // matrix, minlength=size // matrix)
+            targets[-1]["per_matrix_counts"] = per_matrix.tolist()
         total_count, total_size, total_lost = total_count + count, total_size + size, total_lost + (lost or 0)
         abs_sum, abs_max = abs_sum + float(magnitude.sum()), max(abs_max, targets[-1]["abs_max"])
     return {
@@ -148,6 +157,8 @@ def _print_summary(summary: dict) -> None:
         print(
             f"{t['name']:<60} {shape:>13} {t['count']:>10,d} {t['density']:>8.4f} {lost:>8} {t['abs_mean']:>10.3e} {t['abs_max']:>10.3e}"
         )
+        if "per_matrix_counts" in t:
+            print(f"  per expert: {' '.join(f'{c:,d}' for c in t['per_matrix_counts'])}")
     total = summary["total"]
     if total["rounded_away"] is None:
         print(

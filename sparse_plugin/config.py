@@ -19,6 +19,7 @@ REGROW_METHODS = ("ma", "ag")
 INITIAL_POSITIONS = ("random", "magnitude")
 RESELECTION_SCHEDULES = ("linear", "cosine")
 ALL_LINEAR = "all-linear"
+ALL_WEIGHTS = "all-weights"
 SMT_DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj")
 
 
@@ -73,9 +74,23 @@ class SparseConfig:
         default=None,
         metadata={
             "help": (
-                'a list of module-name suffixes (`["q_proj", "v_proj"]`), a regular expression matched against the '
-                'full module name, or `"all-linear"` for every `nn.Linear` except the output head. Defaults to '
-                '`"all-linear"`, and to `["q_proj", "k_proj", "v_proj"]` for SMT as in its paper.'
+                'a list of module-name suffixes (`["q_proj", "v_proj"]`, `["experts"]`), a regular expression matched '
+                'against the full module name, `"all-linear"` for every linear projection (`nn.Linear`, GPT-2\'s '
+                '`Conv1D`) except the output head, or `"all-weights"` for every weight of two or more dimensions '
+                "(also fused MoE experts and routers) except the output head and the embeddings. A matched module "
+                'contributes its own >=2-D weights. Defaults to `"all-linear"` (none when only `target_parameters` '
+                'is given), and to `["q_proj", "k_proj", "v_proj"]` for SMT as in its paper.'
+            )
+        },
+    )
+    target_parameters: str | list[str] | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "weights targeted by parameter name, on top of `target_modules`: a list of name suffixes "
+                '(`["experts.gate_up_proj", "experts.down_proj", "embed_tokens.weight"]`) or a regular expression '
+                "matched against the full parameter name, as PEFT's option of that name; any weight of two or more "
+                "dimensions (see docs/targets.md)."
             )
         },
     )
@@ -239,28 +254,13 @@ class SparseConfig:
         self.initial_reselection_rate = float(rate)
 
     def _check_target_modules(self) -> None:
-        """Fill the method's default targets, then check `target_modules` is a regex or a list of suffixes."""
-        if self.target_modules is None:
+        """Fill the method's default targets, then check each option is a preset, a regex or a list of suffixes."""
+        if self.target_modules is None and self.target_parameters is None:
             self.target_modules = list(SMT_DEFAULT_TARGETS) if self.method == "smt" else ALL_LINEAR
-        targets = self.target_modules
-        if isinstance(targets, str):
-            if targets == ALL_LINEAR:
-                return
-            try:
-                re.compile(targets)
-            except re.error as err:
-                raise ValueError(
-                    f"`target_modules` {targets!r} is neither 'all-linear' nor a valid regular expression ({err}); "
-                    "pass a list of module-name suffixes such as ['q_proj', 'v_proj']."
-                ) from None
-            return
-        if isinstance(targets, (list, tuple)) and targets and all(isinstance(t, str) and t for t in targets):
-            self.target_modules = list(targets)
-            return
-        raise ValueError(
-            f"`target_modules` must be 'all-linear', a regex string, or a non-empty list of module-name suffixes; "
-            f"got {targets!r}."
-        )
+        if self.target_modules is not None:
+            self.target_modules = _check_targets("target_modules", self.target_modules, (ALL_LINEAR, ALL_WEIGHTS))
+        if self.target_parameters is not None:
+            self.target_parameters = _check_targets("target_parameters", self.target_parameters, ())
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-json dict of every field."""
@@ -277,6 +277,29 @@ class SparseConfig:
                 "Was this written by a newer sparse_plugin? Upgrade it."
             )
         return cls(**data)
+
+
+def _check_targets(name: str, targets: Any, presets: tuple[str, ...]) -> str | list[str]:
+    """A preset, a valid regex string, or a non-empty list of name suffixes (returned as a list)."""
+    kind = "module" if name == "target_modules" else "parameter"
+    allowed = "".join(f"{p!r}, " for p in presets)
+    neither = f"neither {' nor '.join(map(repr, presets))} nor" if presets else "not"
+    if isinstance(targets, str):
+        if targets in presets:
+            return targets
+        try:
+            re.compile(targets)
+        except re.error as err:
+            raise ValueError(
+                f"`{name}` {targets!r} is {neither} a valid regular expression ({err}); pass a list of "
+                f"{kind}-name suffixes such as {['q_proj', 'v_proj'] if presets else ['experts.down_proj']}."
+            ) from None
+        return targets
+    if isinstance(targets, (list, tuple)) and targets and all(isinstance(t, str) and t for t in targets):
+        return list(targets)
+    raise ValueError(
+        f"`{name}` must be {allowed}a regex string, or a non-empty list of {kind}-name suffixes; got {targets!r}."
+    )
 
 
 def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:

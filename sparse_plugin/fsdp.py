@@ -23,8 +23,8 @@ def is_fsdp_wrapped(model: nn.Module) -> bool:
     return bool(_fsdp1_units(model)) or any(isinstance(m, FSDPModule) for m in model.modules())
 
 
-def is_whole(weight: torch.Tensor, shape: tuple[int, int]) -> bool:
-    """Whether `weight` is the full (out × in) matrix here, not a shard: FSDP2 holds DTensors, FSDP1 1-D views."""
+def is_whole(weight: torch.Tensor, shape: tuple[int, ...]) -> bool:
+    """Whether `weight` is the full tensor of that shape here, not a shard: FSDP2 holds DTensors, FSDP1 1-D views."""
     from torch.distributed.tensor import DTensor
 
     return not isinstance(weight, DTensor) and tuple(weight.shape) == tuple(shape)
@@ -46,13 +46,13 @@ def gathered_base_values(model: nn.Module) -> dict[str, torch.Tensor]:
 
     def collect() -> None:
         for key, layer in layers:
-            weight = layer.base_layer.weight
-            if key not in found and is_whole(weight, layer.shape):
+            weight = layer.stored_weight()
+            if key not in found and is_whole(weight, layer.weight_shape):
                 found[key] = layer.base_entries().clone()
 
     collect()  # bases outside any FSDP unit
     for key, layer in layers:
-        weight = layer.base_layer.weight
+        weight = layer.stored_weight()
         if key not in found and isinstance(weight, DTensor):
             found[key] = weight.full_tensor().view(-1)[layer.indices].clone()
     for unit in _fsdp1_units(model):

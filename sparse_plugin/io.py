@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import struct
 import uuid
@@ -34,7 +35,7 @@ from .model_card import CARD_NAME, card_writer
 # The model side (layer, model, fsdp) is imported inside the functions that handle a model: `sparse-merge` only
 # reads adapters, and the layer module brings in torch's compiler stack (seconds at start-up).
 if TYPE_CHECKING:
-    from .layer import SparseDeltaLinear
+    from .layer import SparseDeltaTarget
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "sparse_config.json"
@@ -42,6 +43,7 @@ WEIGHTS_NAME = "sparse_adapter.safetensors"
 _ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64"}
 _INT32_LIMIT = 2**31
 _MAX_NUMEL = 2**63 - 1  # torch's (int64) limit: no real weight has more entries
+_MAX_DIMS = 4  # matrices, stacked matrices (fused MoE experts), and room for one more leading dimension
 _FLOAT_DTYPES = tuple(_ST_DTYPES)  # the dtypes values and base values may have on disk
 
 
@@ -61,7 +63,7 @@ class TargetDelta:
     """The sparse delta of one base weight."""
 
     key: str
-    shape: tuple[int, int]
+    shape: tuple[int, ...]  # the weight's own shape: (out, in) of a Linear, (E, out, in) of fused experts
     base_dtype: str
     indices: torch.Tensor  # int64, sorted, unique
     values: torch.Tensor
@@ -137,17 +139,16 @@ def fingerprint(entries: dict[str, tuple[tuple[int, ...], str]]) -> str:
 # --------------------------------------------------------------------------------------------- writing
 
 
-def _base_values(key: str, layer: SparseDeltaLinear, required: bool = True) -> torch.Tensor | None:
+def _base_values(key: str, layer: SparseDeltaTarget, required: bool = True) -> torch.Tensor | None:
     """The base weight's entries at the layer's indices; None for a quantised base (it has no exact entries), and
     for a base FSDP shards unless `required`."""
     from .fsdp import is_whole
-    from .layer import dense_base_weight
 
     try:
-        weight = dense_base_weight(layer.base_layer)
+        weight = layer.dense_weight()
     except TypeError:  # a quantised base has no exact entries to restore
         return None
-    if not is_whole(weight, layer.shape):
+    if not is_whole(weight, layer.weight_shape):
         if not required:
             return None
         raise ValueError(
@@ -204,9 +205,9 @@ def save_adapter(
         )
     tensors, targets = {}, {}
     for key, layer in layers:
-        dtype = base_dtype_code(layer.base_layer.weight)
-        targets[key] = {"shape": list(layer.shape), "count": layer.indices.numel(), "dtype": dtype}
-        index_dtype = torch.int32 if layer.out_features * layer.in_features < _INT32_LIMIT else torch.int64
+        dtype = base_dtype_code(layer.stored_weight())
+        targets[key] = {"shape": list(layer.weight_shape), "count": layer.indices.numel(), "dtype": dtype}
+        index_dtype = torch.int32 if math.prod(layer.weight_shape) < _INT32_LIMIT else torch.int64
         tensors[f"{key}.indices"] = layer.indices.to(index_dtype)
         tensors[f"{key}.values"] = layer.values.detach()
         base = base_values[key] if base_values is not None else _base_values(key, layer, config.store_base_values)
@@ -222,7 +223,7 @@ def save_adapter(
     if not has_base_values:  # all or nothing, so readers need no per-tensor case
         tensors = {k: v for k, v in tensors.items() if not k.endswith(".base_values")}
     trained = sum(t["count"] for t in targets.values())
-    size = sum(t["shape"][0] * t["shape"][1] for t in targets.values())
+    size = sum(math.prod(t["shape"]) for t in targets.values())
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     save_id = uuid.uuid4().hex
@@ -361,23 +362,26 @@ def _header(path: Path) -> dict:
 _DIGEST_FIELDS = ("base_sha256", "merged_sha256")
 
 
-def _target_entry(path: Path, key: str, entry) -> tuple[tuple[int, int], int, str, str | None, str | None]:
+def _target_entry(path: Path, key: str, entry) -> tuple[tuple[int, ...], int, str, str | None, str | None]:
     """The recorded (shape, count, base dtype, base and merged digests) of one target, refusing anything but exact
     integers and, where present, sha256 hex digests (adapters saved before the digests have none)."""
-    if not key.endswith(".weight"):  # else load_adapter would wrap a module it cannot then match, and merge miss it
-        raise _fail(path, f"target {quote(key)} is not a weight's state-dict key (`<module>.weight`); {_CORRUPT}")
+    if not all(key.split(".")):  # else load_adapter would look for a parameter no model can have
+        raise _fail(path, f"target {quote(key)} is not a parameter's state-dict key (`<module>.<name>`); {_CORRUPT}")
     shape, count, dtype = (
         (entry.get(f) for f in ("shape", "count", "dtype")) if isinstance(entry, dict) else (None,) * 3
     )
     if not (
         isinstance(shape, list)
-        and len(shape) == 2
+        and 2 <= len(shape) <= _MAX_DIMS
         and all(map(_is_int, shape))
         and _is_int(count)
         and isinstance(dtype, str)
     ):
-        raise _fail(path, f"target `{key}` needs `shape` (two integers), `count` (an integer) and `dtype`; {_CORRUPT}")
-    if min(shape) < 1 or shape[0] * shape[1] > _MAX_NUMEL or not 0 <= count <= shape[0] * shape[1]:
+        raise _fail(
+            path,
+            f"target `{key}` needs `shape` (two to {_MAX_DIMS} integers), `count` (an integer) and `dtype`; {_CORRUPT}",
+        )
+    if min(shape) < 1 or math.prod(shape) > _MAX_NUMEL or not 0 <= count <= math.prod(shape):
         raise _fail(path, f"target `{key}` has shape {quote(shape)} and count {count}, which do not fit; {_CORRUPT}")
     digests = tuple(entry.get(field) for field in _DIGEST_FIELDS)
     for field, digest in zip(_DIGEST_FIELDS, digests):
@@ -401,7 +405,7 @@ def _check_vector(
 
 
 def validate_delta(
-    where: Path | str, key: str, shape: tuple[int, int], count: int, indices, values, base_values
+    where: Path | str, key: str, shape: tuple[int, ...], count: int, indices, values, base_values
 ) -> torch.Tensor:
     """Check one target's tensors against its recorded shape and count; return the indices as int64.
 
@@ -412,7 +416,7 @@ def validate_delta(
         if tensor is not None:
             _check_vector(where, f"{key}.{name}", tensor, _FLOAT_DTYPES, count)
     indices = indices.long()
-    numel = shape[0] * shape[1]
+    numel = math.prod(shape)
     if count and (int(indices.min()) < 0 or int(indices.max()) >= numel):
         raise _fail(
             where, f"tensor `{key}.indices` has positions outside [0, {numel}) for shape {list(shape)}; {_CORRUPT}"
@@ -504,13 +508,12 @@ def load_adapter(
     adapter = read_adapter(resolve_adapter(adapter_dir, revision=revision, token=token))
     layers = dict(iter_sparse_layers(model))
     if not layers:
-        modules = dict(model.named_modules())
+        params = dict(model.named_parameters())
         for key, target in adapter.targets.items():
-            module = modules.get(key.removesuffix(".weight"))
-            _check_module(adapter.path, model, module, target)
+            _check_weight(adapter.path, model, params.get(key), target)
             if check_base:  # before wrapping: a refusal leaves the model as it was
-                _check_base_values(adapter.path, key, module, target)
-        wrap_targets(model, {k.removesuffix(".weight"): t.indices for k, t in adapter.targets.items()}, adapter.config)
+                _check_base_values(adapter.path, key, _dense_or_none(model, key), target)
+        wrap_targets(model, {k: t.indices for k, t in adapter.targets.items()}, adapter.config)
         layers = dict(iter_sparse_layers(model))
     if set(layers) != set(adapter.targets):
         only_adapter, only_model = (
@@ -524,39 +527,57 @@ def load_adapter(
             "prepare the model with the adapter's target_modules or load into an unprepared base",
         )
     for key, layer in layers.items():
-        if layer.shape != adapter.targets[key].shape:
+        if tuple(layer.weight_shape) != adapter.targets[key].shape:
             raise _fail(
                 adapter.path,
                 f"target `{key}` is {list(adapter.targets[key].shape)} in the adapter but "
-                f"{list(layer.shape)} in the model; load the base the adapter was trained on",
+                f"{list(layer.weight_shape)} in the model; load the base the adapter was trained on",
             )
     for key, layer in layers.items():  # once every shape matched: a shape mismatch is the one to name
         if check_base:
             layer.restore_base_weight()  # a merged-resident weight holds W0 + Δ
-            _check_base_values(adapter.path, key, layer.base_layer, adapter.targets[key])
+            try:
+                weight = layer.dense_weight()
+            except TypeError:
+                weight = None
+            _check_base_values(adapter.path, key, weight, adapter.targets[key])
     for key, layer in layers.items():  # only once every target passed, so a refusal changes nothing
         _set_delta(layer, adapter.targets[key])
     model.sparse_config = adapter.config
     return model
 
 
-def _check_module(path: Path, model: nn.Module, module: nn.Module | None, target: TargetDelta) -> None:
-    """Refuse a module that cannot carry `target`'s delta, naming what the adapter expects and what the model has."""
-    name = target.key.removesuffix(".weight")
-    if isinstance(module, nn.Linear) and (module.out_features, module.in_features) == target.shape:
+def _check_weight(path: Path, model: nn.Module, weight: torch.Tensor | None, target: TargetDelta) -> None:
+    """Refuse a weight that cannot carry `target`'s delta, naming what the adapter expects and what the model has."""
+    if weight is not None and _unpacked_shape(weight) == target.shape:
         return
-    found = (
-        "no such module"
-        if module is None
-        else f"a module of type {type(module).__name__}"
-        if not isinstance(module, nn.Linear)
-        else f"a Linear of shape {[module.out_features, module.in_features]}"
-    )
+    found = "no such weight" if weight is None else f"a weight of shape {list(_unpacked_shape(weight))}"
     raise _fail(
         path,
-        f"target `{target.key}` is a Linear weight of shape {list(target.shape)} in the adapter, but "
-        f"`{name}` is {found} in {type(model).__name__}; load the base the adapter was trained on",
+        f"target `{target.key}` is a weight of shape {list(target.shape)} in the adapter, but it is {found} in "
+        f"{type(model).__name__}; load the base the adapter was trained on",
     )
+
+
+def _unpacked_shape(weight: torch.Tensor) -> tuple[int, ...]:
+    """A weight's logical shape; a bitsandbytes 4-bit weight is stored packed and records its shape apart."""
+    quant_state = getattr(weight, "quant_state", None)
+    return tuple(quant_state.shape) if quant_state is not None else tuple(weight.shape)
+
+
+def _dense_or_none(model: nn.Module, key: str) -> torch.Tensor | None:
+    """The dense float weight under `key` of an unprepared model, or None for a quantised one."""
+    from .layer import dense_base_weight
+
+    module_name, _, name = key.rpartition(".")
+    owner = model.get_submodule(module_name)
+    if isinstance(owner, nn.Linear) and name == "weight":
+        try:
+            return dense_base_weight(owner)
+        except TypeError:
+            return None
+    weight = owner._parameters[name]
+    return weight if weight.dtype in _FLOAT_DTYPES else None
 
 
 def describe_difference(found: torch.Tensor, expected: torch.Tensor, indices: torch.Tensor) -> str:
@@ -569,17 +590,11 @@ def describe_difference(found: torch.Tensor, expected: torch.Tensor, indices: to
     )
 
 
-def _check_base_values(path: Path, key: str, base_layer: nn.Module, target: TargetDelta) -> None:
+def _check_base_values(path: Path, key: str, weight: torch.Tensor | None, target: TargetDelta) -> None:
     """Refuse a base whose entries at the indices differ from the adapter's base values, or from its `base_sha256`
     when it stores none. A quantised base has no exact entries to compare, and an adapter saved before the digests
     without base values has nothing to compare them with: both are accepted unchecked."""
-    from .layer import dense_base_weight
-
-    if target.base_values is None and target.base_sha256 is None:
-        return
-    try:
-        weight = dense_base_weight(base_layer)
-    except TypeError:
+    if weight is None or (target.base_values is None and target.base_sha256 is None):
         return
     indices = target.indices.to(weight.device)
     current = weight.detach().view(-1)[indices]
@@ -602,6 +617,6 @@ def _check_base_values(path: Path, key: str, base_layer: nn.Module, target: Targ
 
 
 @torch.no_grad()
-def _set_delta(layer: SparseDeltaLinear, target: TargetDelta) -> None:
+def _set_delta(layer: SparseDeltaTarget, target: TargetDelta) -> None:
     device = layer.values.device
     layer.assign(target.indices.to(device), target.values.to(device=device, dtype=layer.values.dtype))

@@ -119,7 +119,133 @@ class SparseDelta(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
-class SparseDeltaLinear(nn.Module):
+class SparseDeltaTarget(nn.Module):
+    """What every sparse target shares: the `SparseDelta` (`indices`, `values`) over one frozen weight, the
+    statistics collector a selection method sets, and the "merged-resident" bookkeeping: while the weight holds
+    W0 + Δ (rounded once to its dtype, exactly as `merge` rounds), the target keeps W0's entries at the indices
+    (one base-dtype number per trained value) to rewrite them from when the values change, so nothing drifts and
+    `restore_base_weight` puts W0 back bit for bit.
+
+    Subclasses say where the weight is (`stored_weight`, `dense_weight`) and how it is seen as matrices: `shape` is
+    the (rows × columns) matrix view the optimizers and selection methods work on, `matrices` how many equal
+    matrices are stacked in it (the experts of a fused MoE tensor, 1 otherwise), `weight_shape` the tensor's own
+    shape (what an adapter records).
+    """
+
+    matrices = 1
+
+    def __init__(self, indices: torch.Tensor, values_dtype: torch.dtype, device: torch.device, numel: int):
+        super().__init__()
+        self.delta = SparseDelta(indices, values_dtype, device, numel)
+        # Inference merge (`merge`): forward uses W0 + Δ, the values get no gradient.
+        self.merged = False
+        # Called with the dense weight gradient inside backward while a selection method gathers statistics;
+        # returns the values' gradient or None.
+        self.grad_collector = None
+        # W0 at the indices while the base weight holds W0 + Δ, and the (indices, values) versions written there.
+        self._base_entries: torch.Tensor | None = None
+        self._written: tuple | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        raise NotImplementedError
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        return self.shape
+
+    def stored_weight(self) -> torch.Tensor:
+        """The frozen weight as the model stores it (possibly quantised or sharded)."""
+        raise NotImplementedError
+
+    def dense_weight(self) -> torch.Tensor:
+        """The dense float weight the delta is written into, or a `TypeError` saying there is none."""
+        raise NotImplementedError
+
+    def _indices_key(self) -> tuple:
+        return (self.indices.data_ptr(), self.indices._version, self.indices.numel())
+
+    @property
+    def indices(self) -> torch.Tensor:
+        return self.delta.indices
+
+    @property
+    def values(self) -> nn.Parameter:
+        return self.delta.values
+
+    def set_indices(self, indices: torch.Tensor) -> None:
+        """Train a new set of positions (any count), all starting at Δ = 0 (see `SparseDelta.set_indices`)."""
+        self.restore_base_weight()
+        self.delta.set_indices(indices)
+
+    @torch.no_grad()
+    def assign(self, indices: torch.Tensor, values: torch.Tensor) -> None:
+        """Train `indices` (sorted, unique, any count) starting from `values`; the base weight follows."""
+        self.set_indices(indices)
+        self.values.copy_(values)
+
+    @torch.no_grad()
+    def _hold_delta(self) -> torch.Tensor:
+        """Make the base weight hold W0 + Δ for the current values: the first time, keep W0's entries; after
+        that, rewrite the trained entries from them whenever the values changed. Returns the weight."""
+        weight = self.dense_weight()
+        key = self._indices_key()
+        if self._base_entries is None:
+            self._base_entries = weight.view(-1).index_select(0, self.indices)
+            self._written = (key, None)
+        elif self._written[0] != key:
+            raise RuntimeError(
+                "the indices of this sparse target changed in place while its base weight held W0 + Δ; change "
+                "them with `layer.set_indices(...)` or `layer.assign(...)`, which put W0 back first."
+            )
+        if self._written[1] != self.values._version:
+            # One fp32 add and one rounding per entry, as `merge`, `scatter_add_` and `sparse-merge` round.
+            merged = (self._base_entries.float() + self.values.float()).to(weight.dtype)
+            weight.view(-1).index_copy_(0, self.indices.long(), merged)
+            self._written = (key, self.values._version)
+        return weight
+
+    @torch.no_grad()
+    def restore_base_weight(self) -> None:
+        """Put W0 back into the base weight, bit for bit, if it holds W0 + Δ (also ends an inference `merge`);
+        the merged strategy writes Δ again at the next forward."""
+        if self._base_entries is not None:
+            weight = self.dense_weight()
+            weight.view(-1).index_copy_(0, self.indices.long(), self._base_entries.to(weight.dtype))
+        self._base_entries = self._written = None
+        self.merged = False
+
+    def base_entries(self) -> torch.Tensor:
+        """W0 at the indices (what an adapter stores for a bit-exact unmerge), also while the weight holds W0 + Δ."""
+        if self._base_entries is not None:
+            return self._base_entries
+        return self.dense_weight().detach().view(-1)[self.indices.long()]
+
+    def _apply(self, fn, recurse=True):
+        # `.to()`, `.cuda()`, `.half()`...: W0 back first, so the kept entries never fall behind the weight's device
+        # or dtype; the next forward writes Δ again.
+        self.restore_base_weight()
+        return super()._apply(fn, recurse)
+
+    def delta_weight(self) -> torch.Tensor:
+        """Dense Δ (shaped like the weight) in the values' dtype; for tests and inspection, not for training."""
+        delta = torch.zeros(self.weight_shape, dtype=self.values.dtype, device=self.values.device)
+        delta.view(-1)[self.indices.long()] = self.values.detach()
+        return delta
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold Δ into the base weight in place for inference; `unmerge` restores the old entries bit for bit."""
+        if not self.merged:
+            self._hold_delta()
+            self.merged = True
+
+    def unmerge(self) -> None:
+        if self.merged:
+            self.restore_base_weight()
+
+
+class SparseDeltaLinear(SparseDeltaTarget):
     """A frozen `base_layer` plus a trainable sparse delta at flat positions `indices` of its weight.
 
     With the `"merged"` strategy the base weight holds W0 + Δ (rounded once to its dtype, exactly as `merge`
@@ -149,21 +275,13 @@ class SparseDeltaLinear(nn.Module):
         forward_strategy: str = "auto",
         block_size: int | None = None,
     ):
-        super().__init__()
+        numel = base_layer.in_features * base_layer.out_features
+        super().__init__(indices, values_dtype, base_layer.weight.device, numel)
         self.base_layer = base_layer
         self.in_features = base_layer.in_features
         self.out_features = base_layer.out_features
         self.forward_strategy = forward_strategy
         self.block_size = block_size
-        self.delta = SparseDelta(indices, values_dtype, base_layer.weight.device, self.in_features * self.out_features)
-        # Inference merge (`merge`): forward is the base alone, the values get no gradient.
-        self.merged = False
-        # Called with the dense weight gradient inside backward while a selection method gathers statistics;
-        # returns the values' gradient or None.
-        self.grad_collector = None
-        # W0 at the indices while the base weight holds W0 + Δ, and the (indices, values) versions written there.
-        self._base_entries: torch.Tensor | None = None
-        self._written: tuple | None = None
         self._pattern_key: tuple | None = None
         self._pattern: SparsePattern | None = None
         self._strategy_key: tuple | None = None
@@ -174,8 +292,11 @@ class SparseDeltaLinear(nn.Module):
     def shape(self) -> tuple[int, int]:
         return (self.out_features, self.in_features)
 
-    def _indices_key(self) -> tuple:
-        return (self.indices.data_ptr(), self.indices._version, self.indices.numel())
+    def stored_weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    def dense_weight(self) -> torch.Tensor:
+        return dense_base_weight(self.base_layer)
 
     def pattern(self) -> SparsePattern:
         """Structure of the current indices (a `BlockPattern` when they tile SMT blocks), rebuilt only when
@@ -189,25 +310,6 @@ class SparseDeltaLinear(nn.Module):
                 self._pattern = SparsePattern(self.indices, self.shape)
             self._pattern_key = key
         return self._pattern
-
-    @property
-    def indices(self) -> torch.Tensor:
-        return self.delta.indices
-
-    @property
-    def values(self) -> nn.Parameter:
-        return self.delta.values
-
-    def set_indices(self, indices: torch.Tensor) -> None:
-        """Train a new set of positions (any count), all starting at Δ = 0 (see `SparseDelta.set_indices`)."""
-        self.restore_base_weight()
-        self.delta.set_indices(indices)
-
-    @torch.no_grad()
-    def assign(self, indices: torch.Tensor, values: torch.Tensor) -> None:
-        """Train `indices` (sorted, unique, any count) starting from `values`; the base weight follows."""
-        self.set_indices(indices)
-        self.values.copy_(values)
 
     def strategy(self) -> str:
         """The forward strategy: the configured one, or for `"auto"` merged wherever it applies.
@@ -258,70 +360,10 @@ class SparseDeltaLinear(nn.Module):
             )
         return base_out + delta.to(base_out.dtype)
 
-    @torch.no_grad()
-    def _hold_delta(self) -> torch.Tensor:
-        """Make the base weight hold W0 + Δ for the current values: the first time, keep W0's entries; after
-        that, rewrite the trained entries from them whenever the values changed. Returns the weight."""
-        weight = dense_base_weight(self.base_layer)
-        key = self._indices_key()
-        if self._base_entries is None:
-            self._base_entries = weight.view(-1).index_select(0, self.indices)
-            self._written = (key, None)
-        elif self._written[0] != key:
-            raise RuntimeError(
-                "the indices of this SparseDeltaLinear changed in place while its base weight held W0 + Δ; change "
-                "them with `layer.set_indices(...)` or `layer.assign(...)`, which put W0 back first."
-            )
-        if self._written[1] != self.values._version:
-            # One fp32 add and one rounding per entry, as `merge`, `scatter_add_` and `sparse-merge` round.
-            merged = (self._base_entries.float() + self.values.float()).to(weight.dtype)
-            weight.view(-1).index_copy_(0, self.indices.long(), merged)
-            self._written = (key, self.values._version)
-        return weight
-
-    @torch.no_grad()
-    def restore_base_weight(self) -> None:
-        """Put W0 back into the base weight, bit for bit, if it holds W0 + Δ (also ends an inference `merge`);
-        the merged strategy writes Δ again at the next forward."""
-        if self._base_entries is not None:
-            weight = dense_base_weight(self.base_layer)
-            weight.view(-1).index_copy_(0, self.indices.long(), self._base_entries.to(weight.dtype))
-        self._base_entries = self._written = None
-        self.merged = False
-
-    def base_entries(self) -> torch.Tensor:
-        """W0 at the indices (what an adapter stores for a bit-exact unmerge), also while the weight holds W0 + Δ."""
-        if self._base_entries is not None:
-            return self._base_entries
-        return dense_base_weight(self.base_layer).detach().view(-1)[self.indices.long()]
-
-    def _apply(self, fn, recurse=True):
-        # `.to()`, `.cuda()`, `.half()`...: W0 back first, so the kept entries never fall behind the weight's device
-        # or dtype; the next forward writes Δ again.
-        self.restore_base_weight()
-        return super()._apply(fn, recurse)
-
     def _load_from_state_dict(self, *args, **kwargs):
         # Runs before the children load: W0 back first, so new indices or a new base weight start clean.
         self.restore_base_weight()
         super()._load_from_state_dict(*args, **kwargs)
-
-    def delta_weight(self) -> torch.Tensor:
-        """Dense Δ (out × in) in the values' dtype; for tests and inspection, not for training."""
-        delta = torch.zeros(self.shape, dtype=self.values.dtype, device=self.values.device)
-        delta.view(-1)[self.indices.long()] = self.values.detach()
-        return delta
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        """Fold Δ into the base weight in place for inference; `unmerge` restores the old entries bit for bit."""
-        if not self.merged:
-            self._hold_delta()
-            self.merged = True
-
-    def unmerge(self) -> None:
-        if self.merged:
-            self.restore_base_weight()
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, trained={self.indices.numel()}"

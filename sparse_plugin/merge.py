@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .atomic import atomic_directory, reporting_disk_full
+from .checkpoint_layout import split_for_checkpoint
 from .io import (
     QUANTIZED_DTYPES,
     Adapter,
@@ -362,6 +363,8 @@ def merge_checkpoint(
     header = checkpoint.header()
     if peft:  # PEFT's files record no shapes: the base's header supplies them
         adapter = read_peft_adapter(adapter_dir, header)
+    else:  # fused MoE experts are stored per expert on disk
+        adapter = split_for_checkpoint(adapter, header, checkpoint.directory)
     check_output(
         output, {"merged model" if unmerge else "base": checkpoint.directory, "adapter": adapter.path}, overwrite
     )

@@ -8,6 +8,7 @@ string joins and one YAML dump, cheap enough for every Trainer checkpoint.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -29,7 +30,15 @@ _METHOD_SETTINGS = {
     "smt": ("block_size", "warmup_steps"),
     "sift": ("selection_steps",),
 }
-_COMMON_SETTINGS = ("density", "num_params", "lora_rank_equivalent", "target_modules", "values_dtype", "seed")
+_COMMON_SETTINGS = (
+    "density",
+    "num_params",
+    "lora_rank_equivalent",
+    "target_modules",
+    "target_parameters",
+    "values_dtype",
+    "seed",
+)
 _METHOD_NAMES = {"spiel": "SpIEL", "smt": "SMT", "sift": "SIFT"}
 _CITATIONS = {
     "spiel": (
@@ -190,6 +199,6 @@ def _target_rows(targets: dict) -> list[str]:
     rows = []
     for name, group in groups.items():
         shapes = sorted({"x".join(map(str, t["shape"])) for t in group})
-        count, size = sum(t["count"] for t in group), sum(t["shape"][0] * t["shape"][1] for t in group)
+        count, size = sum(t["count"] for t in group), sum(math.prod(t["shape"]) for t in group)
         rows.append(f"| `{name}` | {len(group)} | {', '.join(shapes)} | {count:,d} | {count / size:.4%} |")
     return rows

@@ -108,6 +108,12 @@ def export_peft(
     output = Path(output_dir).absolute()
     check_output(output, {"adapter": adapter.path}, overwrite)  # never over (or inside) the adapter read
     peft_type, index_name, value_name = _LAYOUT[format]
+    for key, target in adapter.targets.items():
+        if len(target.shape) != 2 or not key.endswith(".weight"):
+            raise AdapterError(
+                f"{adapter.path}: `{key}` ({'x'.join(map(str, target.shape))}) is not a Linear weight, and PEFT's "
+                f"{format} adapts Linear layers only; merge the adapter with `sparse-merge merge` instead"
+            )
     shapes_counts = [(t.shape, t.indices.numel()) for t in adapter.targets.values()]
     setting = supertuning_sparsity(shapes_counts) if format == "supertuning" else shira_rank(shapes_counts)
     tensors = {}

@@ -28,22 +28,24 @@ POOL_FACTOR = 4
 SCORE_CHUNK = 1 << 22
 
 
-def allocate_budget(shapes: list[tuple[int, int]], config: SparseConfig) -> list[int]:
+def allocate_budget(shapes: list[tuple[int, ...]], config: SparseConfig) -> list[int]:
     """Trainable values per target: `density` of each, or the total budget shared in proportion to size.
 
     Args:
-        shapes (`list[tuple[int, int]]`): (out, in) of each target.
+        shapes (`list[tuple[int, ...]]`): the shape of each target: (out, in) of a matrix, or (E, out, in) of
+            E stacked matrices (fused MoE experts), which LoRA would adapt with one rank-r pair per matrix.
         config (`SparseConfig`): its `density`, `num_params` or `lora_rank_equivalent` sets the budget.
 
     Returns:
         One count per target, at least one value and at most its size.
     """
-    sizes = [o * i for o, i in shapes]
+    sizes = [math.prod(shape) for shape in shapes]
     if config.density is not None:
         return [max(1, round(config.density * n)) for n in sizes]
     total = config.num_params
     if config.lora_rank_equivalent is not None:
-        total = sum(config.lora_rank_equivalent * (o + i) for o, i in shapes)
+        rank = config.lora_rank_equivalent
+        total = sum(rank * math.prod(shape[:-2]) * (shape[-2] + shape[-1]) for shape in shapes)
     if total > sum(sizes):
         raise ValueError(
             f"The budget of {total} values exceeds the {sum(sizes)} weights of the targets; "

@@ -351,7 +351,7 @@ SECRET = "SECRET-TOKEN=hunter2"  # held by a file outside the adapter that a hos
 _UNREADABLE = "not a readable safetensors file"
 _OUTSIDE = rf"`{KEY}.indices` has positions outside \[0, {KEY_NUMEL}\)"
 _NOT_FORMAT = "not a format version"
-_BAD_TARGET = rf"target `{KEY}` needs `shape` \(two integers\), `count` \(an integer\) and `dtype`"
+_BAD_TARGET = rf"target `{KEY}` needs `shape` \(two to 4 integers\), `count` \(an integer\) and `dtype`"
 C, W = CONFIG_NAME, WEIGHTS_NAME
 HOSTILE_ADAPTERS = {
     # the directory and its files
@@ -380,7 +380,7 @@ HOSTILE_ADAPTERS = {
         edit_meta(lambda m: m["config"].update(density=2)), C, r"invalid `config` \(`density` must be"
     ),
     "targets-empty": Hostile(edit_meta(lambda m: m.update(targets={})), C, "`targets` is empty"),
-    "target-not-a-weight": Hostile(_rename_target(KEY.removesuffix(".weight")), C, "is not a weight's state-dict key"),
+    "target-not-a-weight": Hostile(_rename_target(KEY + "."), C, "is not a parameter's state-dict key"),
     "target-shape-float": Hostile(_set_target(shape=[48.0, 48]), C, _BAD_TARGET),
     "target-shape-infinite": Hostile(_set_target(shape=[float("inf"), 48]), C, _BAD_TARGET),
     "target-count-string": Hostile(_set_target(count="115"), C, _BAD_TARGET),

@@ -30,10 +30,11 @@ def test_suffix_list_and_regex(tiny_model):
 
 def test_unknown_target_names_the_entry_and_the_choices(tiny_model):
     with pytest.raises(
-        ValueError, match="entry 'qkv' matches no Linear layer of LlamaForCausalLM; available suffixes: .*q_proj"
+        ValueError,
+        match="entry 'qkv' matches no module with a weight of LlamaForCausalLM; available suffixes: .*q_proj",
     ):
         find_targets(tiny_model, ["q_proj", "qkv"])
-    with pytest.raises(ValueError, match="selects no Linear layer"):
+    with pytest.raises(ValueError, match="select no weight"):
         find_targets(tiny_model, "nothing.*")
 
 

@@ -19,10 +19,12 @@ class SparsePattern:
     takes the indices' dtype (int32 below 2^31 positions), as torch's CSR tensors want crow and cols alike.
     """
 
-    def __init__(self, indices: torch.Tensor, shape: tuple[int, int]):
+    def __init__(self, indices: torch.Tensor, shape: tuple[int, int], matrices: int = 1):
         out_features, _ = shape
         self.indices = indices
         self.shape = shape
+        # Equal matrices stacked along the rows (the experts of a fused MoE tensor): columns are counted per matrix.
+        self.matrices = matrices
         self.crow = torch.zeros(out_features + 1, dtype=indices.dtype, device=indices.device)
         self.crow[1:] = torch.bincount(self.rows, minlength=out_features).cumsum(0)
 
@@ -35,6 +37,15 @@ class SparsePattern:
     def cols(self) -> torch.Tensor:
         """Column of each position (the indices' dtype), computed on each call."""
         return torch.remainder(self.indices, self.shape[1])
+
+    @property
+    def column_slots(self) -> torch.Tensor:
+        """Column of each position counted per stacked matrix (matrix · columns + column): SM3's column
+        accumulators; equal to `cols` for a single matrix."""
+        if self.matrices == 1:
+            return self.cols
+        rows_per_matrix = self.shape[0] // self.matrices
+        return torch.div(self.rows, rows_per_matrix, rounding_mode="floor") * self.shape[1] + self.cols
 
     @property
     def row_lengths(self) -> torch.Tensor:

@@ -77,7 +77,7 @@ class SM3(SparseOptimizer):
         if any(self.layer_of(param) is None for param in group["params"]):
             raise ValueError(
                 "SM3 here trains sparse deltas only: every parameter must be the `values` of a "
-                "SparseDeltaLinear of `model`; freeze the others or train them with another optimizer."
+                "sparse target of `model`; freeze the others or train them with another optimizer."
             )
 
     def _new_state(self, param: torch.Tensor, group: dict) -> dict:
@@ -85,7 +85,8 @@ class SM3(SparseOptimizer):
         state = {
             "step": torch.zeros((), dtype=torch.float32),
             "row_acc": torch.zeros(layer.out_features, dtype=torch.float32, device=param.device),
-            "col_acc": torch.zeros(layer.in_features, dtype=torch.float32, device=param.device),
+            # one column accumulator per (stacked matrix, column): per (expert, column) for fused MoE experts
+            "col_acc": torch.zeros(layer.matrices * layer.in_features, dtype=torch.float32, device=param.device),
         }
         if group["momentum"] > 0:
             state["momentum_buffer"] = torch.zeros(param.numel(), dtype=torch.float32, device=param.device)
@@ -103,7 +104,7 @@ class SM3(SparseOptimizer):
         if not state:  # a state dict without this parameter's state was loaded
             state.update(self._new_state(param, group))
         grad = param.grad.float()
-        lengths, cols = pattern.row_lengths, pattern.cols.long()
+        lengths, cols = pattern.row_lengths, pattern.column_slots.long()
         row_acc, col_acc = state["row_acc"], state["col_acc"]
         # Positions are sorted by row: a row's accumulator spreads over its run and its maximum is a segment
         # reduction, with no per-position row ids; columns are scattered.

@@ -71,16 +71,26 @@ def prune_regrow(indices: torch.Tensor, values: torch.Tensor, count: int, candid
 
 
 def top_outer_scores(
-    row: torch.Tensor, col: torch.Tensor, exclude: torch.Tensor, count: int
+    row: torch.Tensor, col: torch.Tensor, exclude: torch.Tensor, count: int, matrices: int = 1
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The `count` largest r_i·c_j over flat positions not in the sorted `exclude`, in row chunks."""
-    out_features, in_features = row.numel(), col.numel()
+    """The `count` largest r_i·c_j over flat positions not in the sorted `exclude`, in row chunks.
+
+    With `matrices` > 1 (fused experts) rows and columns are per stacked matrix: row i of matrix m pairs with
+    that matrix's columns, `col[m·in + j]`.
+    """
+    out_features, in_features = row.numel(), col.numel() // matrices
+    col_by_matrix = col.view(matrices, in_features)
+    rows_per_matrix = out_features // matrices
     rows_per_chunk = max(1, SCORE_CHUNK // in_features)
     best_pos = torch.empty(0, dtype=torch.int64, device=row.device)
     best_score = torch.empty(0, dtype=torch.float32, device=row.device)
     for start in range(0, out_features, rows_per_chunk):
         stop = min(out_features, start + rows_per_chunk)
-        scores = (row[start:stop, None].float() * col[None, :].float()).view(-1)
+        if matrices == 1:
+            chunk_cols = col[None, :]
+        else:
+            chunk_cols = col_by_matrix[torch.arange(start, stop, device=row.device) // rows_per_matrix]
+        scores = (row[start:stop, None].float() * chunk_cols.float()).reshape(-1)
         lo, hi = torch.searchsorted(
             exclude,
             torch.tensor([start * in_features, stop * in_features], dtype=exclude.dtype, device=exclude.device),
@@ -197,7 +207,7 @@ class SpielSelector(Selector):
         if accumulators is None:
             return None
         row, col = accumulators
-        return lambda remaining, count: top_outer_scores(row, col, remaining, count)
+        return lambda remaining, count: top_outer_scores(row, col, remaining, count, layer.matrices)
 
     def _apply(self, layer: SparseDeltaLinear, result: Regrowth) -> None:
         source = result.source

@@ -131,9 +131,13 @@ def test_good_yaml_validates_and_gives_the_sparse_config(tiny_checkpoint):
         ),
         (
             {"sparse_target_modules": ["q_proj", "qkv_proj"]},
-            "`sparse_target_modules` entry 'qkv_proj' matches no Linear layer of LlamaForCausalLM",
+            "`sparse_target_modules` entry 'qkv_proj' matches no module with a weight of LlamaForCausalLM",
         ),
         ({"sparse_density": None, "sparse_num_params": 10**9}, "The budget of 1000000000 values exceeds"),
+        (
+            {"sparse_target_parameters": ["experts.gate_up_proj"]},
+            "`sparse_target_parameters` entry 'experts.gate_up_proj' matches no weight of LlamaForCausalLM",
+        ),
     ],
 )
 def test_bad_yaml_fails_validation_naming_the_key(tiny_checkpoint, overrides, message):

@@ -19,7 +19,7 @@ import torch
 from pydantic import BaseModel, Field, create_model, model_validator
 
 from ...config import SparseConfig
-from ...model import find_targets
+from ...model import target_shapes
 from ...sizing import allocate_budget
 from ..hf_registry import SPARSE_OPTIMIZERS
 
@@ -138,7 +138,7 @@ class _SparseChecks(BaseModel):
 
     @model_validator(mode="after")
     def check_targets_and_budget(self):
-        """Resolve `sparse_target_modules` and the budget on the base model built on the meta device (no
+        """Resolve `sparse_target_modules`, `sparse_target_parameters` and the budget on the base model built on the meta device (no
         weights), so a wrong target fails now rather than after the datasets are prepared."""
         base = _value(self, "base_model_config") or _value(self, "base_model")
         model = _meta_model(base, bool(_value(self, "trust_remote_code")))
@@ -146,9 +146,7 @@ class _SparseChecks(BaseModel):
             return self  # not readable now: loading the model reports that, and post_model_load checks again
         config = sparse_config_from(self)
         try:
-            modules = dict(model.named_modules())
-            targets = [modules[name] for name in find_targets(model, config.target_modules)]
-            allocate_budget([(m.out_features, m.in_features) for m in targets], config)
+            allocate_budget(list(target_shapes(model, config).values()), config)
         except ValueError as err:
             raise ValueError(yaml_message(err)) from None
         return self

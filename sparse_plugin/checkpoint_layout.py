@@ -1,0 +1,73 @@
+"""Targets whose tensor a checkpoint stores in another layout: fused MoE experts.
+
+transformers 5 fuses a MoE checkpoint's per-expert tensors (`model.layers.0.mlp.experts.3.gate_proj.weight`, ...)
+into one `[E, out, in]` parameter when it loads the model, and splits it again when it saves. An adapter names a
+target by the model's state-dict key (`model.layers.0.mlp.experts.gate_up_proj`), which is then no tensor of the
+checkpoint. `split_for_checkpoint` re-expresses such a target on the checkpoint's own tensors: it runs the model
+type's own reverse conversion (`transformers.core_model_loading.revert_weight_conversion`, what `save_pretrained`
+does) on a tensor holding each entry's flat position, so every layout transformers knows (concatenated or
+interleaved gate/up, transposed experts, renamed modules) maps exactly, with no table of our own.
+
+Cost: the position tensor of one fused weight at a time (4 bytes per entry below 2^31 entries), on the CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import torch
+
+from .io import Adapter, TargetDelta
+
+_INT32_LIMIT = 2**31
+
+
+def split_for_checkpoint(adapter: Adapter, header: dict, model_dir: str | Path) -> Adapter:
+    """`adapter` with every target that `header` lacks replaced by targets on the checkpoint tensors it is stored
+    as; unchanged when nothing is missing or the layout cannot be derived (the merge then names the missing tensor).
+
+    Split targets keep their values and base values (so an unmerge stays exact) but not their sha256 digests,
+    which cover the fused tensor's entries in its own order.
+    """
+    missing = [key for key in adapter.targets if key not in header]
+    if not missing:
+        return adapter
+    model = _meta_model(Path(model_dir))
+    if model is None:
+        return adapter
+    from transformers.core_model_loading import revert_weight_conversion
+
+    targets = {key: target for key, target in adapter.targets.items() if key not in missing}
+    for key in missing:
+        target = adapter.targets[key]
+        numel = math.prod(target.shape)
+        dtype = torch.int32 if numel < _INT32_LIMIT else torch.int64
+        converted = revert_weight_conversion(model, {key: torch.arange(numel, dtype=dtype).view(target.shape)})
+        if set(converted) == {key} or not set(converted) <= set(header):
+            targets[key] = target  # not a layout transformers converts: refused by the header check
+            continue
+        for stored_key, positions in converted.items():
+            flat = positions.reshape(-1).long()  # the fused position each entry of the stored tensor holds
+            local = torch.isin(flat, target.indices).nonzero().squeeze(1)
+            if local.numel() == 0:
+                continue
+            slots = torch.searchsorted(target.indices, flat[local])
+            base = None if target.base_values is None else target.base_values[slots]
+            targets[stored_key] = TargetDelta(
+                stored_key, tuple(positions.shape), target.base_dtype, local, target.values[slots], base
+            )
+    return dataclasses.replace(adapter, targets=targets)
+
+
+def _meta_model(model_dir: Path):
+    """The checkpoint's architecture on the meta device (no weights), or None where transformers cannot build it."""
+    try:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = AutoConfig.from_pretrained(model_dir)
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config)
+    except (ImportError, OSError, ValueError, KeyError):
+        return None
