@@ -7,7 +7,7 @@ prune/regrow every 20 steps by SM3's accumulators; `--method` picks SpIEL-AG, SM
 model directory with the `sparse-merge` CLI; reload that directory with plain transformers and check its logits
 against the adapter model; show one generation before and after.
 
-    python tools/demo.py [--method spiel-ma|spiel-ag|smt|sift] [--steps 100] [--output-dir runs/demo]
+    python -m tools.demo [--method spiel-ma|spiel-ag|smt|sift] [--steps 100] [--output-dir runs/demo]
 """
 
 from __future__ import annotations
@@ -22,12 +22,10 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bundled_model import load_model, model_dir  # noqa: E402
-from corpora.wordnet import SYSTEM, load_pairs  # noqa: E402
-
-import sparse_plugin  # noqa: E402  (importing it registers optim="spiel_sm3")
-from sparse_plugin import SparseCallback, SparseConfig  # noqa: E402
+import sparse_plugin  # importing it registers optim="spiel_sm3"
+from sparse_plugin import SparseCallback, SparseConfig
+from tools.bundled_model import load_model, model_dir
+from tools.corpora.wordnet import SYSTEM, load_pairs
 
 # --method: SparseConfig fields, optimizer, and learning rate (the best of tools/bench_quality.py's grid). SMT
 # targets every linear layer here (its paper: Q/K/V) so all methods train the same layers at the same budget.
