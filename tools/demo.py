@@ -27,7 +27,7 @@ from sparse_plugin import SparseCallback, SparseConfig
 from tools.bundled_model import load_model, model_dir
 from tools.corpora.wordnet import SYSTEM, load_pairs
 
-# --method: SparseConfig fields, optimizer, and learning rate (the best of tools/bench_quality.py's grid). SMT
+# --method: SparseConfig fields, optimizer, and learning rate (the best of tools/benchmarks/bench_quality.py's grid). SMT
 # targets every linear layer here (its paper: Q/K/V) so all methods train the same layers at the same budget.
 DEMO_RECIPES = {
     "spiel-ma": ({"method": "spiel", "regrow": "ma"}, "spiel_sm3", 1e-2),
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--method", choices=list(DEMO_RECIPES), default="spiel-ma")
     parser.add_argument(
-        "--lr", type=float, help="learning rate (default: the method's best in tools/bench_quality.py)"
+        "--lr", type=float, help="learning rate (default: the method's best in tools/benchmarks/bench_quality.py)"
     )
     parser.add_argument(
         "--rank", type=int, default=16, help="LoRA rank whose parameter count the sparse budget matches"
