@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 demo: env
-	$(PY) tools/demo.py
+	$(PY) -m tools.demo
 
 test: env
 	# Lint and format as PEFT does (config in pyproject.toml), then the suite.
@@ -52,13 +52,13 @@ test-compat: $(AXOLOTL_VENV)/.installed
 
 # The CPU Axolotl example: WordNet data and the bundled SmolLM2 under axolotl_configs/local/, then ~5 min of training.
 axolotl-demo: $(AXOLOTL_VENV)/.installed
-	$(AXOLOTL_VENV)/bin/python tools/axolotl_setup.py
+	$(AXOLOTL_VENV)/bin/python -m tools.axolotl_setup
 	PATH="$(CURDIR)/$(AXOLOTL_VENV)/bin:$$PATH" axolotl train axolotl_configs/smollm2-spiel-ma.yml
 
 # Rebuild the shipped corpora from Debian packages (byte-identical to the shipped files).
 data: env
 	apt-get install -y -q wordnet-base python3.11-doc
-	cd tools && ../$(PY) -m corpora.wordnet build && ../$(PY) -m corpora.pydocs build
+	$(PY) -m tools.corpora.wordnet build && $(PY) -m tools.corpora.pydocs build
 
 clean-env:
 	rm -rf $(VENV) $(AXOLOTL_VENV)

@@ -193,7 +193,7 @@ def run_merge(model_dir, adapter_dir, output_dir, **options) -> dict:
     from .merge import merge_checkpoint
 
     # One thread while merging: the CPU scatter is a few million indexed writes, too little work to share,
-    # and OpenMP's spinning threads lose badly to any other load on the cores (see tools/bench_merge.py).
+    # and OpenMP's spinning threads lose badly to any other load on the cores (see tools/benchmarks/bench_merge.py).
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     # Armed before anything is written, so a signal at any point unwinds through the output's cleanup; once

@@ -316,7 +316,7 @@ class SparseDeltaLinear(SparseDeltaTarget):
 
         Merged needs a plain `nn.Linear` with a whole (not FSDP-sharded) fp32/bf16/fp16 weight and a frozen
         bias; it then costs one rewrite of the trained entries per step instead of two sparse products per
-        call, so it wins at every density (tools/bench_layer.py). Decided once per base weight.
+        call, so it wins at every density (tools/benchmarks/bench_layer.py). Decided once per base weight.
         """
         key = (self.forward_strategy, id(getattr(self.base_layer, "weight", None)))
         if key != self._strategy_key:

@@ -1,6 +1,6 @@
 """How many values each target trains, and the sizes where the code paths change: plain Python, no torch.
 
-The package uses these to build and run an adapter; tools/memory_model.py, which imports no torch, uses the
+The package uses these to build and run an adapter; tools/benchmarks/memory_model.py, which imports no torch, uses the
 same names to predict its memory, so a change here changes both.
 """
 
@@ -13,10 +13,10 @@ if TYPE_CHECKING:
     from .config import SparseConfig
 
 # On CPU: `sampled_addmm` computes the values' gradient below this density, dense-then-gather above. The
-# crossover is near 5-6% for most shapes (dense wins for the small k/v projections); see tools/bench_layer.py.
+# crossover is near 5-6% for most shapes (dense wins for the small k/v projections); see tools/benchmarks/bench_layer.py.
 SAMPLED_MAX_DENSITY = 0.05
 # On CUDA: the Triton SDDMM below this density, dense-then-gather above. An estimate until
-# tools/bench_kernels.py measures it (tools/gpu_check.sh runs it): the kernel reads ~tokens·bytes of x per
+# tools/benchmarks/bench_kernels.py measures it (tools/gpu_check.sh runs it): the kernel reads ~tokens·bytes of x per
 # position, the dense path computes 2·tokens·out·in FLOPs, so kernel÷dense ≈ density·bytes·FLOP rate÷(2·byte
 # rate) whatever the token count; on current GPUs that puts the crossover near 0.5-1% in bf16 and 3-7% in fp32
 # without TF32, and 2% sits between the two.

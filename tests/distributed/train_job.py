@@ -34,7 +34,8 @@ from sparse_plugin import (
 from sparse_plugin.distributed import keep_deltas_replicated
 from sparse_plugin.fsdp import gathered_base_values, is_fsdp_wrapped
 
-METHODS = {
+# name -> (SparseConfig fields, optimizer class)
+JOB_RECIPES = {
     "ma": (
         {"method": "spiel", "regrow": "ma", "density": 0.05, "reselection_steps": 2, "initial_reselection_rate": 0.5},
         SM3,
@@ -112,7 +113,7 @@ def load_optimizer_state(optimizer, forward, how, state) -> None:
 
 def start(method, world, how, deltas=None):
     """A prepared model (with `deltas` copied in), its optimizer, the wrapped forward and the clipping function."""
-    fields, cls = METHODS[method]
+    fields, cls = JOB_RECIPES[method]
     model = prepare_model(tiny_llama(), SparseConfig(**fields))
     for key, layer in iter_sparse_layers(model):
         if deltas is not None:
@@ -176,7 +177,7 @@ def trainer_run(model, method, out, how, resume=None):
     from transformers import Trainer, TrainingArguments
 
     ids = torch.randint(3, 97, (32, 12), generator=torch.Generator().manual_seed(0)).tolist()
-    optim = "spiel_sm3" if METHODS[method][1] is SM3 else "spiel_adamw"
+    optim = "spiel_sm3" if JOB_RECIPES[method][1] is SM3 else "spiel_adamw"
     fsdp = {}
     if how.startswith("fsdp"):
         let_accelerate_shard_on_cpu()
@@ -233,7 +234,7 @@ def base_bytes_here(model) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("out", type=Path)
-    parser.add_argument("method", choices=list(METHODS))
+    parser.add_argument("method", choices=list(JOB_RECIPES))
     parser.add_argument("--trainer", action="store_true")
     parser.add_argument("--wrap", choices=["ddp", "fsdp1", "fsdp2"], default="ddp")
     parser.add_argument("--resume", help="a Trainer checkpoint to resume from (with --trainer)")
@@ -244,7 +245,7 @@ def main() -> None:
         dist.init_process_group("gloo")
     rank = int(os.environ.get("RANK", "0"))
     if args.trainer:
-        config = SparseConfig(**METHODS[args.method][0], store_base_values=not args.no_base_values)
+        config = SparseConfig(**JOB_RECIPES[args.method][0], store_base_values=not args.no_base_values)
         model = prepare_model(tiny_llama(), config)
         losses = trainer_run(model, args.method, args.out, args.wrap, args.resume)
     else:

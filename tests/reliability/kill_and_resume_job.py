@@ -23,7 +23,8 @@ from sparse_plugin import SparseCallback, SparseConfig, iter_sparse_layers, prep
 
 # MA and AG regrow at steps 4 and 8, AG gathering on steps 3-4; SMT warms up for 3 steps; SIFT chooses on micro-batch 5
 # (step 3 of 2 micro-batches each). Killing after step 3 (AG) or 2 (SMT, SIFT) lands between gathering and deciding.
-METHODS = {
+# name -> (SparseConfig fields, Trainer optim)
+RESUME_RECIPES = {
     "ma": ({"method": "spiel", "regrow": "ma", "density": 0.05, "reselection_steps": 4}, "spiel_sm3"),
     "ag": (
         {
@@ -55,11 +56,11 @@ class KillAfter(TrainerCallback):
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("out", type=Path)
-    parser.add_argument("method", choices=list(METHODS))
+    parser.add_argument("method", choices=list(RESUME_RECIPES))
     parser.add_argument("--kill-after", type=int)
     parser.add_argument("--resume")
     args = parser.parse_args()
-    fields, optim = METHODS[args.method]
+    fields, optim = RESUME_RECIPES[args.method]
     model = prepare_model(tiny_llama(), SparseConfig(**fields))
     ids = torch.randint(3, 97, (24, 12), generator=torch.Generator().manual_seed(0)).tolist()
     training = TrainingArguments(

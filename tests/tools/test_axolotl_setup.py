@@ -2,8 +2,8 @@
 
 import json
 
-import axolotl_setup
-from corpora.wordnet import SYSTEM, load_pairs
+from tools import axolotl_setup
+from tools.corpora.wordnet import SYSTEM, load_pairs
 
 
 def test_writes_seeded_chat_splits_and_links_the_model(tmp_path, monkeypatch):

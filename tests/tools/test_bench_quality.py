@@ -1,7 +1,7 @@
-"""tools/bench_quality.py's protocol: the rate is chosen on validation, the table reports test, and the transfer
+"""tools/benchmarks/bench_quality.py's protocol: the rate is chosen on validation, the table reports test, and the transfer
 column shows the test loss at the rate the other corpus chose."""
 
-import bench_quality
+from tools.benchmarks import bench_quality
 
 
 def _run(corpus, method, lr, seed, validation, test):

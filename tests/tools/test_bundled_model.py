@@ -9,9 +9,10 @@ import logging
 import time
 import warnings
 
-import bundled_model
 import pytest
 import torch
+
+from tools import bundled_model
 
 
 def fake_save(dest):

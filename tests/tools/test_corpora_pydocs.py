@@ -5,7 +5,8 @@ import json
 from pathlib import Path
 
 import pytest
-from corpora import pydocs, split_of
+
+from tools.corpora import pydocs, split_of
 
 PAGE = """\
 :mod:`shutil` --- High-level file operations

@@ -6,7 +6,8 @@ import re
 from pathlib import Path
 
 import pytest
-from corpora import split_of, wordnet
+
+from tools.corpora import split_of, wordnet
 
 HEADER = (
     "  1 This software and database is being provided to you, the LICENSEE, by  \n"
@@ -133,7 +134,7 @@ def test_unknown_split_names_the_allowed_ones(built):
 
 
 def test_missing_data_file_says_how_to_build_it(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"python -m corpora\.wordnet build"):
+    with pytest.raises(FileNotFoundError, match=r"python -m tools\.corpora\.wordnet build"):
         wordnet.load_pairs("train", tmp_path / "missing.jsonl.gz")
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-DEMO = Path(__file__).resolve().parents[2] / "tools" / "demo.py"
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.e2e
@@ -16,7 +16,8 @@ def test_demo_trains_saves_merges_and_reloads(tmp_path, method):
     run = subprocess.run(
         [
             sys.executable,
-            str(DEMO),
+            "-m",
+            "tools.demo",
             "--method",
             method,
             "--steps",
@@ -28,6 +29,7 @@ def test_demo_trains_saves_merges_and_reloads(tmp_path, method):
         ],
         capture_output=True,
         text=True,
+        cwd=ROOT,
         timeout=900,
     )
     assert run.returncode == 0, run.stderr[-3000:]

@@ -1,4 +1,4 @@
-"""tools/memory_model.py: the arithmetic on a hand-computed config, the activation term against the tensors
+"""tools/benchmarks/memory_model.py: the arithmetic on a hand-computed config, the activation term against the tensors
 autograd really saves on a tiny Llama, that it imports no torch, the CLI and the bench comparison."""
 
 import json
@@ -6,11 +6,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import memory_model as mm
 import pytest
 
 from sparse_plugin import SparseConfig
 from sparse_plugin.sizing import allocate_budget, share_budget
+from tools.benchmarks import memory_model as mm
 
 ROOT = Path(__file__).resolve().parents[2]
 # hidden 8, intermediate 12, 2 layers, 2 heads of 4, 1 kv head, vocab 10: q (8,8) k (4,8) v (4,8) o (8,8)
@@ -111,8 +111,8 @@ def test_sift_selection_pool_and_checkpointing():
 
 def test_imports_no_torch():
     """The model runs where torch is not installed: the package facts it imports come from a torch-free module."""
-    code = "import sys, memory_model; assert 'torch' not in sys.modules, 'torch was imported'"
-    subprocess.run([sys.executable, "-c", code], cwd=ROOT / "tools", check=True)
+    code = "import sys, tools.benchmarks.memory_model; assert 'torch' not in sys.modules, 'torch was imported'"
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
 
 
 def test_real_configs():

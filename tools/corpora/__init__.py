@@ -92,7 +92,7 @@ def corpus_module(name: str):
         raise ValueError(f"unknown corpus={name!r}: use one of {', '.join(CORPORA)}")
     import importlib
 
-    return importlib.import_module(f"corpora.{name}")
+    return importlib.import_module(f"{__name__}.{name}")
 
 
 def build_main(

@@ -5,18 +5,18 @@ with identifiers, argument names and cross-references. Source: the reStructuredT
 documentation that Debian's `python3.11-doc` installs (`/usr/share/doc/python3.11/html/_sources/library/`),
 licensed under the PSF License Agreement (tools/data/PSF_LICENSE).
 
-Build (deterministic, byte-identical on rebuild), from `tools/`::
+Build (deterministic, byte-identical on rebuild), from the repository root::
 
-    python -m corpora.pydocs build [--source-dir /usr/share/doc/python3.11/html/_sources] [--out ...]
+    python -m tools.corpora.pydocs build [--source-dir /usr/share/doc/python3.11/html/_sources] [--out ...]
 
 One pair per documented object (`.. function::`, `.. class::`, `.. method::`, ...):
 "Describe the Python function `shutil.copyfile(src, dst, *, follow_symlinks=True)`." → the description's prose
 paragraphs up to the first code example or version note, with reST roles reduced to their text. Splits are by
-module, so the test split's modules are unseen in training (see `corpora.split_of`).
+module, so the test split's modules are unseen in training (see `tools.corpora.split_of`).
 
 Use from Python::
 
-    from corpora.pydocs import load_pairs
+    from tools.corpora.pydocs import load_pairs
     train = load_pairs("train")      # [{"prompt": "Describe the Python function `...`.", "answer": "..."}]
 """
 
@@ -26,13 +26,13 @@ import re
 import sys
 from pathlib import Path
 
-from corpora import DATA_DIR, build_main, check_split, read_jsonl_gz, split_of, write_corpus
+from tools.corpora import DATA_DIR, build_main, check_split, read_jsonl_gz, split_of, write_corpus
 
 DATA_FILE = DATA_DIR / "pydocs_describe.jsonl.gz"
 SYSTEM = "You are a concise Python reference."
 MAX_LENGTH = 192  # tokens per chat-formatted pair: nine in ten answers fit whole
 LICENSE_NAME = "PSF_LICENSE"
-BUILD_COMMAND = "python -m corpora.pydocs build (in tools/)"
+BUILD_COMMAND = "python -m tools.corpora.pydocs build"
 DEFAULT_SOURCE_DIR = Path("/usr/share/doc/python3.11/html/_sources")
 
 # Object directives whose description becomes an answer, and the noun the prompt uses for each.
@@ -202,7 +202,7 @@ def build(source_dir: Path = DEFAULT_SOURCE_DIR, out: Path = DATA_FILE) -> list[
     rows = read_rows_from_source(source_dir)
     note = (
         f"{out.name} is derived from the Python 3.11 documentation ({source_dir}/library/*.rst.txt, Debian "
-        "python3.11-doc) by `python -m corpora.pydocs build`: the first prose paragraphs describing each documented "
+        "python3.11-doc) by `python -m tools.corpora.pydocs build`: the first prose paragraphs describing each documented "
         "object, reST markup removed.\n\nCopyright (c) 2001-2023 Python Software Foundation; All Rights Reserved.\n\n"
     )
     write_corpus(out, rows, LICENSE_NAME, note + license_text(source_dir))

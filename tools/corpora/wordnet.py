@@ -6,9 +6,9 @@ sparse fine-tune ("Define the word 'X'." -> the WordNet gloss).
 
 Build (deterministic, byte-identical on rebuild)::
 
-    python -m corpora.wordnet build [--wordnet-dir /usr/share/wordnet] [--out tools/data/wordnet_define.jsonl.gz]
+    python -m tools.corpora.wordnet build [--wordnet-dir /usr/share/wordnet] [--out tools/data/wordnet_define.jsonl.gz]
 
-(from `tools/`; `make data` does it from the repository root).
+(from the repository root; `make data` builds both corpora).
 
 Pair selection: one pair per synset, for the synset's *first* lemma (its headword, the
 lemma the gloss is written for; later lemmas are often rare synonyms): 117,645 pairs,
@@ -16,7 +16,7 @@ lemma the gloss is written for; later lemmas are often rare synonyms): 117,645 p
 
 Use from Python::
 
-    from corpora.wordnet import load_pairs
+    from tools.corpora.wordnet import load_pairs
     train = load_pairs("train")      # [{"prompt": "Define the word 'bank' (noun).", "answer": "..."}]
     test = load_pairs("test")        # ~10% of the words, never seen in "train" (and 10% more in "validation")
 
@@ -31,12 +31,12 @@ import re
 import sys
 from pathlib import Path
 
-from corpora import DATA_DIR, build_main, check_split, read_jsonl_gz, split_of, write_corpus
+from tools.corpora import DATA_DIR, build_main, check_split, read_jsonl_gz, split_of, write_corpus
 
 DATA_FILE = DATA_DIR / "wordnet_define.jsonl.gz"
 SYSTEM = "You are a concise dictionary."  # the chat system prompt the demo, Axolotl data and benchmarks use
 MAX_LENGTH = 96  # tokens per chat-formatted pair in training: every gloss fits
-BUILD_COMMAND = "python -m corpora.wordnet build (in tools/)"
+BUILD_COMMAND = "python -m tools.corpora.wordnet build"
 LICENSE_NAME = "WORDNET_LICENSE"
 DEFAULT_WORDNET_DIR = Path("/usr/share/wordnet")
 
@@ -118,7 +118,7 @@ def build(wordnet_dir: Path = DEFAULT_WORDNET_DIR, out: Path = DATA_FILE) -> lis
     rows = read_pairs(wordnet_dir)
     note = (
         f"{out.name} is derived from WordNet 3.0 ({wordnet_dir}/data.{{noun,verb,adj,adv}}, Debian wordnet-base) "
-        "by `python -m corpora.wordnet build`: first lemma and definition of each synset, example sentences removed.\n\n"
+        "by `python -m tools.corpora.wordnet build`: first lemma and definition of each synset, example sentences removed.\n\n"
     )
     write_corpus(out, rows, LICENSE_NAME, note + license_text(wordnet_dir))
     return rows

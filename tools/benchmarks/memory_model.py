@@ -9,12 +9,12 @@ and bf16 autocast).
 
 Usage (from the repository root):
 
-    .venv/bin/python tools/memory_model.py                          # 7B-70B table: bf16, seq 2048, batch 1
-    .venv/bin/python tools/memory_model.py --checkpointing --json   # with gradient checkpointing, JSON lines too
-    .venv/bin/python tools/memory_model.py --shards 8 --totals      # per GPU, base sharded by FSDP over 8 GPUs
-    .venv/bin/python tools/memory_model.py --model smollm2 --batch 4 --seq 128 --dtype fp32 --sift-selection-steps 1
+    .venv/bin/python -m tools.benchmarks.memory_model                          # 7B-70B table: bf16, seq 2048, batch 1
+    .venv/bin/python -m tools.benchmarks.memory_model --checkpointing --json   # with gradient checkpointing, JSON lines too
+    .venv/bin/python -m tools.benchmarks.memory_model --shards 8 --totals      # per GPU, base sharded by FSDP over 8 GPUs
+    .venv/bin/python -m tools.benchmarks.memory_model --model smollm2 --batch 4 --seq 128 --dtype fp32 --sift-selection-steps 1
         # bench_step.py's setting (CPU, fp32; SIFT chooses on its first step); totals include the loaded weights
-    .venv/bin/python tools/memory_model.py --compare bench.jsonl --measure-runtime   # vs `bench_step.py --json`
+    .venv/bin/python -m tools.benchmarks.memory_model --compare bench.jsonl --measure-runtime   # vs `bench_step.py --json`
 
 Notation: T = batch·seq tokens, h hidden, i intermediate, L layers, n_h heads, d_q = n_h·head_dim,
 d_kv = n_kv·head_dim, V vocab, a = bytes of the activation (compute) dtype, P parameters, K trained values
@@ -96,9 +96,9 @@ resident (its mmap threshold rises after the first frees, so later tensors up to
 which a run with a fixed threshold avoids:
 
     M=spiel-ma,spiel-ag,smt,sift,lora-r16,full
-    .venv/bin/python tools/bench_step.py --methods $M --quick --json > glibc-default.jsonl
-    MALLOC_MMAP_THRESHOLD_=131072 .venv/bin/python tools/bench_step.py --methods $M --quick --json > mmap-128k.jsonl
-    .venv/bin/python tools/memory_model.py --compare glibc-default.jsonl mmap-128k.jsonl --measure-runtime
+    .venv/bin/python -m tools.benchmarks.bench_step --methods $M --quick --json > glibc-default.jsonl
+    MALLOC_MMAP_THRESHOLD_=131072 .venv/bin/python -m tools.benchmarks.bench_step --methods $M --quick --json > mmap-128k.jsonl
+    .venv/bin/python -m tools.benchmarks.memory_model --compare glibc-default.jsonl mmap-128k.jsonl --measure-runtime
 """
 
 from __future__ import annotations
@@ -112,15 +112,14 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the package, when run as a script
-
-from sparse_plugin.sizing import (  # torch-free, like this model
+from sparse_plugin.sizing import (  # torch-free, like this model and common
     POOL_FACTOR,
     SAMPLED_MAX_DENSITY,
     SCORE_CHUNK,
     TRITON_MAX_DENSITY,
     share_budget,
 )
+from tools.benchmarks.common import markdown_table
 
 GIB = 2**30
 MIB = 2**20
@@ -604,12 +603,11 @@ def markdown(rows: list[tuple[Estimate, Setting]]) -> str:
         "**total GiB**",
         "peak at",
     ]
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * 9 + ["---"]) + "|"]
+    table = []
     for est, setting in rows:
         cells = [est.model, method_label(est.method, setting)] + [gib(est.components[c]) for c in COMPONENTS]
-        cells += [f"**{gib(est.peak_bytes)}**", est.peak_at]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        table.append(cells + [f"**{gib(est.peak_bytes)}**", est.peak_at])
+    return markdown_table(headers, table, align="ll" + "r" * 9 + "l")
 
 
 def totals_markdown(rows: list[tuple[Estimate, Setting]]) -> str:
@@ -620,9 +618,8 @@ def totals_markdown(rows: list[tuple[Estimate, Setting]]) -> str:
         labels += [label] if label not in labels else []
         models += [est.model] if est.model not in models else []
         cells[est.model, label] = gib(est.peak_bytes)
-    lines = ["| model | " + " | ".join(labels) + " |", "|---|" + "---:|" * len(labels)]
-    lines += ["| " + " | ".join([m] + [cells.get((m, label), "–") for label in labels]) + " |" for m in models]
-    return "\n".join(lines)
+    table = [[m] + [cells.get((m, label), "–") for label in labels] for m in models]
+    return markdown_table(["model", *labels], table, align="l" + "r" * len(labels))
 
 
 # ---------------------------------------------------------------- validation against bench_step.py (CPU)
@@ -639,12 +636,11 @@ BENCH_TO_MODEL = {
 BENCH_SETTING = Setting(batch=4, seq=128, dtype="fp32", device="cpu", sift_selection_steps=1)
 RUNTIME_SCRIPT = r"""
 import gc, sys, json
-sys.path.insert(0, "tools")
 from pathlib import Path
 def rss():
     status = Path("/proc/self/status").read_text().splitlines()
     return int(next(l for l in status if l.startswith("VmRSS")).split()[1]) / 1024
-from bench_common import load_base
+from tools.benchmarks.methods import load_base
 import torch
 model, _ = load_base(); gc.collect()
 start = rss()
@@ -674,7 +670,7 @@ print(json.dumps({"runtime_mb": rss() - start}))
 def measure_runtime(family: str) -> float:
     """RSS growth from importing a method's library and running two steps of a tiny Llama with it, after
     loading the bundled model as bench_step.py does: code pages, imports, thread pools (no model-sized data)."""
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]  # where `python -c` finds the `tools` package
     done = subprocess.run(
         [sys.executable, "-c", RUNTIME_SCRIPT, family],
         capture_output=True,
@@ -709,7 +705,7 @@ def compare(paths: str | list[str], runtime: dict[str, float] | None) -> tuple[s
     header = ["method", "model MB", "runtime MB", "predicted MB"]
     for name, _ in runs:
         header += [f"measured MB ({name})", "error"]
-    table = ["| " + " | ".join(header) + " | peak at |", "|---|" + "---:|" * (len(header) - 1) + "---|"]
+    table = []
     out = []
     for bench_method in methods:
         method = BENCH_TO_MODEL[bench_method]
@@ -741,8 +737,8 @@ def compare(paths: str | list[str], runtime: dict[str, float] | None) -> tuple[s
                 }
             )
             cells += [f"{measured:.0f}", f"{100 * error:+.1f}%"]
-        table.append("| " + " | ".join(cells) + f" | {est.peak_at} |")
-    return "\n".join(table), out
+        table.append(cells + [est.peak_at])
+    return markdown_table(header + ["peak at"], table, align="l" + "r" * (len(header) - 1) + "l"), out
 
 
 # ---------------------------------------------------------------- CLI

@@ -1,5 +1,5 @@
-"""What `bench_step.py` and `bench_quality.py` share: the methods compared, memory probes, the driver that
-runs each method in its own subprocess, and the environment header.
+"""The whole-model methods that `bench_step` and `bench_quality` compare, the memory probes, and the driver that
+runs each method in its own subprocess (`python -m <benchmark> --method X --json`).
 
 Methods (all on SmolLM2-135M-Instruct, every linear layer except `lm_head`):
 
@@ -21,28 +21,21 @@ All torch AdamW instances use `weight_decay=0` (torch's default is 0.01), like o
 
 from __future__ import annotations
 
-import datetime
 import json
-import os
-import platform
-import random
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-try:  # Linux only; OtherLoad degrades to None elsewhere
+try:  # Linux only; maxrss_mb is unavailable elsewhere
     import resource
 except ImportError:  # pragma: no cover
     resource = None
 
 import torch
 
-TOOLS = Path(__file__).resolve().parent
-ROOT = TOOLS.parent
-for _path in (str(ROOT), str(TOOLS)):
-    if _path not in sys.path:
-        sys.path.insert(0, _path)
+from tools.benchmarks.common import OtherLoad
+
+ROOT = Path(__file__).resolve().parents[2]  # where `python -m tools.benchmarks...` finds the package
 
 MIB = 2**20
 LORA_RANK = 16
@@ -140,47 +133,13 @@ def optimizer_state_bytes(optimizer) -> int:
     return total
 
 
-class OtherLoad:
-    """CPU share that other processes used while we ran: /proc/stat busy time minus our own rusage and that of
-    our waited-for children (a driver's subprocesses), as a share of the machine (1.0 = every core busy with
-    someone else's work). The load average would count our own work too; this counts only the neighbours.
-    Linux only (None elsewhere). Also used by bench_layer.py and bench_merge.py (in-process: no children).
-    """
-
-    def __init__(self):
-        self.start = self._sample()
-
-    @staticmethod
-    def _sample() -> tuple[float, float, float] | None:
-        if resource is None:
-            return None
-        try:
-            fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
-            user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
-        except (OSError, ValueError, IndexError):
-            return None
-        busy = (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-        own = sum(
-            u.ru_utime + u.ru_stime
-            for u in (resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN))
-        )
-        return time.perf_counter(), busy, own
-
-    def share(self) -> float | None:
-        end = self._sample()
-        if self.start is None or end is None or end[0] <= self.start[0]:
-            return None
-        other = (end[1] - self.start[1]) - (end[2] - self.start[2])
-        return max(0.0, other) / ((end[0] - self.start[0]) * (os.cpu_count() or 1))
-
-
 # ---------------------------------------------------------------- methods
 
 
 def load_base():
     """(model, tokenizer): the bundled SmolLM2 in fp32, every page of its weights touched, so the RSS read
     after it is the loaded model and not a lazily mapped file."""
-    from bundled_model import load_model
+    from tools.bundled_model import load_model
 
     model, tokenizer = load_model()
     with torch.no_grad():
@@ -308,46 +267,17 @@ def build_method(
     return model, optimizer, info
 
 
-# ---------------------------------------------------------------- environment and driver
-
-
-def environment() -> dict:
-    import transformers
-
-    try:
-        import peft
-
-        peft_version = peft.__version__
-    except ImportError:
-        peft_version = None
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft_version,
-        "python": platform.python_version(),
-        "device": "cpu",
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "threads": torch.get_num_threads(),
-    }
+# ---------------------------------------------------------------- driver
 
 
 def run_child(
-    script: Path, method: str, extra: list[str], timeout: float | None = None
+    module: str, method: str, extra: list[str], timeout: float | None = None
 ) -> tuple[list[dict], float | None]:
-    """Run `script --method METHOD --json EXTRA` in a fresh interpreter; its JSON lines, and the share of
-    the machine that other processes used meanwhile. A failure becomes one row with an `error`."""
+    """Run `python -m MODULE --method METHOD --json EXTRA` (from the repository root) in a fresh interpreter; its
+    JSON lines, and the share of the machine that other processes used meanwhile. A failure becomes one row with
+    an `error`. Callers pass their own `__spec__.name`."""
     load = OtherLoad()
-    command = [sys.executable, str(script), "--method", method, "--json", *extra]
+    command = [sys.executable, "-m", module, "--method", method, "--json", *extra]
     try:
         done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -363,47 +293,3 @@ def run_child(
         tail = " | ".join(done.stderr.strip().splitlines()[-3:])
         rows.append({"method": method, "error": f"exit {done.returncode}: {tail[-400:]}"})
     return rows, load.share()
-
-
-def interleaved_rounds(items: list, repeats: int, min_repeats: int, budget_s: float, seed: int):
-    """Yield `items` round after round, each round in a fresh seeded random order, for `repeats` rounds or until
-    `budget_s` seconds have passed (never fewer than `min_repeats`): drift on a shared box hits every item alike."""
-    order = list(items)
-    rng = random.Random(seed)
-    started = time.perf_counter()
-    for done in range(repeats):
-        if done >= min_repeats and time.perf_counter() - started > budget_s:
-            return
-        rng.shuffle(order)
-        yield from order
-
-
-def percentile(samples: list[float], q: float) -> float:
-    """Linear-interpolated percentile, q in [0, 100]."""
-    ordered = sorted(samples)
-    if not ordered:
-        return float("nan")
-    pos = (len(ordered) - 1) * q / 100
-    lo = int(pos)
-    hi = min(lo + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
-
-
-def ratio(a, b) -> str:
-    if a is None or b is None or not b:
-        return "–"
-    return f"{a / b:.2f}×"
-
-
-def markdown_table(headers: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def header_lines(env: dict, note: str = "") -> str:
-    text = (
-        f"{env['date']} · torch {env['torch']} · transformers {env['transformers']} · peft {env['peft']} · "
-        f"device {env['device']} ({env['cpu']}, {env['cores']} cores, {env['threads']} torch threads)"
-    )
-    return text + (f"\n{note}" if note else "")

@@ -19,19 +19,16 @@ outside the timed region.
 
 Usage (from the repository root):
 
-    .venv/bin/python tools/bench_merge.py [--device cpu|cuda|auto] [--repeats 3] [--json]
+    .venv/bin/python -m tools.benchmarks.bench_merge [--device cpu|cuda|auto] [--repeats 3] [--json]
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 import random
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -40,17 +37,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-TOOLS = Path(__file__).resolve().parent
-sys.path.insert(0, str(TOOLS.parent))
-sys.path.insert(0, str(TOOLS))
-
-from bench_common import OtherLoad  # noqa: E402
-from bundled_model import model_dir  # noqa: E402
-
-from sparse_plugin.config import SparseConfig  # noqa: E402
-from sparse_plugin.io import save_adapter  # noqa: E402
-from sparse_plugin.merge import SINGLE_FILE, merge_checkpoint  # noqa: E402
-from sparse_plugin.model import iter_sparse_layers, prepare_model  # noqa: E402
+from sparse_plugin.config import SparseConfig
+from sparse_plugin.io import save_adapter
+from sparse_plugin.merge import SINGLE_FILE, merge_checkpoint
+from sparse_plugin.model import iter_sparse_layers, prepare_model
+from tools.benchmarks.common import OtherLoad, environment, header_lines, markdown_table
+from tools.bundled_model import model_dir
 
 CASES = ("merge", "copy", "load_save")
 
@@ -91,32 +83,6 @@ def run_load_save(base_dir: Path, out: Path) -> None:
     save_file(load_file(shard), out / SINGLE_FILE, metadata=metadata)
 
 
-def environment(device: str) -> dict:
-    if device == "auto":  # as merge_checkpoint resolves it
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        name = torch.cuda.get_device_name()
-    else:
-        name = platform.processor() or platform.machine()
-        try:
-            name = next(
-                line.split(":", 1)[1].strip()
-                for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")
-            )
-        except (OSError, StopIteration):
-            pass
-    return {
-        "kind": "meta",
-        "device": device,
-        "device_name": name,
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -146,7 +112,9 @@ def main(argv: list[str] | None = None) -> None:
     base_dir = (args.model_dir or model_dir()).resolve()
     if not (base_dir / SINGLE_FILE).is_file():
         parser.error(f"{base_dir}: no {SINGLE_FILE}; this benchmark times a single-shard checkpoint")
-    meta = environment(args.device)
+    # "auto" resolved as merge_checkpoint resolves it
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    meta = {"kind": "meta", **environment(device)}
     meta.update(base=str(base_dir), shard_bytes=(base_dir / SINGLE_FILE).stat().st_size)
     work = Path(tempfile.mkdtemp(prefix="bench_merge.", dir=args.workdir))
     try:
@@ -207,18 +175,27 @@ def main(argv: list[str] | None = None) -> None:
     others = "an unknown share" if share is None else f"{100 * share:.0f}%"
     print()
     print(
-        f"Device: {meta['device']} ({meta['device_name']}), {meta['threads']} threads; torch {meta['torch']}; {meta['date']}; "
-        f"other processes used {others} of the CPU while timing. Base {base_dir.name}: {meta['shard_bytes'] / 1e6:.0f} MB "
-        f"fp32 shard; adapter rank-{args.rank} equivalent: {meta['targets']} tensors, {meta['values']:,d} values, "
-        f"{meta['adapter_bytes'] / 1e6:.1f} MB. Page cache warm, no fsync."
+        header_lines(
+            meta,
+            f"Other processes used {others} of the CPU while timing. Base {base_dir.name}: "
+            f"{meta['shard_bytes'] / 1e6:.0f} MB fp32 shard; adapter rank-{args.rank} equivalent: {meta['targets']} "
+            f"tensors, {meta['values']:,d} values, {meta['adapter_bytes'] / 1e6:.1f} MB. Page cache warm, no fsync.",
+        )
     )
     print()
-    print("| case | median s | min–max s | n | MB/s of shard | merge ÷ case |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for r in rows:
-        print(
-            f"| {r['case']} | {r['median_s']:.3f} | {r['min_s']:.3f}–{r['max_s']:.3f} | {r['repeats']} | {r['MB_per_s']:.0f} | {r['merge_vs_this']:.2f} |"
-        )
+    table = [
+        [
+            r["case"],
+            f"{r['median_s']:.3f}",
+            f"{r['min_s']:.3f}–{r['max_s']:.3f}",
+            r["repeats"],
+            f"{r['MB_per_s']:.0f}",
+            f"{r['merge_vs_this']:.2f}",
+        ]
+        for r in rows
+    ]
+    headers = ["case", "median s", "min–max s", "n", "MB/s of shard", "merge ÷ case"]
+    print(markdown_table(headers, table, align="lrrrrr"))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ must match the dense reference built from the dequantised weight plus Δ (within
 matmul runs in bf16), and the 4-bit weight must be left as it was. Then the step time is compared with
 the bare 4-bit layer (forward + dx). Prints one JSON line; exits 1 if a check fails.
 
-Usage: python tools/bnb_smoke.py [--device cuda] [--features 4096] [--tokens 2048] [--density 0.01]
+Usage: python -m tools.benchmarks.bnb_smoke [--device cuda] [--features 4096] [--tokens 2048] [--density 0.01]
 (`--device cpu --features 256 --tokens 64` runs in seconds where bitsandbytes has CPU 4-bit kernels.)
 """
 
@@ -17,15 +17,13 @@ import json
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from sparse_plugin.layer import SparseDeltaLinear  # noqa: E402
-from sparse_plugin.model import random_indices  # noqa: E402
+from sparse_plugin.layer import SparseDeltaLinear
+from sparse_plugin.model import random_indices
+from tools.benchmarks.common import environment
 
 
 def quantised_linear(features: int, device: str) -> torch.nn.Module:
@@ -83,11 +81,13 @@ def main() -> int:
         "strategy_additive": layer.strategy() == "additive",
     }
     sparse_ms, base_ms = step_ms(layer, x), step_ms(base, x)
+    env = environment(args.device)
     print(
         json.dumps(
             {
                 "kind": "bnb_smoke",
-                "device": torch.cuda.get_device_name() if x.is_cuda else "cpu",
+                "device": env["device_name"],
+                "env": env,
                 "bitsandbytes": bnb.__version__,
                 "features": args.features,
                 "tokens": args.tokens,

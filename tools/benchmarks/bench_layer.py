@@ -33,15 +33,15 @@ outside torch's allocator; both sides of every ratio are measured the same way.
 
 Usage (from the repository root):
 
-    .venv/bin/python tools/bench_layer.py --quick           # SmolLM2 shapes only, ~20-30 s on 2 cores
-    .venv/bin/python tools/bench_layer.py --json            # all shapes, JSON lines then the tables, ~6 min
-    .venv/bin/python tools/bench_layer.py --shapes 4096x4096:1024 --densities 0.01,0.046
+    .venv/bin/python -m tools.benchmarks.bench_layer --quick           # SmolLM2 shapes only, ~20-30 s on 2 cores
+    .venv/bin/python -m tools.benchmarks.bench_layer --json            # all shapes, JSON lines then the tables, ~6 min
+    .venv/bin/python -m tools.benchmarks.bench_layer --shapes 4096x4096:1024 --densities 0.01,0.046
 
 The sweeps behind the `"auto"` rule's constants (token counts and densities beyond the default grid):
 
-    .venv/bin/python tools/bench_layer.py --no-memory --densities 0.0005,0.002,0.005,0.02,0.046 \
+    .venv/bin/python -m tools.benchmarks.bench_layer --no-memory --densities 0.0005,0.002,0.005,0.02,0.046 \
         --shapes 576x576:16,576x576:128,1536x576:16,1536x576:128,4096x4096:16,4096x4096:256,4096x4096:512
-    .venv/bin/python tools/bench_layer.py --no-memory --densities 0.046,0.07,0.1,0.15 \
+    .venv/bin/python -m tools.benchmarks.bench_layer --no-memory --densities 0.046,0.07,0.1,0.15 \
         --shapes 576x576,1536x576,576x1536,192x576,4096x4096:512,4096x4096:2048
 
 Shapes are written out × in (the weight's shape), optionally `:tokens`; SmolLM2-135M's projections are
@@ -52,30 +52,31 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench_common import OtherLoad, interleaved_rounds, percentile  # noqa: E402
-
-from sparse_plugin.kernels._triton import triton  # noqa: E402
-from sparse_plugin.kernels.sddmm import SAMPLED_MAX_DENSITY, pick_grad_path  # noqa: E402
-from sparse_plugin.layer import SparseDeltaLinear  # noqa: E402
-from sparse_plugin.model import random_indices  # noqa: E402
+from sparse_plugin.kernels._triton import triton
+from sparse_plugin.kernels.sddmm import SAMPLED_MAX_DENSITY, pick_grad_path
+from sparse_plugin.layer import SparseDeltaLinear
+from sparse_plugin.model import random_indices
+from tools.benchmarks.common import (
+    OtherLoad,
+    environment,
+    header_lines,
+    interleaved_rounds,
+    markdown_table,
+    percentile,
+)
 
 SMOL_TOKENS = 512
 BIG_TOKENS = 2048
@@ -321,26 +322,11 @@ def default_tokens(shape: tuple[int, int]) -> int:
     return SMOL_TOKENS if shape in SMOL_SHAPES else BIG_TOKENS
 
 
-def environment(device: torch.device) -> dict:
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    else:
-        name = platform.processor() or platform.machine()
-        try:
-            for line in Path("/proc/cpuinfo").read_text().splitlines():
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-        except OSError:
-            pass
+def run_meta(device: torch.device) -> dict:
+    """`environment()` plus the rule constant and how peak memory is measured on this device."""
     return {
         "kind": "meta",
-        "device": str(device),
-        "device_name": name,
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **environment(device),
         "dtype": "float32",
         "SAMPLED_MAX_DENSITY": SAMPLED_MAX_DENSITY,
         "memory_method": "cuda.max_memory_allocated"
@@ -359,48 +345,67 @@ def _fmt(value: float | None, digits: int = 2) -> str:
 
 def markdown(meta: dict, rows: list[dict]) -> str:
     lines = [
-        f"Device: {meta['device']} ({meta['device_name']}), {meta['threads']} threads; torch {meta['torch']}; "
-        f"{meta['date']}; fp32; memory: {meta['memory_method']}; other processes used {_pct(meta.get('other_cpu_share'))} of the "
-        "machine's CPU during the run (per configuration in the last column below; above a few % absolute times are "
-        "inflated, and the interleaved rounds keep ratios fairer).",
+        header_lines(
+            meta,
+            f"fp32; memory: {meta['memory_method']}; other processes used {_pct(meta.get('other_cpu_share'))} of the "
+            "machine's CPU during the run (per configuration in the last column below; above a few % absolute times "
+            "are inflated, and the interleaved rounds keep ratios fairer).",
+        ),
         f"Rule constant: SAMPLED_MAX_DENSITY={meta['SAMPLED_MAX_DENSITY']} (merged is used at every density). "
         "Step = forward + backward (dx and the trainable gradients); ratios are medians over medians from this run.",
         "",
-        "| shape (out×in) | tokens | density | variant | auto | fwd ms | bwd ms | step ms (p10–p90) | n | peak MiB | time ×LoRA | time ×full | mem ×LoRA | mem ×full |",
-        "|---|---:|---:|---|:-:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    table = []
     for r in rows:
-        shape = f"{r['shape'][0]}×{r['shape'][1]}"
-        density = "—" if r["density"] is None else f"{100 * r['density']:g}%"
-        variant = r["variant"] + (f" (r={r['lora_rank']})" if r["variant"] == "lora" else "")
-        lines.append(
-            f"| {shape} | {r['tokens']} | {density} | {variant} | {'✓' if r['auto'] else ''} | {_fmt(r['fwd_ms'])} | "
-            f"{_fmt(r['bwd_ms'])} | {_fmt(r['step_ms'])} ({_fmt(r['step_p10_ms'])}–{_fmt(r['step_p90_ms'])}) | {r['repeats']} | "
-            f"{_fmt(r['peak_mib'], 1)} | {_fmt(r['time_vs_lora'])} | {_fmt(r['time_vs_full'])} | {_fmt(r['mem_vs_lora'])} | "
-            f"{_fmt(r['mem_vs_full'])} |"
+        table.append(
+            [
+                f"{r['shape'][0]}×{r['shape'][1]}",
+                r["tokens"],
+                "—" if r["density"] is None else f"{100 * r['density']:g}%",
+                r["variant"] + (f" (r={r['lora_rank']})" if r["variant"] == "lora" else ""),
+                "✓" if r["auto"] else "",
+                _fmt(r["fwd_ms"]),
+                _fmt(r["bwd_ms"]),
+                f"{_fmt(r['step_ms'])} ({_fmt(r['step_p10_ms'])}–{_fmt(r['step_p90_ms'])})",
+                r["repeats"],
+                _fmt(r["peak_mib"], 1),
+                _fmt(r["time_vs_lora"]),
+                _fmt(r["time_vs_full"]),
+                _fmt(r["mem_vs_lora"]),
+                _fmt(r["mem_vs_full"]),
+            ]
         )
-    lines += [
-        "",
-        "Rule check (step-time ratios; < 1 means the first named option is faster):",
-        "",
-        "| shape | tokens | density | merged÷additive (dense grad) | merged÷additive (sampled grad) | sampled÷dense (additive) | sampled÷dense (merged) | fastest sparse | auto | auto÷fastest | others' CPU |",
-        "|---|---:|---:|---:|---:|---:|---:|---|---|---:|---:|",
-    ]
+    headers = ["shape (out×in)", "tokens", "density", "variant", "auto", "fwd ms", "bwd ms", "step ms (p10–p90)"]
+    headers += ["n", "peak MiB", "time ×LoRA", "time ×full", "mem ×LoRA", "mem ×full"]
+    lines.append(markdown_table(headers, table, align="lrrlcrrrrrrrrr"))
+    lines += ["", "Rule check (step-time ratios; < 1 means the first named option is faster):", ""]
     configs: dict[tuple, dict[str, dict]] = {}
     for r in rows:
         if r["variant"].startswith("sparse-"):
             configs.setdefault((tuple(r["shape"]), r["tokens"], r["density"]), {})[r["variant"]] = r
+    table = []
     for (shape, tokens, density), by in configs.items():
         t = {name: r["step_ms"] for name, r in by.items()}
         fastest = min(t, key=t.get)
         auto = next(r["auto_choice"] for r in by.values())
-        lines.append(
-            f"| {shape[0]}×{shape[1]} | {tokens} | {100 * density:g}% | "
-            f"{t['sparse-merged-dense'] / t['sparse-additive-dense']:.2f} | {t['sparse-merged-sampled'] / t['sparse-additive-sampled']:.2f} | "
-            f"{t['sparse-additive-sampled'] / t['sparse-additive-dense']:.2f} | {t['sparse-merged-sampled'] / t['sparse-merged-dense']:.2f} | "
-            f"{fastest.removeprefix('sparse-')} | {auto.removeprefix('sparse-')} | {t[auto] / t[fastest]:.2f} | "
-            f"{_pct(next(iter(by.values()))['other_cpu_share'])} |"
+        table.append(
+            [
+                f"{shape[0]}×{shape[1]}",
+                tokens,
+                f"{100 * density:g}%",
+                f"{t['sparse-merged-dense'] / t['sparse-additive-dense']:.2f}",
+                f"{t['sparse-merged-sampled'] / t['sparse-additive-sampled']:.2f}",
+                f"{t['sparse-additive-sampled'] / t['sparse-additive-dense']:.2f}",
+                f"{t['sparse-merged-sampled'] / t['sparse-merged-dense']:.2f}",
+                fastest.removeprefix("sparse-"),
+                auto.removeprefix("sparse-"),
+                f"{t[auto] / t[fastest]:.2f}",
+                _pct(next(iter(by.values()))["other_cpu_share"]),
+            ]
         )
+    headers = ["shape", "tokens", "density", "merged÷additive (dense grad)", "merged÷additive (sampled grad)"]
+    headers += ["sampled÷dense (additive)", "sampled÷dense (merged)", "fastest sparse", "auto", "auto÷fastest"]
+    lines.append(markdown_table(headers + ["others' CPU"], table, align="lrrrrrrllrr"))
     return "\n".join(lines)
 
 
@@ -444,7 +449,7 @@ def main(argv: list[str] | None = None) -> None:
     if not all(0 < d <= 1 for d in densities):
         parser.error(f"--densities must be fractions in (0, 1], got {args.densities!r}")
 
-    meta = environment(device)
+    meta = run_meta(device)
     if args.json:
         print(json.dumps(meta), flush=True)
     rows: list[dict] = []

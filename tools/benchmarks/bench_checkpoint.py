@@ -2,7 +2,7 @@
 `SparseCallback(save_full_checkpoints=True)`, the demo's setting (every linear layer but the head, LoRA-rank-16
 budget, `spiel_sm3`).
 
-    python tools/bench_checkpoint.py [--steps 3] [--output-dir runs/bench_checkpoint]
+    python -m tools.benchmarks.bench_checkpoint [--steps 3] [--output-dir runs/bench_checkpoint]
 
 Each save is timed by the Trainer's own path (`_save_checkpoint`, from the end of a step to `on_save`); the
 size is what `checkpoint-N` holds on disk. Random token ids stand in for data: neither number depends on them.
@@ -11,23 +11,19 @@ size is what `checkpoint-N` holds on disk. Random token ids stand in for data: n
 from __future__ import annotations
 
 import argparse
-import platform
 import shutil
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
-import transformers
 from datasets import Dataset
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bundled_model import load_model
-
 import sparse_plugin  # registers optim="spiel_sm3"
 from sparse_plugin import SparseCallback, SparseConfig
+from tools.benchmarks.common import environment, header_lines
+from tools.bundled_model import load_model
 
 
 class SaveTimer(TrainerCallback):
@@ -77,10 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=3, help="steps, one checkpoint each (median save time)")
     parser.add_argument("--output-dir", type=Path, default=Path("runs/bench_checkpoint"))
     args = parser.parse_args(argv)
-    print(
-        f"# {platform.node()} {platform.machine()}, torch {torch.__version__}, transformers {transformers.__version__}, "
-        f"{time.strftime('%Y-%m-%d')}, {torch.get_num_threads()} threads"
-    )
+    print("# " + header_lines(environment()))
     results = {}
     for name, full in (("adapter-only", False), ("full", True)):
         shutil.rmtree(args.output_dir / name, ignore_errors=True)

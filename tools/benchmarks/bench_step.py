@@ -3,7 +3,7 @@ vs full fine-tuning.
 
 One step = forward + backward + optimizer step + zero_grad on a fixed batch (4 × 128 random token ids, seed 0,
 labels = ids, the same for every method), every linear layer except `lm_head` trained (methods: see
-`bench_common.py`). Each method runs in its own subprocess (`bench_step.py --method X --json`), so its peak
+`methods.py`). Each method runs in its own subprocess (`bench_step --method X --json`), so its peak
 memory is its own; the driver runs them one after another and prints one JSON object per method, then a
 markdown table with ratios against `lora-r16`, `full`, `floor` and the LoRA of equal trainable count, all
 measured in that one run.
@@ -34,12 +34,12 @@ when other processes load the cores (two OpenMP threads then stall each other, u
 
 Usage (from the repository root):
 
-    .venv/bin/python tools/bench_step.py                      # all methods, ~6-8 min on 2 idle CPU cores
-    .venv/bin/python tools/bench_step.py --json --rounds 2 --steps 12 --warmup 2 --max-other-load 0.1
-    .venv/bin/python tools/bench_step.py --methods none --pairs default --steps 16 --warmup 2
-    .venv/bin/python tools/bench_step.py --quick              # smoke run: 1 warm-up + 6 steps
-    .venv/bin/python tools/bench_step.py --methods spiel-ma,lora-r16 --steps 30 --merge earlier.jsonl
-    .venv/bin/python tools/bench_step.py --method spiel-ma --profile --warmup 2 --steps 3   # where the time goes
+    .venv/bin/python -m tools.benchmarks.bench_step                      # all methods, ~6-8 min on 2 idle CPU cores
+    .venv/bin/python -m tools.benchmarks.bench_step --json --rounds 2 --steps 12 --warmup 2 --max-other-load 0.1
+    .venv/bin/python -m tools.benchmarks.bench_step --methods none --pairs default --steps 16 --warmup 2
+    .venv/bin/python -m tools.benchmarks.bench_step --quick              # smoke run: 1 warm-up + 6 steps
+    .venv/bin/python -m tools.benchmarks.bench_step --methods spiel-ma,lora-r16 --steps 30 --merge earlier.jsonl
+    .venv/bin/python -m tools.benchmarks.bench_step --method spiel-ma --profile --warmup 2 --steps 3   # where the time goes
 """
 
 from __future__ import annotations
@@ -57,21 +57,16 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import (
+from tools.benchmarks.common import OtherLoad, environment, header_lines, markdown_table, percentile, ratio
+from tools.benchmarks.methods import (
     BENCH_METHODS,
     MATCHED_LORA,
-    OtherLoad,
+    ROOT,
     build_method,
-    environment,
-    header_lines,
     load_base,
-    markdown_table,
     maxrss_mb,
     optimizer_state_bytes,
     peak_rss_mb,
-    percentile,
-    ratio,
     reset_peak,
     rss_mb,
     run_child,
@@ -697,7 +692,7 @@ def main(argv: list[str] | None = None) -> int:
                 ["--threads", str(args.threads)] if args.threads else []
             )
             for attempt in range(1 + args.retries):
-                rows, load = run_child(Path(__file__), method, child_args)
+                rows, load = run_child(__spec__.name, method, child_args)
                 if args.max_other_load is None or load is None or load <= args.max_other_load or "error" in rows[-1]:
                     break
                 print(
@@ -739,11 +734,11 @@ def main(argv: list[str] | None = None) -> int:
         )
         load = OtherLoad()
         done = subprocess.run(
-            [sys.executable, __file__, "--pair", f"{a},{b}", *child_args],
+            [sys.executable, "-m", __spec__.name, "--pair", f"{a},{b}", *child_args],
             capture_output=True,
             text=True,
             check=False,
-            cwd=Path(__file__).resolve().parents[1],
+            cwd=ROOT,
         )
         lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
         row = (

@@ -23,9 +23,9 @@ call above what existed before it (the dense paths allocate out × in; Triton on
 
 Usage (from the repository root):
 
-    .venv/bin/python tools/bench_kernels.py --quick            # CPU: ~20 s; CUDA: bf16, 2k and 8k tokens
-    .venv/bin/python tools/bench_kernels.py --json             # CUDA: 4096×4096 and 4096×11008, 0.5-5%, 2k-16k
-    .venv/bin/python tools/bench_kernels.py --shapes 4096x4096 --tokens 4096 --densities 0.01 --dtypes bf16
+    .venv/bin/python -m tools.benchmarks.bench_kernels --quick            # CPU: ~20 s; CUDA: bf16, 2k and 8k tokens
+    .venv/bin/python -m tools.benchmarks.bench_kernels --json             # CUDA: 4096×4096 and 4096×11008, 0.5-5%, 2k-16k
+    .venv/bin/python -m tools.benchmarks.bench_kernels --shapes 4096x4096 --tokens 4096 --densities 0.01 --dtypes bf16
 
 On CPU only the torch paths run (Triton kernels need CUDA; the interpreter is for tests, not timing), at
 smaller default sizes (1024×1024 and 1024×2752, i.e. the Llama shapes / 4) so a run takes about a minute.
@@ -34,35 +34,34 @@ smaller default sizes (1024×1024 and 1024×2752, i.e. the Llama shapes / 4) so 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 import statistics
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
-TOOLS = Path(__file__).resolve().parent
-sys.path.insert(0, str(TOOLS.parent))
-sys.path.insert(0, str(TOOLS))
-
-from bench_common import OtherLoad, interleaved_rounds, markdown_table, percentile  # noqa: E402
-
-from sparse_plugin.kernels._triton import triton  # noqa: E402
-from sparse_plugin.kernels.merged_weight import merged_weight, merged_weight_reference  # noqa: E402
-from sparse_plugin.kernels.pattern import SparsePattern  # noqa: E402
-from sparse_plugin.kernels.scatter import scatter_add_  # noqa: E402
-from sparse_plugin.kernels.sddmm import (  # noqa: E402
+from sparse_plugin.kernels._triton import triton
+from sparse_plugin.kernels.merged_weight import merged_weight, merged_weight_reference
+from sparse_plugin.kernels.pattern import SparsePattern
+from sparse_plugin.kernels.scatter import scatter_add_
+from sparse_plugin.kernels.sddmm import (
     TRITON_MAX_DENSITY,
     grad_path_rule,
     values_grad_dense,
     values_grad_sampled,
     values_grad_triton,
 )
-from sparse_plugin.model import random_indices  # noqa: E402
+from sparse_plugin.model import random_indices
+from tools.benchmarks.common import (
+    OtherLoad,
+    environment,
+    header_lines,
+    interleaved_rounds,
+    markdown_table,
+    percentile,
+)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DENSITIES = [0.005, 0.01, 0.02, 0.05]
@@ -209,31 +208,17 @@ def device_bandwidth(device: torch.device) -> dict:
     return {"peak_GB_per_s": peak, "copy_GB_per_s": 2 * src.numel() * 4 / 1e9 / min(seconds[1:])}
 
 
-def environment(device: torch.device) -> dict:
+def run_meta(device: torch.device) -> dict:
+    """`environment()` plus what the kernels' speed depends on: the GPU's cache and SMs, and the bandwidth."""
+    extra = {}
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        name, extra = props.name, {"l2_mib": props.L2_cache_size / MIB, "sms": props.multi_processor_count}
-    else:
-        name, extra = platform.processor() or platform.machine(), {}
-        try:
-            name = next(
-                line.split(":", 1)[1].strip()
-                for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")
-            )
-        except (OSError, StopIteration):
-            pass
+        extra = {"l2_mib": props.L2_cache_size / MIB, "sms": props.multi_processor_count}
     return {
         "kind": "meta",
-        "device": str(device),
-        "device_name": name,
+        **environment(device),
         **extra,
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "triton": None if triton is None else triton.__version__,
-        "python": platform.python_version(),
         "TRITON_MAX_DENSITY": TRITON_MAX_DENSITY,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         **device_bandwidth(device),
     }
 
@@ -268,9 +253,11 @@ def markdown(meta: dict, sddmm: list[dict], merged: list[dict]) -> str:
     )
     others = meta.get("other_cpu_share")
     lines = [
-        f"Device: {meta['device']} ({meta['device_name']}), {meta['threads']} threads; torch {meta['torch']}, triton "
-        f"{meta['triton']}; {meta['date']}; {bandwidth}; other processes used "
-        f"{'an unknown share' if others is None else f'{100 * others:.0f}%'} of the CPU. Times: median ms per call (p10–p90).",
+        header_lines(
+            meta,
+            f"{bandwidth}; other processes used {'an unknown share' if others is None else f'{100 * others:.0f}%'} "
+            "of the CPU. Times: median ms per call (p10–p90).",
+        )
     ]
     if meta["device"] == "cpu":
         lines.append(
@@ -424,7 +411,7 @@ def main(argv: list[str] | None = None) -> None:
     if not all(0 < d <= 1 for d in densities):
         parser.error(f"--densities must be fractions in (0, 1], got {args.densities!r}")
 
-    meta = environment(device)
+    meta = run_meta(device)
     if args.json:
         print(json.dumps(meta), flush=True)
     neighbours, started = OtherLoad(), time.perf_counter()
