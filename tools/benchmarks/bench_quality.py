@@ -35,12 +35,12 @@ leaves its table (`--methods "" --merge runs.jsonl`).
 
 Usage (from the repository root; a 60-step run takes 2-4 min on 2 idle cores):
 
-    .venv/bin/python tools/bench_quality.py                     # default rates, WordNet, seed 0
-    .venv/bin/python tools/bench_quality.py --sweep --corpora wordnet,pydocs --json --jobs 2 --threads 1 > sweep.jsonl
-    .venv/bin/python tools/bench_quality.py --methods spiel-ma,lora-r16 --lrs spiel-ma=1e-2 --seeds 0,1,2
-    .venv/bin/python tools/bench_quality.py --methods "" --merge a.jsonl --merge b.jsonl   # table of earlier runs
-    .venv/bin/python tools/bench_quality.py --quick             # 6 steps, 32 evaluation pairs: a smoke run
-    python3 tools/bench_quality.py --device cuda --jobs 16 --threads 1 --sweep --wide --corpora wordnet,pydocs \
+    python -m tools.benchmarks.bench_quality                     # default rates, WordNet, seed 0
+    python -m tools.benchmarks.bench_quality --sweep --corpora wordnet,pydocs --json --jobs 2 --threads 1 > sweep.jsonl
+    python -m tools.benchmarks.bench_quality --methods spiel-ma,lora-r16 --lrs spiel-ma=1e-2 --seeds 0,1,2
+    python -m tools.benchmarks.bench_quality --methods "" --merge a.jsonl --merge b.jsonl   # table of earlier runs
+    python -m tools.benchmarks.bench_quality --quick             # 6 steps, 32 evaluation pairs: a smoke run
+    python3 -m tools.benchmarks.bench_quality --device cuda --jobs 16 --threads 1 --sweep --wide --corpora wordnet,pydocs \
         --steps 150 --best-seeds 1,2 --long-steps 1000 --out runs.jsonl       # what the README's table ran
 """
 
@@ -57,14 +57,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import (  # noqa: E402
+from tools.benchmarks.common import environment, header_lines, markdown_table
+from tools.benchmarks.methods import (
     SPIEL_VARIANTS,
     build_method,
-    environment,
-    header_lines,
     load_base,
-    markdown_table,
     optimizer_state_bytes,
     run_child,
     trainable_params,
@@ -86,7 +83,7 @@ GRIDS = {
     "sift": (2.5e-4, 5e-4, 1e-3),
     "full": (5e-5, 1e-4, 2e-4),
 }
-# Each SpIEL variant (bench_common.SPIEL_VARIANTS) starts from its base method's grid.
+# Each SpIEL variant (methods.SPIEL_VARIANTS) starts from its base method's grid.
 GRIDS |= {name: GRIDS[base] for name, (base, _, _) in SPIEL_VARIANTS.items()}
 DEFAULT_LR = {m: grid[1] for m, grid in GRIDS.items()}
 QUALITY_METHODS = [m for m in GRIDS if m not in SPIEL_VARIANTS]
@@ -101,7 +98,7 @@ def wide_grid(method: str) -> tuple[float, ...]:
 @torch.no_grad()
 def answer_loss(model, tokenizer, pairs: list[dict], corpus) -> float:
     """Token-weighted mean cross-entropy of the answer tokens (labels != -100) over `pairs`."""
-    from demo import collate
+    from tools.demo import collate
 
     was_training = model.training
     model.eval()
@@ -146,8 +143,8 @@ def train(
     device: str = "cpu",
     eval_every: int = 0,
 ) -> dict:
-    from corpora import corpus_module
-    from demo import collate
+    from tools.corpora import corpus_module
+    from tools.demo import collate
 
     started = time.perf_counter()
     corpus = corpus_module(corpus_name)
@@ -333,7 +330,7 @@ class Driver:
         extra = [*self.extra, "--lr", repr(lr), "--corpus", corpus, "--seed", str(seed)]
         if phase == "long":  # the later --steps wins
             extra = [*extra, "--steps", str(self.args.long_steps), "--eval-every", str(self.args.long_eval_every)]
-        rows, _ = run_child(Path(__file__), method, extra, timeout=self.args.run_timeout)
+        rows, _ = run_child(__spec__.name, method, extra, timeout=self.args.run_timeout)
         for row in rows:
             row.update({"lr": lr, "corpus": corpus, "seed": seed} if "error" in row else {})
             row["phase"] = phase
@@ -465,9 +462,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown or untrainable method(s) {unknown}; choose from {', '.join(GRIDS)}")
     explicit = parse_lrs(args.lrs)
-    env = environment()
-    if args.device.startswith("cuda"):
-        env["device"] = torch.cuda.get_device_name(args.device)
+    env = environment(args.device)
 
     def rates(method: str):
         if method in explicit:
