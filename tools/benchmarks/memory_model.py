@@ -40,8 +40,8 @@ Components (bytes):
   as far as they exist at the peak moment (after `zero_grad(set_to_none=True)` none exist when a backward
   starts; no gradient accumulation assumed).
 * optimizer: SM3 (`spiel_sm3`): fp32 r (m) and c (n) per matrix plus an fp32 step, 4·Σ(m + n + 1) (+4 B per
-  value with momentum). SparseAdamW (`spiel_adamw`): exp_avg, exp_avg_sq and the per-position age, all fp32:
-  12 B per value. torch AdamW: two moments in the parameters' dtype (8 B/param for fp32) + a step per tensor.
+  value with momentum). SparseAdamW (`spiel_adamw`): exp_avg and exp_avg_sq (fp32) and the per-position age (int16):
+  10 B per value. torch AdamW: two moments in the parameters' dtype (8 B/param for fp32) + a step per tensor.
 * selection: AG while gathering: candidates (int32) + sums (fp32), 8 B per value; SIFT while choosing with
   `selection_steps` > 1 (default 4): a pool of 4·k_m positions (int32) with two fp32 sums, 48 B per value;
   SMT's warm-up: one fp32 cell per block; MA: nothing (it scores with SM3's r and c).
@@ -450,7 +450,7 @@ def estimate(arch: Arch | str, method: str, setting: Setting | None = None) -> E
         if method == "spiel-ma":
             opt = sm3_state_bytes(shapes, k_total, setting.sm3_momentum)
         else:
-            opt = 12 * k_total
+            opt = 10 * k_total  # fp32 exp_avg, exp_avg_sq + int16 age
     elif method == "lora":
         trainable = lora_params(arch, setting.lora_rank)
         trained = DTYPE_BYTES[setting.adapter_dtype] * trainable
