@@ -80,7 +80,7 @@ def test_estimates_add_up():
     assert ma.components["trained"] == 4 * 464
     assert ma.components["indices"] == mm.pattern_bytes(TOY.linear_shapes(), 464, base_entry=2)
     ag = mm.estimate(TOY, "spiel-ag", setting)
-    assert ag.components["optimizer"] == 12 * 464  # two moments and the age, fp32
+    assert ag.components["optimizer"] == 10 * 464  # two fp32 moments and the int16 age
     gather = ag.moments["loss backward (gather)"] - ag.moments["loss backward"]
     assert gather == 8 * 464  # candidates (int32) + sums (fp32)
     full = mm.estimate(TOY, "full", setting)
