@@ -1,7 +1,7 @@
 """Streaming merge and unmerge of an adapter into a safetensors checkpoint on disk.
 
-One shard is in memory at a time; deltas are scattered with the Triton kernel on CUDA and the torch
-path on CPU. Output is built in a temporary directory beside the target and renamed into place only when
+Each shard is copied with only its targeted tensors rewritten (`shard_rewrite`: same header and offsets, one
+tensor in memory at a time); deltas are scattered with the Triton kernel on CUDA and the torch path on CPU. Output is built in a temporary directory beside the target and renamed into place only when
 complete (`atomic.atomic_directory`), so a refusal, a full disk or a kill never leaves a partial model where
 one is expected, and the checkpoint read is never written to.
 """
@@ -18,7 +18,6 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .atomic import atomic_directory, reporting_disk_full
@@ -36,6 +35,7 @@ from .io import (
 )
 from .kernels.scatter import scatter_add_, scatter_set_
 from .peft_interop import is_peft_adapter, read_peft_adapter
+from .shard_rewrite import rewrite_shard
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -389,20 +389,19 @@ def merge_checkpoint(
     ):
         for shard in checkpoint.shards:
             path = checkpoint.directory / shard
-            with safe_open(path, framework="pt") as fh:
-                metadata = fh.metadata()
-            tensors = load_file(path)
-            for target in by_shard.get(shard, []):
-                weight = tensors[target.key].to(torch_device).contiguous()
+            targets = {target.key: target for target in by_shard.get(shard, [])}
+
+            def apply(key: str, weight: torch.Tensor, targets=targets, path=path) -> torch.Tensor:
+                weight = weight.to(torch_device)
                 if unmerge:
-                    _unmerge_tensor(weight, target, force, path)
-                elif count := _merge_tensor(weight, target, force, path):
-                    lost[target.key] = count
-                tensors[target.key] = weight.cpu()
+                    _unmerge_tensor(weight, targets[key], force, path)
+                elif count := _merge_tensor(weight, targets[key], force, path):
+                    lost[key] = count
                 bar.update(1)
+                return weight.cpu()
+
             with reporting_disk_full(output / shard, _DISK_FULL_FIX):
-                save_file(tensors, tmp / shard, metadata=metadata)
-            del tensors
+                rewrite_shard(path, tmp / shard, targets, apply)
         bar.close()
         _copy(copies, tmp, output, _DISK_FULL_FIX)
     return {

@@ -189,6 +189,24 @@ def save_file_failing_at(call: int, fail: Callable[[], None]):
     return save_file_
 
 
+def rewrite_failing_at(call: int, fail: Callable[[], None]):
+    """A stand-in for the merge's `rewrite_shard` that rewrites normally except on its `call`-th use, where it
+    leaves the first half of the shard (the part that fit) and then calls `fail()`: a full disk, or a stall."""
+    from sparse_plugin.shard_rewrite import rewrite_shard
+
+    calls = []
+
+    def rewrite_shard_(source, destination, names, edit):
+        calls.append(destination)
+        rewrite_shard(source, destination, names, edit)
+        if len(calls) == call:
+            data = Path(destination).read_bytes()
+            Path(destination).write_bytes(data[: len(data) // 2])
+            fail()
+
+    return rewrite_shard_
+
+
 # --------------------------------------------------------------------------------------------- hostile adapters
 
 

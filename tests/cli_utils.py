@@ -46,14 +46,14 @@ _STALLING_MERGE = """
 import sys, time
 sys.path.insert(0, {tests!r})
 import sparse_plugin.merge
-from adapter_utils import save_file_failing_at
+from adapter_utils import rewrite_failing_at
 from sparse_plugin.cli import main
 
 def stall():
     print("stalled", flush=True)
     time.sleep(600)
 
-sparse_plugin.merge.save_file = save_file_failing_at(2, stall)
+sparse_plugin.merge.rewrite_shard = rewrite_failing_at(2, stall)
 sys.exit(main(sys.argv[1:]))
 """
 

@@ -22,9 +22,8 @@ from adapter_utils import (
     os_disk_full,
     read_checkpoint,
     refusal,
+    rewrite_failing_at,
     rounded_away_reference,
-    safetensors_disk_full,
-    save_file_failing_at,
     saved_setup,
     snapshot,
     tiny_deltas,
@@ -408,7 +407,7 @@ def test_merge_killed_mid_write_leaves_no_output_and_the_base_untouched(tmp_path
 def _fill_disk(monkeypatch, at: str, shards: list[str]) -> str:
     """Make the merge's write of `at` ("second-shard" or "copied-file") hit a full disk; return that file's name."""
     if at == "second-shard":  # safetensors' writer, after writing part of the shard
-        monkeypatch.setattr("sparse_plugin.merge.save_file", save_file_failing_at(2, safetensors_disk_full))
+        monkeypatch.setattr("sparse_plugin.merge.rewrite_shard", rewrite_failing_at(2, os_disk_full))
         return shards[1]
     monkeypatch.setattr(shutil, "copy2", os_disk_full)  # Python's copy of config.json, the first file copied
     return "config.json"

@@ -22,9 +22,9 @@ from adapter_utils import (
     edit_tensors,
     hub_cache_layout,
     leftovers,
+    os_disk_full,
     read_checkpoint,
-    safetensors_disk_full,
-    save_file_failing_at,
+    rewrite_failing_at,
     saved_setup,
 )
 from cli_utils import assert_refused, merge_argv, run, start_stalled_merge, unmerge_argv
@@ -45,10 +45,10 @@ def _tree(root: Path) -> dict[str, str]:
 def _loading_forbidden(monkeypatch) -> None:
     """Make loading any checkpoint tensor fail the test: a claim must be refused from the headers alone."""
 
-    def load_file_(*_args, **_kwargs):
-        raise AssertionError("a tensor was loaded before the adapter's claims were checked")
+    def rewrite_shard_(*_args, **_kwargs):
+        raise AssertionError("a shard was read before the adapter's claims were checked")
 
-    monkeypatch.setattr("sparse_plugin.merge.load_file", load_file_)
+    monkeypatch.setattr("sparse_plugin.merge.rewrite_shard", rewrite_shard_)
 
 
 # --------------------------------------------------------------------------------------------- recorded claims
@@ -226,9 +226,9 @@ for signum in SIGNALS:
     tag = signal.Signals(signum).name
     merge("reading-" + tag, [(merge_module, "read_adapter", after(signum))])
     merge("temp-dir-created-" + tag, [(atomic.tempfile, "mkdtemp", after(signum))])  # before its name is kept
-    merge("shard-written-" + tag, [(merge_module, "save_file", after(signum))])
+    merge("shard-written-" + tag, [(merge_module, "rewrite_shard", after(signum))])
     merge("file-copied-" + tag, [(shutil, "copy2", after(signum))])
-    merge("again-during-cleanup-" + tag, [(merge_module, "save_file", after(signum)), (atomic.shutil, "rmtree", before(signum))])
+    merge("again-during-cleanup-" + tag, [(merge_module, "rewrite_shard", after(signum)), (atomic.shutil, "rmtree", before(signum))])
 
 # At random moments: a signal landing after the merge finished must not kill this loop, so it is ignored then.
 for signum in SIGNALS:
@@ -310,7 +310,7 @@ def _other_base(tmp_path) -> Path:
 
 
 def _disk_full(saved, tmp_path, monkeypatch):
-    monkeypatch.setattr("sparse_plugin.merge.save_file", save_file_failing_at(1, safetensors_disk_full))
+    monkeypatch.setattr("sparse_plugin.merge.rewrite_shard", rewrite_failing_at(1, os_disk_full))
     return merge_argv(saved.base, saved.adapter, tmp_path / "a" / "b" / "out")
 
 
