@@ -1,7 +1,9 @@
 """In-memory merge/unmerge (sparse_plugin.model) and the streaming checkpoint merge (sparse_plugin.merge), against
 plain torch references: a dense W0 + scatter(Δ) built in the test, and the base files themselves."""
 
+import gc
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,7 +22,7 @@ from adapter_utils import (
     trained_model,
 )
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import LlamaForCausalLM
 
 from sparse_plugin import iter_sparse_layers, merge_adapter, unmerge_adapter
@@ -133,6 +135,36 @@ def test_sharded_base_keeps_shards_index_and_other_files(tmp_path):
     summary = merge_checkpoint(out, saved.adapter, tmp_path / "restored", unmerge=True, device="cpu", progress=False)
     assert summary["exact"] is True
     _assert_tensors_equal(read_checkpoint(tmp_path / "restored"), read_checkpoint(saved.base))
+
+
+def _status_mib(field: str) -> float:
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(field + ":"))
+    return int(line.split()[1]) / 1024
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's peak-RSS reset")
+def test_merge_holds_one_tensor_in_memory_and_keeps_the_shard_layout(tmp_path):
+    saved = saved_setup(tmp_path)
+    shard = saved.base / "model.safetensors"
+    with safe_open(shard, framework="pt") as fh:
+        metadata = fh.metadata()
+    tensors = load_file(shard)
+    tensors["untouched.big"] = torch.ones(64 * 2**20 // 4)  # 64 MiB the adapter does not target
+    save_file(tensors, shard, metadata=metadata)
+    del tensors
+    gc.collect()
+
+    Path("/proc/self/clear_refs").write_text("5")  # peak RSS := RSS now
+    before = _status_mib("VmRSS")
+    merge_checkpoint(saved.base, saved.adapter, tmp_path / "out", device="cpu", progress=False)
+    assert _status_mib("VmHWM") - before < 16  # loading the shard whole would add > 64 MiB
+
+    source, written = shard.read_bytes(), (tmp_path / "out" / "model.safetensors").read_bytes()
+    header = 8 + int.from_bytes(source[:8], "little")
+    assert written[:header] == source[:header]  # the same header: every tensor at its offset, metadata kept
+    merged = read_checkpoint(tmp_path / "out")
+    assert torch.equal(merged.pop("untouched.big"), torch.ones(64 * 2**20 // 4))
+    _assert_tensors_equal(merged, dense_reference(saved.base_state, _adapter_tensors(saved)))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
