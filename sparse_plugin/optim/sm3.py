@@ -29,7 +29,8 @@ class SM3(SparseOptimizer):
         lr (`float`, defaults to 1e-3): learning rate (the SpIEL reference uses ~1e-3 for SM3).
         momentum (`float`, defaults to 0.0): heavy-ball momentum in [0, 1); adds one value per position.
         beta (`float`, defaults to 0.0): 0 is the paper's SM3 (accumulators only grow); in (0, 1) an EMA,
-            ν = β·min(r_i, c_j) + (1 − β)·g², so old gradients fade (our documented extension).
+            ν = β·min(r_i, c_j) + (1 − β)·g², so old gradients fade, with Adam's bias correction: the step
+            divides by √(ν / (1 − βᵗ)) at the t-th update (our documented extension).
         eps (`float`, defaults to 1e-30): added under the square root, as in SM3's reference.
         weight_decay (`float`, defaults to 0.0): decoupled decay of Δ toward 0, i.e. of W toward the
             pretrained weight.
@@ -117,6 +118,8 @@ class SM3(SparseOptimizer):
         row_max = torch.segment_reduce(nu, "max", lengths=lengths, unsafe=True)
         torch.where(lengths > 0, row_max, row_acc, out=row_acc)  # rows without positions keep their value
         col_acc.scatter_reduce_(0, cols, nu, "amax", include_self=False)
+        if beta > 0:  # an EMA starts at (1 − β)·g²: without Adam's correction the first steps are 1/√(1 − β) too long
+            nu.div_(1 - beta ** float(state["step"] + 1))
         update = nu.add_(group["eps"]).rsqrt_().mul_(grad)
         if group["momentum"] > 0:
             update = state["momentum_buffer"].mul_(group["momentum"]).add_(update, alpha=1 - group["momentum"])

@@ -35,7 +35,8 @@ def _reference_sm3(values, grads, positions, shape, lr, momentum=0.0, beta=0.0, 
             r[i] = max(nu[q] for q, other in enumerate(positions) if other // in_f == i)
             c[j] = max(nu[q] for q, other in enumerate(positions) if other % in_f == j)
         for p in range(len(positions)):
-            u = g[p] / (nu[p] + eps) ** 0.5
+            corrected = nu[p] / (1 - beta ** (len(history) + 1)) if beta > 0 else nu[p]  # bias-corrected EMA
+            u = g[p] / (corrected + eps) ** 0.5
             if momentum > 0:
                 m[p] = momentum * m[p] + (1 - momentum) * u
                 u = m[p]

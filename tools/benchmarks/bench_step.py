@@ -87,6 +87,7 @@ DEFAULT_PAIRS = [
     "spiel-ag:lora-r16",
     "spiel-ma-1pct:lora-1pct",
     "sift:lora-r16",
+    "smt:lora-r16",
     "spiel-ma:shira",
     "spiel-ma:supertuning",
 ]
