@@ -10,7 +10,8 @@ Usage (from the repository root):
 
     .venv/bin/python -m tools.benchmarks.memory_model_moe                        # Qwen3-30B-A3B, bf16, 1 × 2048, checkpointing
     .venv/bin/python -m tools.benchmarks.memory_model_moe --base nf4 --json      # attention in 4-bit (what bnb quantises)
-    .venv/bin/python -m tools.benchmarks.memory_model_moe --measure small-moe    # predicted vs measured peak RSS, CPU fp32
+    .venv/bin/python -m tools.benchmarks.memory_model_moe --measure --model small-moe --rank 4 --batch 4 --seq 256
+        # predicted vs measured peak RSS over the fp32 base on CPU (also --model wide-experts --batch 1 --seq 128)
 
 Targets: `target_modules="all-weights"`, i.e. per layer the attention projections q, k, v, o (`nn.Linear`), the
 router's weight `[E, h]` and the fused experts `gate_up_proj [E, 2i, h]` and `down_proj [E, h, i]`
@@ -143,7 +144,7 @@ class MoEArch:
 ARCHS = {
     # Qwen/Qwen3-30B-A3B config.json
     "qwen3-30b-a3b": MoEArch("Qwen3-30B-A3B", 2048, 48, 32, 4, 128, 151936, 128, 768, 8),
-    # The small model of the measured check (built in code, `--measure small-moe`).
+    # The small models of the measured check (built in code, `--measure --model small-moe`).
     "small-moe": MoEArch("small-moe", 256, 4, 4, 2, 64, 4096, 8, 512, 2),
     # Many wide experts, few tokens: the peak is inside a layer's backward (one expert tensor's dense gradient).
     "wide-experts": MoEArch("wide-experts", 256, 2, 4, 2, 64, 1024, 64, 256, 2),
