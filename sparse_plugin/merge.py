@@ -21,7 +21,7 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from .atomic import atomic_directory, reporting_disk_full
-from .checkpoint_layout import split_for_checkpoint
+from .checkpoint_layout import FusedDigests, split_for_checkpoint
 from .io import (
     QUANTIZED_DTYPES,
     Adapter,
@@ -287,10 +287,14 @@ def _verify(
     return None
 
 
-def _merge_tensor(weight: torch.Tensor, target: TargetDelta, force: bool, where: Path) -> int:
+def _merge_tensor(
+    weight: torch.Tensor, target: TargetDelta, force: bool, where: Path, fused: FusedDigests | None = None
+) -> int:
     """Add the target's deltas to `weight`; return how many of them its dtype rounded away (`rounded_away`)."""
     indices, values = _positions(weight, target, where)
     entries = weight.view(-1)[indices]
+    if fused is not None:
+        fused.add(target, entries)
     if not force and (why := _verify(entries, target.base_values, target.base_sha256, indices)):
         raise AdapterError(
             f"{where}: `{target.key}` differs from the base the adapter was trained on ({why}); "
@@ -301,7 +305,9 @@ def _merge_tensor(weight: torch.Tensor, target: TargetDelta, force: bool, where:
     return lost
 
 
-def _unmerge_tensor(weight: torch.Tensor, target: TargetDelta, force: bool, where: Path) -> None:
+def _unmerge_tensor(
+    weight: torch.Tensor, target: TargetDelta, force: bool, where: Path, fused: FusedDigests | None = None
+) -> None:
     """Restore the base's entries: exactly from stored base values, else by subtracting the values.
 
     Either way the merged entries are checked first (unless `force`): against the stored base values plus the
@@ -312,6 +318,8 @@ def _unmerge_tensor(weight: torch.Tensor, target: TargetDelta, force: bool, wher
     base_values = (
         None if target.base_values is None else target.base_values.to(device=weight.device, dtype=weight.dtype)
     )
+    if fused is not None:
+        fused.add(target, weight.view(-1)[indices])
     if not force:
         expected = None if base_values is None else merged_entries(base_values, values)
         if why := _verify(weight.view(-1)[indices], expected, target.merged_sha256, indices):
@@ -323,6 +331,22 @@ def _unmerge_tensor(weight: torch.Tensor, target: TargetDelta, force: bool, wher
         scatter_add_(weight, indices, values, alpha=-1.0)
     else:
         scatter_set_(weight, indices, base_values)
+
+
+def _refuse_fused(keys: list[str], where: Path, unmerge: bool) -> None:
+    """A fused target (stored per expert) whose re-assembled entries do not match the adapter's digest: the
+    output is not written (the caller is inside the atomic directory)."""
+    more = f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
+    why = "its entries at the indices, read from its per-expert tensors, do not match the sha256 the adapter recorded"
+    if unmerge:
+        raise AdapterError(
+            f"{where}: `{keys[0]}`{more} is not this adapter merged into its base ({why}); pass the merged model "
+            "this adapter made, or --force"
+        )
+    raise AdapterError(
+        f"{where}: `{keys[0]}`{more} differs from the base the adapter was trained on ({why}); pass the right base "
+        "or --force"
+    )
 
 
 def merge_checkpoint(
@@ -375,6 +399,8 @@ def merge_checkpoint(
     for key, target in adapter.targets.items():
         by_shard.setdefault(checkpoint.weight_map[key], []).append(target)
     lost: dict[str, int] = {}
+    # Targets split into per-expert tensors are checked against their fused digest after the last shard
+    fused = None if force else FusedDigests(adapter, merged=unmerge)
     # disable=None draws the bar only on a terminal, so piped stderr holds nothing but a refusal's one line;
     # the `with` closes (leave=False: erases) the bar before an error propagates to be printed.
     with (
@@ -394,8 +420,8 @@ def merge_checkpoint(
             def apply(key: str, weight: torch.Tensor, targets=targets, path=path) -> torch.Tensor:
                 weight = weight.to(torch_device)
                 if unmerge:
-                    _unmerge_tensor(weight, targets[key], force, path)
-                elif count := _merge_tensor(weight, targets[key], force, path):
+                    _unmerge_tensor(weight, targets[key], force, path, fused)
+                elif count := _merge_tensor(weight, targets[key], force, path, fused):
                     lost[key] = count
                 bar.update(1)
                 return weight.cpu()
@@ -403,6 +429,8 @@ def merge_checkpoint(
             with reporting_disk_full(output / shard, _DISK_FULL_FIX):
                 rewrite_shard(path, tmp / shard, targets, apply)
         bar.close()
+        if fused is not None and (wrong := fused.mismatched()):
+            _refuse_fused(wrong, checkpoint.directory, unmerge)
         _copy(copies, tmp, output, _DISK_FULL_FIX)
     return {
         "tensors": len(adapter.targets),

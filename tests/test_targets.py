@@ -3,6 +3,7 @@ heads). Targets, outputs and every gradient against a dense W0 + Δ reference, t
 
 import copy
 import json
+import re
 
 import pytest
 import torch
@@ -392,3 +393,34 @@ def test_trainable_count_equals_peft_lora_with_target_parameters():
     lora_count = sum(p.numel() for p in lora.parameters() if p.requires_grad)
     sparse = prepare_model(tiny_qwen3_moe(), SparseConfig(lora_rank_equivalent=2, target_parameters=targets))
     assert sum(p.numel() for p in sparse.parameters() if p.requires_grad) == lora_count
+
+
+@pytest.mark.parametrize("build", [tiny_qwen3_moe, tiny_mixtral], ids=["qwen3-moe", "mixtral"])
+def test_merge_checks_the_fused_digest_of_targets_stored_per_expert(tmp_path, capsys, build):
+    """Without stored base values, a fused target stored per expert is checked against its recorded sha256 on its
+    pieces' entries re-assembled in the fused order: the right base merges and unmerges back, a wrong base (or a
+    wrong merged model) is refused in one line and nothing is written; --force skips the check."""
+    from cli_utils import assert_refused, merge_argv, run, unmerge_argv
+
+    build().save_pretrained(tmp_path / "base")
+    build(seed=1).save_pretrained(tmp_path / "other")
+    model = prepare_model(build(), SparseConfig(density=0.1, target_modules=["experts"], store_base_values=False))
+    _randomize(model, 3)
+    save_adapter(model, tmp_path / "adapter")
+    meta = json.loads((tmp_path / "adapter" / "sparse_config.json").read_text())
+    assert all(t["base_sha256"] for t in meta["targets"].values()) and any("experts." in k for k in meta["targets"])
+    expert = next(k for k in meta["targets"] if "experts" in k)
+    for wrong, argv in (
+        ("other", merge_argv(tmp_path / "other", tmp_path / "adapter", tmp_path / "bad")),
+        ("base", unmerge_argv(tmp_path / "base", tmp_path / "adapter", tmp_path / "bad")),
+    ):
+        why = "differs from the base" if wrong == "other" else "is not this adapter merged into its base"
+        assert_refused(*run(capsys, *argv), rf"`{re.escape(expert)}` \(and \d+ more\) {why}.*sha256.*--force")
+        assert not (tmp_path / "bad").exists()
+    assert run(capsys, *merge_argv(tmp_path / "other", tmp_path / "adapter", tmp_path / "forced", "--force"))[0] == 0
+    assert run(capsys, *merge_argv(tmp_path / "base", tmp_path / "adapter", tmp_path / "merged"))[0] == 0
+    assert run(capsys, *unmerge_argv(tmp_path / "merged", tmp_path / "adapter", tmp_path / "unmerged"))[0] == 0
+    from safetensors.torch import load_file
+
+    original, restored = (load_file(tmp_path / d / "model.safetensors") for d in ("base", "unmerged"))
+    assert all(torch.allclose(original[k], restored[k], atol=1e-6) for k in original)

@@ -1,6 +1,7 @@
 """Two CPU processes on gloo (torchrun) under DDP, FSDP1 (FULL_SHARD, use_orig_params) and FSDP2: every rank ends
 with the same indices and values, equal to one process training on the whole global batch (within fp tolerance),
-for each selection method; under FSDP the adapter saved from rank 0 carries the base entries gathered from the shards."""
+for each selection method; under FSDP the adapter saved from rank 0 carries the base entries gathered from the shards.
+Under DDP the same holds for non-Linear targets (fused MoE experts, GPT-2's Conv1D)."""
 
 import os
 import shutil
@@ -17,6 +18,9 @@ from sparse_plugin.integrations.checkpoints import holds_model_weights
 from tools.benchmarks import memory_model as mm
 
 JOB = Path(__file__).with_name("train_job.py")
+sys.path.insert(0, str(JOB.parent))
+import train_job  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[2]
 # tests/conftest.py's tiny Llama, for the memory model
 TINY = mm.Arch("tiny", hidden=48, intermediate=80, layers=2, heads=4, kv_heads=2, vocab=97)
@@ -41,11 +45,11 @@ def single_process(tmp_path_factory):
     root = tmp_path_factory.mktemp("single")
     cache = {}
 
-    def layers(method: str) -> dict:
-        if method not in cache:
-            _run(root / method, method, processes=1)
-            cache[method] = _result(root / method / "rank0.pt")["layers"]
-        return cache[method]
+    def layers(method: str, model: str = "llama") -> dict:
+        if (method, model) not in cache:
+            _run(root / f"{method}-{model}", method, "--model", model, processes=1)
+            cache[method, model] = _result(root / f"{method}-{model}" / "rank0.pt")["layers"]
+        return cache[method, model]
 
     return layers
 
@@ -74,6 +78,20 @@ def test_ranks_agree_and_match_one_process(tmp_path, single_process, method, wra
     if wrap.startswith("fsdp"):  # load_adapter checks the stored base entries against an unsharded base
         loaded = dict(iter_sparse_layers(load_adapter(tiny_llama(), tmp_path / "adapter")))
         assert all(torch.equal(loaded[k].values.detach(), v) for k, (_, v) in rank0["layers"].items())
+
+
+@pytest.mark.parametrize(("method", "model"), [("ma", "qwen3-moe"), ("ag", "qwen3-moe"), ("sift", "gpt2")])
+def test_ddp_on_non_linear_targets_agrees_with_one_process(tmp_path, single_process, method, model):
+    """Fused experts `[E, out, in]` (target_parameters) and Conv1D weights: merged-resident weights whose values get
+    their gradient through `SparseParameterFunction`; DDP reduces it, the selection statistics are summed over
+    ranks, so both ranks pick the positions one process picks on the whole batch."""
+    _run(tmp_path, method, "--wrap", "ddp", "--model", model)
+    rank0, rank1 = _result(tmp_path / "rank0.pt"), _result(tmp_path / "rank1.pt")
+    reference = single_process(method, model)
+    assert reference and all(("experts" in k) if model == "qwen3-moe" else (".c_" in k) for k in reference)
+    _assert_ranks_agree_with(reference, rank0["layers"], rank1["layers"])
+    initial = dict(iter_sparse_layers(train_job.start(method, 1, "ddp", arch=model)[0]))
+    assert any(not torch.equal(initial[k].indices, indices) for k, (indices, _) in reference.items())  # reselected
 
 
 @pytest.fixture(scope="module")

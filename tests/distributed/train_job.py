@@ -3,6 +3,7 @@
     torchrun --nproc_per_node 2 train_job.py OUT METHOD [--wrap ddp|fsdp1|fsdp2]   # each rank trains on its half
     python train_job.py OUT METHOD                                                # one process, whole batches
     torchrun --nproc_per_node 2 train_job.py OUT METHOD --trainer [--wrap ...] [--resume CHECKPOINT]   # HF Trainer
+    ... --model qwen3-moe|gpt2   # a tiny Qwen3-MoE (fused experts targeted) or GPT-2 (Conv1D), plain loop under DDP
 
 The plain loop clips the values' gradient norm as the Trainer does, so averaging after clipping would show.
 `fsdp1` is FullyShardedDataParallel (FULL_SHARD, use_orig_params, one unit per decoder layer), `fsdp2` is
@@ -21,6 +22,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import tiny_llama
+from test_targets import tiny_gpt2, tiny_qwen3_moe
 
 from sparse_plugin import (
     SM3,
@@ -56,6 +58,12 @@ JOB_RECIPES = {
         {"method": "smt", "density": 0.2, "block_size": 16, "warmup_steps": 2, "target_modules": "all-linear"},
         SparseAdamW,
     ),
+}
+# name -> (model builder, SparseConfig fields for its targets): non-Linear weights (`SparseDeltaParameter`)
+JOB_MODELS = {
+    "llama": (tiny_llama, {}),
+    "qwen3-moe": (tiny_qwen3_moe, {"target_parameters": ["experts.gate_up_proj", "experts.down_proj"]}),
+    "gpt2": (tiny_gpt2, {"target_modules": "all-linear"}),  # its Conv1D projections
 }
 STEPS, GLOBAL_BATCH, CLIP, RESTART_AT = int(os.environ.get("DDP_JOB_STEPS", "8")), 4, 0.05, 1
 
@@ -111,10 +119,11 @@ def load_optimizer_state(optimizer, forward, how, state) -> None:
     set_optimizer_state_dict(forward, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
-def start(method, world, how, deltas=None):
+def start(method, world, how, deltas=None, arch="llama"):
     """A prepared model (with `deltas` copied in), its optimizer, the wrapped forward and the clipping function."""
     fields, cls = JOB_RECIPES[method]
-    model = prepare_model(tiny_llama(), SparseConfig(**fields))
+    build, targets = JOB_MODELS[arch]
+    model = prepare_model(build(), SparseConfig(**(fields | targets)))
     for key, layer in iter_sparse_layers(model):
         if deltas is not None:
             layer.set_indices(deltas[key][0])
@@ -128,10 +137,11 @@ def start(method, world, how, deltas=None):
     return model, optimizer, forward, clip
 
 
-def plain_loop(method, rank, world, how):
+def plain_loop(method, rank, world, how, arch="llama"):
     """Train STEPS steps; FSDP runs restart after RESTART_AT steps from what an FSDP checkpoint holds (the deltas and
     the optimizer state through FSDP's state-dict APIs), mid-way through SMT's warm-up and SIFT's selection."""
-    model, optimizer, forward, clip = start(method, world, how)
+    model, optimizer, forward, clip = start(method, world, how, arch=arch)
+    vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(1)
     losses = []
     for step in range(STEPS):
@@ -140,9 +150,9 @@ def plain_loop(method, rank, world, how):
             deltas = {
                 key: (layer.indices.clone(), layer.values.detach().clone()) for key, layer in iter_sparse_layers(model)
             }
-            model, optimizer, forward, clip = start(method, world, how, deltas)
+            model, optimizer, forward, clip = start(method, world, how, deltas, arch)
             load_optimizer_state(optimizer, forward, how, state)
-        batch = torch.randint(3, 97, (GLOBAL_BATCH, 12), generator=gen)
+        batch = torch.randint(3, vocab, (GLOBAL_BATCH, 12), generator=gen)
         mine = batch.chunk(world)[rank]
         loss = forward(input_ids=mine, labels=mine).loss
         loss.backward()
@@ -236,6 +246,7 @@ def main() -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("method", choices=list(JOB_RECIPES))
     parser.add_argument("--trainer", action="store_true")
+    parser.add_argument("--model", choices=list(JOB_MODELS), default="llama", help="without --trainer")
     parser.add_argument("--wrap", choices=["ddp", "fsdp1", "fsdp2"], default="ddp")
     parser.add_argument("--resume", help="a Trainer checkpoint to resume from (with --trainer)")
     parser.add_argument("--no-base-values", action="store_true", help="store_base_values=False (with --trainer)")
@@ -249,7 +260,7 @@ def main() -> None:
         model = prepare_model(tiny_llama(), config)
         losses = trainer_run(model, args.method, args.out, args.wrap, args.resume)
     else:
-        model, losses = plain_loop(args.method, rank, world, args.wrap)
+        model, losses = plain_loop(args.method, rank, world, args.wrap, args.model)
     layers = {key: (layer.indices.clone(), layer.values.detach().clone()) for key, layer in iter_sparse_layers(model)}
     sharded, base_bytes = is_fsdp_wrapped(model), base_bytes_here(model)
     args.out.mkdir(parents=True, exist_ok=True)
