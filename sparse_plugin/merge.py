@@ -1,9 +1,10 @@
 """Streaming merge and unmerge of an adapter into a safetensors checkpoint on disk.
 
 Each shard is copied with only its targeted tensors rewritten (`shard_rewrite`: same header and offsets, one
-tensor in memory at a time); deltas are scattered with the Triton kernel on CUDA and the torch path on CPU. Output is built in a temporary directory beside the target and renamed into place only when
-complete (`atomic.atomic_directory`), so a refusal, a full disk or a kill never leaves a partial model where
-one is expected, and the checkpoint read is never written to.
+tensor in memory at a time); deltas are scattered with the Triton kernel on CUDA and the torch path on CPU.
+Output is built in a temporary directory beside the target and renamed into place only when complete
+(`atomic.atomic_directory`), so a refusal, a full disk or a kill never leaves a partial model where one is
+expected, and the checkpoint read is never written to.
 """
 
 from __future__ import annotations

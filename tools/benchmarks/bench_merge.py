@@ -5,8 +5,9 @@ an adapter is built once: `prepare_model` with `SparseConfig(lora_rank_equivalen
 layer, random nonzero values, `save_adapter` to a temporary directory. Then, in each of `--repeats` rounds
 (the three cases in a shuffled order, so a busy neighbour process slows all of them alike):
 
-* `merge`: `merge_checkpoint(base, adapter, out, device=--device)` into a fresh directory (reads the shard,
-  scatters every delta, writes the shard, copies config/tokenizer files, renames into place).
+* `merge`: `merge_checkpoint(base, adapter, out, device=--device)` into a fresh directory (copies the shard's
+  untargeted bytes in the kernel, reads, scatters into and writes each targeted tensor once, copies
+  config/tokenizer files, renames into place).
 * `copy`: `shutil.copy` of `model.safetensors` and every other file into a fresh directory, the floor for
   any tool that writes a new checkpoint.
 * `load_save`: `safetensors.torch.load_file` + `save_file` of the shard with nothing changed (metadata
