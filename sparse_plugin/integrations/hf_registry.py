@@ -21,7 +21,7 @@ SPARSE_OPTIMIZERS = {"spiel_sm3": SM3, "spiel_adamw": SparseAdamW}
 # optim_args keys each optimizer accepts, with their types (everything else comes from TrainingArguments).
 _OPTIM_ARGS = {
     SM3: {"momentum": float, "beta": float, "eps": float},
-    SparseAdamW: {"eps": float},
+    SparseAdamW: {"eps": float, "regrown_start": str},
 }
 
 

@@ -20,6 +20,8 @@ from torch import nn
 from ..config import SparseConfig
 from .base import SparseOptimizer
 
+REGROWN_STARTS = ("fresh", "warm")
+
 
 class SparseAdamW(SparseOptimizer):
     """AdamW with decoupled weight decay over sparse positions.
@@ -31,6 +33,10 @@ class SparseAdamW(SparseOptimizer):
             to 1e-8): as in `torch.optim.AdamW`.
         weight_decay (`float`, defaults to 0.0): decoupled; on a sparse delta it pulls W toward the
             pretrained weight.
+        regrown_start (`str`, defaults to `"fresh"`): the moments of a position regrown by a prune/regrow round.
+            `"fresh"` (the SpIEL reference): zero, with its own bias correction, so its first update is a full
+            `lr`-sized step. `"warm"`: the second moment of the matrix's surviving positions (their mean), a zero
+            first moment and no bias correction, so its steps grow with the momentum over ~1/(1 − β1) steps.
         model (`nn.Module`, *optional*): the prepared model, when `params` are parameters.
         total_steps (`int`, *optional*): training length, for the reselection-rate decay.
         sparse_config (`SparseConfig`, *optional*): the selection method's settings; defaults to the model's
@@ -52,6 +58,7 @@ class SparseAdamW(SparseOptimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0.0,
+        regrown_start: str = "fresh",
         *,
         model: nn.Module | None = None,
         total_steps: int | None = None,
@@ -63,7 +70,16 @@ class SparseAdamW(SparseOptimizer):
             raise ValueError(f"SparseAdamW `betas` must be two numbers in [0, 1), got {betas!r}.")
         if not eps >= 0 or not weight_decay >= 0:
             raise ValueError(f"SparseAdamW `eps` and `weight_decay` must be >= 0, got {eps!r}, {weight_decay!r}.")
-        defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay, "mask": None}
+        if regrown_start not in REGROWN_STARTS:
+            raise ValueError(f"SparseAdamW `regrown_start` must be one of {REGROWN_STARTS}, got {regrown_start!r}.")
+        defaults = {
+            "lr": lr,
+            "betas": tuple(betas),
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "regrown_start": regrown_start,
+            "mask": None,
+        }
         super().__init__(params, defaults, model=model, total_steps=total_steps, sparse_config=sparse_config)
 
     def _prepare_group(self, group: dict) -> None:
@@ -80,6 +96,15 @@ class SparseAdamW(SparseOptimizer):
         age_dtype = torch.int16 if age_cap(group["betas"]) <= torch.iinfo(torch.int16).max else torch.int32
         state["age"] = torch.zeros(count, dtype=age_dtype, device=param.device)
         return state
+
+    def remap_state(self, param: torch.Tensor, source: torch.Tensor) -> None:
+        super().remap_state(param, source)
+        state, new = self.state.get(param), source < 0
+        group = next(g for g in self.param_groups if any(p is param for p in g["params"]))
+        if group["regrown_start"] == "fresh" or not state or not new.any() or new.all():
+            return
+        state["exp_avg_sq"][new] = state["exp_avg_sq"][~new].mean()
+        state["age"][new] = age_cap(group["betas"])
 
     def _update(self, param: torch.Tensor, group: dict) -> None:
         positions = group["mask"]
