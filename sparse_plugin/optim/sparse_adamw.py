@@ -20,7 +20,7 @@ from torch import nn
 from ..config import SparseConfig
 from .base import SparseOptimizer
 
-REGROWN_STARTS = ("fresh", "warm")
+REGROWN_STARTS = ("fresh", "ramp")
 
 
 class SparseAdamW(SparseOptimizer):
@@ -33,10 +33,10 @@ class SparseAdamW(SparseOptimizer):
             to 1e-8): as in `torch.optim.AdamW`.
         weight_decay (`float`, defaults to 0.0): decoupled; on a sparse delta it pulls W toward the
             pretrained weight.
-        regrown_start (`str`, defaults to `"fresh"`): the moments of a position regrown by a prune/regrow round.
-            `"fresh"` (the SpIEL reference): zero, with its own bias correction, so its first update is a full
-            `lr`-sized step. `"warm"`: the second moment of the matrix's surviving positions (their mean), a zero
-            first moment and no bias correction, so its steps grow with the momentum over ~1/(1 − β1) steps.
+        regrown_start (`str`, defaults to `"fresh"`): the first updates of a position regrown by a prune/regrow
+            round. `"fresh"` (the SpIEL reference): zero moments with its own bias correction, so its first update
+            is a full `lr`-sized step. `"ramp"`: the same moments, but a position younger than the matrix's oldest
+            takes age / (1 / (1 − β1)) of its step (10 steps to full size at β1 = 0.9).
         model (`nn.Module`, *optional*): the prepared model, when `params` are parameters.
         total_steps (`int`, *optional*): training length, for the reselection-rate decay.
         sparse_config (`SparseConfig`, *optional*): the selection method's settings; defaults to the model's
@@ -97,15 +97,6 @@ class SparseAdamW(SparseOptimizer):
         state["age"] = torch.zeros(count, dtype=age_dtype, device=param.device)
         return state
 
-    def remap_state(self, param: torch.Tensor, source: torch.Tensor) -> None:
-        super().remap_state(param, source)
-        state, new = self.state.get(param), source < 0
-        group = next(g for g in self.param_groups if any(p is param for p in g["params"]))
-        if group["regrown_start"] == "fresh" or not state or not new.any() or new.all():
-            return
-        state["exp_avg_sq"][new] = state["exp_avg_sq"][~new].mean()
-        state["age"][new] = age_cap(group["betas"])
-
     def _update(self, param: torch.Tensor, group: dict) -> None:
         positions = group["mask"]
         flat = param.view(-1)
@@ -123,6 +114,10 @@ class SparseAdamW(SparseOptimizer):
         bias1 = 1 - beta1 ** state["age"]
         bias2 = 1 - beta2 ** state["age"]
         step = (state["exp_avg"] / bias1) / ((state["exp_avg_sq"] / bias2).sqrt_().add_(group["eps"]))
+        if group["regrown_start"] == "ramp" and positions is None:
+            age = state["age"]
+            ramp = (age.float() * (1 - beta1)).clamp_(max=1.0)
+            step.mul_(ramp.masked_fill_(age == age.max(), 1.0))  # the oldest (the first chosen) are not ramped
         current = (flat if positions is None else flat[positions]).float()
         if group["weight_decay"] > 0:
             current = current * (1 - group["lr"] * group["weight_decay"])

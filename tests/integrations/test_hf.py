@@ -53,7 +53,7 @@ def test_trainer_builds_our_optimizer_from_the_name(tmp_path, name, cls):
         optim=name,
         adam_beta1=0.8,
         weight_decay=0.01,
-        optim_args="momentum=0.9,beta=0.5" if cls is SM3 else "eps=1e-7,regrown_start=warm",
+        optim_args="momentum=0.9,beta=0.5" if cls is SM3 else "eps=1e-7,regrown_start=ramp",
     )
     trainer = Trainer(model=model, args=args, train_dataset=_dataset())
     optimizer = trainer.create_optimizer()
@@ -63,7 +63,7 @@ def test_trainer_builds_our_optimizer_from_the_name(tmp_path, name, cls):
     if cls is SM3:
         assert group["momentum"] == 0.9 and group["beta"] == 0.5
     else:
-        assert group["betas"] == (0.8, 0.999) and group["eps"] == 1e-7 and group["regrown_start"] == "warm"
+        assert group["betas"] == (0.8, 0.999) and group["eps"] == 1e-7 and group["regrown_start"] == "ramp"
 
 
 def test_unknown_optim_arg_is_refused(tmp_path):

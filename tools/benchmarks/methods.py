@@ -62,7 +62,7 @@ SPIEL_VARIANTS = {
     "spiel-ma-mag": ("spiel-ma", {"initial_positions": "magnitude"}, {}),
     "spiel-ag-mag": ("spiel-ag", {"initial_positions": "magnitude"}, {}),
     "spiel-ma-static": ("spiel-ma", {"initial_reselection_rate": 0.0}, {}),
-    "spiel-ag-warm": ("spiel-ag", {}, {"regrown_start": "warm"}),
+    "spiel-ag-ramp": ("spiel-ag", {}, {"regrown_start": "ramp"}),
     "spiel-ag-static": ("spiel-ag", {"initial_reselection_rate": 0.0}, {}),
     "spiel-ag-mag-static": ("spiel-ag", {"initial_positions": "magnitude", "initial_reselection_rate": 0.0}, {}),
     "spiel-ma-m9": ("spiel-ma", {}, {"momentum": 0.9}),
