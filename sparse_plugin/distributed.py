@@ -67,33 +67,41 @@ class _GradientAverager:
         average_over_ranks([d.values.grad for d in self.deltas if d.values.grad is not None])
 
 
-def keep_deltas_replicated(model: nn.Module) -> list[SparseDelta]:
-    """Keep every layer's sparse delta whole on each rank while a sharding wrapper (FSDP) shards the frozen base.
+def keep_deltas_replicated(model: nn.Module) -> list[nn.Module]:
+    """Keep every sparse delta whole on each rank while a sharding wrapper (FSDP) shards the frozen base; returns
+    the modules FSDP must leave unsharded.
 
-    Prune/regrow, SM3's row/column maxima and the adapter file need each layer's whole `values` and `indices`, and
-    they are a few percent of the model, so FSDP should shard only the base: pass the returned `SparseDelta`
-    modules to FSDP as ignored (FSDP1 `ignored_modules=`, FSDP2 `ignored_params=` their parameters). FSDP then
-    leaves their gradients alone, so this also averages them over ranks at the end of every backward (one flat
-    all-reduce), before gradient clipping and the optimizer see them. A sharded weight cannot hold W0 + Δ, so the
-    layers switch to the additive forward. Idempotent; `SparseCallback` calls it for the Trainer when `fsdp` is
-    configured.
+    Prune/regrow, SM3's row/column maxima and the adapter file need each target's whole `values` and `indices`, and
+    they are a few percent of the model, so FSDP should shard only the base: pass the returned modules to FSDP as
+    ignored (FSDP1 `ignored_modules=`, FSDP2 `ignored_params=` their parameters). FSDP then leaves the values'
+    gradients alone, so this also averages them over ranks at the end of every backward (one flat all-reduce),
+    before gradient clipping and the optimizer see them. A sharded weight cannot hold W0 + Δ, so `nn.Linear`
+    targets switch to the additive forward and only their `SparseDelta` is returned. A non-Linear target (fused
+    experts, Conv1D, embeddings) has no additive path: the modules owning its weight are returned, so that weight
+    stays whole on every rank, as under DDP (its full size per rank; the rest of the model is sharded). Idempotent;
+    `SparseCallback` calls it for the Trainer when `fsdp` is configured.
 
     Example:
         ```python
-        >>> deltas = keep_deltas_replicated(model)
-        >>> ignored = {p for d in deltas for p in d.parameters()}
+        >>> ignored = {p for m in keep_deltas_replicated(model) for p in m.parameters()}
         >>> for block in model.model.layers:
         ...     fully_shard(block, ignored_params=ignored)
         >>> fully_shard(model, ignored_params=ignored)
         ```
     """
+    from .parameter import SparseDeltaParameter  # imports the layer module, as this one does
+
     layers = [layer for _, layer in require_sparse_layers(model)]
-    for layer in layers:  # a sharded base weight cannot hold W0 + Δ
-        layer.restore_base_weight()
-        layer.forward_strategy = "additive"
-    deltas = [layer.delta for layer in layers]
-    average_gradients_after_backward(deltas)
-    return deltas
+    ignored: list[nn.Module] = []
+    for layer in layers:
+        if isinstance(layer, SparseDeltaParameter):
+            ignored += [owner for owner in layer.owners if not any(owner is m for m in ignored)]
+        else:  # a sharded base weight cannot hold W0 + Δ
+            layer.restore_base_weight()
+            layer.forward_strategy = "additive"
+            ignored.append(layer.delta)
+    average_gradients_after_backward([layer.delta for layer in layers])
+    return ignored
 
 
 def average_gradients_after_backward(deltas: list[SparseDelta]) -> None:

@@ -111,6 +111,11 @@ class SparseDeltaParameter(SparseDeltaTarget):
         return self._shape
 
     @property
+    def owners(self) -> list[nn.Module]:
+        """Every module holding the weight (an output head tied to the embeddings is the second)."""
+        return list(self._owners)
+
+    @property
     def weight_shape(self) -> tuple[int, ...]:
         return self._weight_shape
 
@@ -146,7 +151,8 @@ class SparseDeltaParameter(SparseDeltaTarget):
         if not is_whole(self.stored_weight(), self.weight_shape):
             raise RuntimeError(
                 f"`{self.param_name}` of {type(module).__name__} is sharded (FSDP): a sparse delta on a non-Linear weight "
-                "needs the whole weight on every rank; train it under DDP, or leave it out of the targets."
+                "needs the whole weight on every rank; pass the modules `keep_deltas_replicated(model)` returns to "
+                "FSDP as ignored (the Trainer's SparseCallback does), or train under DDP."
             )
         weight = self._hold_delta() if not self.merged else self.dense_weight()
         if self.merged or not torch.is_grad_enabled() or not self.values.requires_grad:

@@ -24,6 +24,8 @@ import torch
 # safetensors dtype codes of the weights a merge may edit (merge.check_base_matches_adapter refuses others).
 TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 _CHUNK = 64 * 2**20
+# Writes of at most this size: one huge pwrite measured up to 1.8x slower than 1 MiB pieces (page cache allocation).
+_WRITE_CHUNK = 2**20
 # copy_file_range fails with these where the kernel or filesystem cannot do it (another filesystem before Linux
 # 5.3, a FUSE mount, an old kernel): the bytes then go through user space.
 _NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EPERM}
@@ -92,7 +94,7 @@ def _read_tensor(fd: int, begin: int, end: int, dtype: torch.dtype, shape: tuple
 def _write_all(fd: int, data: memoryview, offset: int) -> None:
     written = 0
     while written < len(data):
-        written += os.pwrite(fd, data[written:], offset + written)
+        written += os.pwrite(fd, data[written : written + _WRITE_CHUNK], offset + written)
 
 
 def _copy_range(src: int, dst: int, offset: int, count: int) -> None:

@@ -87,15 +87,15 @@ class SparseCallback(TrainerCallback):
 
 
 def _keep_deltas_out_of_fsdp(model, plugin) -> None:
-    """Add the model's `SparseDelta` modules to the FSDP plugin's `ignored_modules` (a user's regex or list is kept)
+    """Add the modules `keep_deltas_replicated` returns to the FSDP plugin's `ignored_modules` (a user's regex or list is kept)
     before the Trainer wraps the model; accelerate passes them to FSDP1 as modules and to FSDP2 as parameters."""
-    deltas = keep_deltas_replicated(model)
+    keep = keep_deltas_replicated(model)
     ignored = plugin.ignored_modules
     if isinstance(ignored, str):
         pattern = re.compile(ignored)
         ignored = [module for name, module in model.named_modules() if pattern.fullmatch(name)]
     ignored = list(ignored or [])
-    plugin.ignored_modules = ignored + [d for d in deltas if not any(d is m for m in ignored)]
+    plugin.ignored_modules = ignored + [m for m in keep if not any(m is other for other in ignored)]
 
 
 def save_from_rank_zero(model, directory, is_main_process: bool) -> None:

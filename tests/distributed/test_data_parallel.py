@@ -94,6 +94,16 @@ def test_ddp_on_non_linear_targets_agrees_with_one_process(tmp_path, single_proc
     assert any(not torch.equal(initial[k].indices, indices) for k, (indices, _) in reference.items())  # reselected
 
 
+@pytest.mark.parametrize("wrap", ["fsdp1", "fsdp2"])
+def test_fsdp_keeps_fused_experts_whole_and_agrees_with_one_process(tmp_path, single_process, wrap):
+    """FSDP shards the rest of a Qwen3-MoE while the targeted expert tensors stay whole on every rank (the modules
+    `keep_deltas_replicated` returns are ignored), so their weight can hold W0 + Δ as under DDP."""
+    _run(tmp_path, "ma", "--wrap", wrap, "--model", "qwen3-moe")
+    rank0, rank1 = _result(tmp_path / "rank0.pt"), _result(tmp_path / "rank1.pt")
+    assert rank0["fsdp"] and rank1["fsdp"]
+    _assert_ranks_agree_with(single_process("ma", "qwen3-moe"), rank0["layers"], rank1["layers"])
+
+
 @pytest.fixture(scope="module")
 def trainer_runs(tmp_path_factory):
     """SpIEL-AG through the Trainer under DDP, FSDP1 and FSDP2: the output directory and both ranks' results."""

@@ -73,24 +73,23 @@ def wrap(model, how):
     values = [layer.values for _, layer in iter_sparse_layers(model)]
     if how == "ddp":
         return torch.nn.parallel.DistributedDataParallel(model), lambda: torch.nn.utils.clip_grad_norm_(values, CLIP)
-    deltas = keep_deltas_replicated(model)
+    kept_whole = keep_deltas_replicated(model)
     if how == "fsdp1":
         from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
         from torch.distributed.fsdp.wrap import ModuleWrapPolicy
-        from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
         wrapped = FullyShardedDataParallel(
             model,
             sharding_strategy=ShardingStrategy.FULL_SHARD,
-            auto_wrap_policy=ModuleWrapPolicy({LlamaDecoderLayer}),
+            auto_wrap_policy=ModuleWrapPolicy({type(model.model.layers[0])}),  # the decoder layer
             use_orig_params=True,
-            ignored_modules=deltas,
+            ignored_modules=kept_whole,
             device_id=torch.device("cpu"),
         )
         return wrapped, lambda: wrapped.clip_grad_norm_(CLIP)
     from torch.distributed.fsdp import fully_shard
 
-    ignored = {p for delta in deltas for p in delta.parameters()}
+    ignored = {p for module in kept_whole for p in module.parameters()}
     for block in model.model.layers:
         fully_shard(block, ignored_params=ignored)
     fully_shard(model, ignored_params=ignored)
