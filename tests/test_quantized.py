@@ -94,3 +94,39 @@ def test_training_keeps_the_quantized_weight_and_merges_into_the_full_checkpoint
     full = load_adapter(AutoModelForCausalLM.from_pretrained(base_dir), tmp_path / "adapter")
     torch.testing.assert_close(merged(ids).logits, full(ids).logits, atol=1e-5, rtol=1e-5)
     assert not any(isinstance(m, nn.Linear) and type(m).__name__ != "Linear" for m in merged.modules())
+
+
+def test_moe_over_a_4bit_base_trains_its_bf16_experts_and_merges_into_the_full_checkpoint(tmp_path):
+    """bitsandbytes quantises a Qwen3-MoE's `nn.Linear` layers (attention) and leaves the fused 3-D experts in the
+    compute dtype: `all-weights` puts additive deltas over the 4-bit attention and merged-resident deltas on the
+    experts, and the adapter merges into the unquantised checkpoint."""
+    from test_targets import tiny_qwen3_moe
+
+    base = tmp_path / "base"
+    tiny_qwen3_moe(hidden_size=64, moe_intermediate_size=64, head_dim=16, intermediate_size=128).save_pretrained(base)
+    model = prepare_model(
+        AutoModelForCausalLM.from_pretrained(base, quantization_config=NF4),
+        SparseConfig(density=0.05, target_modules="all-weights", reselection_steps=2),
+    )
+    layers = dict(iter_sparse_layers(model))
+    experts = {k: layer for k, layer in layers.items() if "experts" in k}
+    quantized = {k: layer for k, layer in layers.items() if hasattr(layer, "base_layer")}
+    assert experts and quantized
+    assert all(type(layer.base_layer).__name__ == "Linear4bit" for layer in quantized.values())
+    ids = torch.randint(0, 61, (2, 8))
+    with torch.no_grad():
+        model(ids)  # bitsandbytes' CPU backend repacks 4-bit storage once, on the first forward
+    packed = [layer.base_layer.weight.data.clone() for layer in quantized.values()]
+    opt = SM3(model, lr=1e-2, total_steps=4)
+    for _ in range(4):
+        model(ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert all(torch.equal(p, layer.base_layer.weight.data) for p, layer in zip(packed, quantized.values()))
+    assert all(bool(layer.values.abs().sum() > 0) for layer in layers.values())
+    save_adapter(model, tmp_path / "adapter")
+    argv = ["merge", "--base", str(base), "--adapter", str(tmp_path / "adapter"), "--output", str(tmp_path / "m")]
+    assert main(argv) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    full = load_adapter(AutoModelForCausalLM.from_pretrained(base).eval(), tmp_path / "adapter")
+    torch.testing.assert_close(merged(ids).logits, full(ids).logits, atol=1e-5, rtol=1e-5)
