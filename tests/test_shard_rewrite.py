@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 
 import pytest
 import torch
@@ -94,3 +95,37 @@ def test_an_edit_that_changes_the_shape_is_refused(shard, tmp_path):
     path, _ = shard
     with pytest.raises(ValueError, match="a.weight changed its shape or dtype"):
         rewrite_shard(path, tmp_path / "out.safetensors", ["a.weight"], lambda _name, t: t.double())
+
+
+def test_the_next_tensor_is_read_and_edited_while_the_last_is_written(shard, tmp_path, monkeypatch):
+    path, tensors = shard
+    second_edited, overlapped = threading.Event(), []
+    write = shard_rewrite._write_all
+
+    def slow_write(fd, data, offset):
+        overlapped.append(second_edited.wait(timeout=10))  # False if the writes were not in a second thread
+        write(fd, data, offset)
+
+    def edit(name, tensor):
+        if name == "b.weight":
+            second_edited.set()
+        tensor += 1
+        return tensor
+
+    monkeypatch.setattr(shard_rewrite, "_write_all", slow_write)
+    rewrite_shard(path, tmp_path / "out.safetensors", ["a.weight", "b.weight", "d.weight"], edit)
+    assert overlapped[0]
+    loaded = load_file(tmp_path / "out.safetensors")
+    assert all(torch.equal(loaded[n], tensors[n] + 1) for n in ("a.weight", "b.weight", "d.weight"))
+
+
+def test_a_write_that_fails_in_the_writer_thread_propagates(shard, tmp_path, monkeypatch):
+    path, _ = shard
+
+    def full(*_args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "pwrite", full)
+    with pytest.raises(OSError) as caught:
+        rewrite_shard(path, tmp_path / "out.safetensors", ["a.weight", "b.weight", "d.weight"], _add_one([]))
+    assert caught.value.errno == errno.ENOSPC
