@@ -223,12 +223,18 @@ def write_files(directory: Path, writers: dict[str, Callable[[Path], None]], fix
 
     A new directory is built whole and renamed into place. Into an existing one (a Trainer checkpoint holding
     other files), every file is first written into a hidden staging directory inside it and only then renamed
-    over its target, so a failure while writing (a full disk) leaves the previous files as they were.
+    over its target, so a failure while writing (a full disk) leaves the previous files as they were. A directory
+    that another process creates meanwhile (the Trainer's other ranks saving their RNG state into the same
+    checkpoint) is written into as an existing one.
     """
     if not directory.exists():
-        with atomic_directory(directory, replace=False) as staging:
-            _write_each(staging, directory, writers, fix)
-        return
+        try:
+            with atomic_directory(directory, replace=False) as staging:
+                _write_each(staging, directory, writers, fix)
+            return
+        except FileExistsError:
+            if not directory.is_dir():
+                raise
     staging = Path(tempfile.mkdtemp(prefix=".staging.", suffix=".tmp", dir=directory))
     try:
         _write_each(staging, directory, writers, fix)

@@ -129,3 +129,24 @@ def test_a_failed_write_removes_the_parents_it_created_but_not_what_others_put_t
         raise OSError(errno.EIO, "simulated I/O error")
     # `c` was ours and is gone; `b`, though ours, now holds another's file; `a` existed before.
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == ["a", "a/b", "a/b/theirs.txt"]
+
+
+def test_a_save_into_a_directory_another_process_creates_meanwhile_writes_into_it(tmp_path, monkeypatch):
+    """The Trainer's other ranks create the checkpoint directory for their RNG state while rank 0 saves the adapter
+    there: rank 0's files join theirs instead of failing on the occupied name."""
+    from sparse_plugin import io
+
+    checkpoint = tmp_path / "checkpoint-4"
+    real_save_file = io.save_file
+
+    def save_file_as_rank_one_saves(tensors, path, metadata):
+        checkpoint.mkdir(exist_ok=True)
+        (checkpoint / "rng_state_1.pth").write_bytes(b"rank 1")
+        real_save_file(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(io, "save_file", save_file_as_rank_one_saves)
+    save_adapter(trained_model(), checkpoint)
+    assert sorted(p.name for p in checkpoint.iterdir() if p.name != "README.md") == sorted(
+        [CONFIG_NAME, WEIGHTS_NAME, "rng_state_1.pth"]
+    )
+    assert (checkpoint / "rng_state_1.pth").read_bytes() == b"rank 1" and leftovers(checkpoint) == []

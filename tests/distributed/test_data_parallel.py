@@ -32,7 +32,9 @@ def _run(out: Path, method: str, *extra: str, processes: int = 2) -> None:
     command = (launcher if processes > 1 else [sys.executable]) + [str(JOB), str(out), method, *extra]
     env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}  # the checkout under test
     run = subprocess.run(command, check=False, capture_output=True, text=True, timeout=600, env=env)
-    assert run.returncode == 0, run.stderr[-3000:]
+    # torchrun's summary fills the tail of stderr: show the first rank's traceback, which names the cause.
+    first = run.stderr.find("Traceback")
+    assert run.returncode == 0, run.stderr[first : first + 6000] if first >= 0 else run.stderr[-3000:]
 
 
 def _result(path: Path) -> dict:
