@@ -65,15 +65,15 @@ SPIEL_VARIANTS = {
     "spiel-ag-ramp": ("spiel-ag", {}, {"regrown_start": "ramp"}),
     "spiel-ag-static": ("spiel-ag", {"initial_reselection_rate": 0.0}, {}),
     "spiel-ag-mag-static": ("spiel-ag", {"initial_positions": "magnitude", "initial_reselection_rate": 0.0}, {}),
-    "spiel-ma-m9": ("spiel-ma", {}, {"momentum": 0.9}),
-    "spiel-ma-b9": ("spiel-ma", {}, {"beta": 0.9}),
-    "spiel-ma-rms": ("spiel-ma", {}, {"beta": 0.999}),
     "spiel-ag-mag-ramp": ("spiel-ag", {"initial_positions": "magnitude"}, {"regrown_start": "ramp"}),
     "spiel-ag-mag-ramp-r10": (
         "spiel-ag",
         {"initial_positions": "magnitude", "initial_reselection_rate": 0.1},
         {"regrown_start": "ramp"},
     ),
+    "spiel-ma-m9": ("spiel-ma", {}, {"momentum": 0.9}),
+    "spiel-ma-b9": ("spiel-ma", {}, {"beta": 0.9}),
+    "spiel-ma-rms": ("spiel-ma", {}, {"beta": 0.999}),
     "spiel-ma-mag-m9": ("spiel-ma", {"initial_positions": "magnitude"}, {"momentum": 0.9}),
 }
 
